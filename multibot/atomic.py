@@ -1,0 +1,63 @@
+"""Atomic, durable file writes: the one helper every writer uses."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import socket
+import time
+from pathlib import Path
+
+_counter = itertools.count()
+
+
+def unique_name(prefix: str = "") -> str:
+    """Return a name unique across processes and hosts: time, pid, counter, host."""
+    return f"{prefix}{time.time_ns()}.P{os.getpid()}Q{next(_counter)}.{socket.gethostname()}"
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create inside directory path durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Write data to a new file at path (which must not exist), flushed to disk if fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Replace path with data atomically: temp file in the same folder, sync, rename, sync dir.
+
+    A reader sees either the old content or the new, never a half-written file; on any error
+    (disk full, failed fsync) the temp file is removed and path is untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{unique_name()}.tmp")
+    write_durable(tmp, data, fsync=fsync)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if fsync:
+        fsync_dir(path.parent)
