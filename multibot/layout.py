@@ -129,6 +129,10 @@ class Home:
     def worker_memory(self, worker_id: str) -> Path:
         return self.workers_dir / f"{check_id(worker_id, 'worker id')}-memory.json"
 
+    def worker_context(self, worker_id: str) -> Path:
+        """Messages received mid-task, as text lines a shell task can read."""
+        return self.workers_dir / f"{check_id(worker_id, 'worker id')}-context.txt"
+
     @property
     def heartbeats_dir(self) -> Path:
         return self.state_dir / "heartbeats"
@@ -168,6 +172,16 @@ class Home:
         return self.communication_dir / "locks"
 
     # -- worktrees ---------------------------------------------------------------------
+    @property
+    def integration_worktree(self) -> Path:
+        """Where merges into the integration branch happen (never the user's checkout)."""
+        return self.worktrees_dir / "_integration"
+
+    @property
+    def archive_dir(self) -> Path:
+        """Earlier runs' state, moved aside when a new run starts."""
+        return self.state_dir / "archive"
+
     def worktree(self, worker_id: str) -> Path:
         return self.worktrees_dir / check_id(worker_id, "worker id")
 

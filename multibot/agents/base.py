@@ -152,7 +152,9 @@ class ChildProcess:
             self._readers.append(self._spawn_reader(self.popen.stderr, None))
         self._lock = threading.Lock()
 
-    def _spawn_reader(self, stream: IO[str] | None, into: queue.Queue[str | None] | None) -> threading.Thread:
+    def _spawn_reader(
+        self, stream: IO[str] | None, into: queue.Queue[str | None] | None
+    ) -> threading.Thread:
         def run() -> None:
             assert stream is not None
             for line in stream:

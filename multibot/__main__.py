@@ -1,0 +1,3 @@
+from multibot.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""Configuration: config/master-config.json and config/worker-template.json, every default here.
+
+Both files are optional; a missing key takes its default. A wrong value is a ConfigError that
+names the file and the setting, and says what is expected.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from multibot.errors import ConfigError
+from multibot.layout import Home
+
+
+class _Config(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MasterConfig(_Config):
+    """config/master-config.json."""
+
+    max_workers: int = Field(3, ge=1, le=200, description="Most workers running at once.")
+    heartbeat_interval: float = Field(1.0, gt=0, description="Seconds between worker heartbeats.")
+    heartbeat_misses: int = Field(3, ge=1, description="Missed beats before a worker is dead.")
+    restart_backoff: float = Field(1.0, ge=0, description="First restart delay; doubles each time.")
+    restart_backoff_max: float = Field(30.0, ge=0, description="Longest restart delay.")
+    max_restarts: int = Field(4, ge=0, description="Restarts before a worker is marked failed.")
+    question_policy: Literal["auto", "human", "auto_with_window"] = Field(
+        "auto", description="Who answers workers' questions: Opus, the person, or Opus after a "
+        "window in which the person may answer first."
+    )
+    override_window: float = Field(30.0, ge=0, description="Seconds for auto_with_window.")
+    verify_attempts: int = Field(3, ge=1, description="Tries of a task whose verify fails.")
+    review: bool = Field(False, description="Have Opus review each diff before merging.")
+    verify: str | None = Field(None, description="Project check run after every merge.")
+    integration_branch: str = "multibot/integration"
+    base_branch: str | None = Field(None, description="Branch to start from; None = HEAD.")
+    approve_plan: bool = Field(False, description="Wait for the person to approve the plan.")
+    budget_usd: float | None = Field(None, ge=0, description="Stop assigning past this spend.")
+    task_budget_usd: float | None = Field(None, ge=0, description="Per-task spend limit.")
+    task_timeout_minutes: float = Field(60.0, gt=0, description="A task running longer stops.")
+    planner_model: str = "opus"
+    planner_attempts: int = Field(3, ge=1, description="Tries to get a valid plan from Opus.")
+    idle_worker_timeout: float = Field(30.0, ge=0, description="Stop a worker idle this long.")
+    max_panes_per_window: int = Field(6, ge=1, le=20)
+    tick: float = Field(0.05, gt=0, le=5, description="Master loop period, seconds.")
+    rescan_interval: float = Field(1.0, gt=0, description="Inbox rescan without events.")
+    worktree_setup: str | None = Field(None, description="Shell command run in new worktrees.")
+    tmux_socket: str = Field("multibot", description="tmux -L socket of the session.")
+    tmux_session: str = "multibot"
+    claude_bin: str = "claude"
+
+
+class WorkerTemplate(_Config):
+    """config/worker-template.json: how workers run their agent."""
+
+    backend: Literal["claude", "shell"] = "claude"
+    model: Literal["haiku", "sonnet", "opus"] = "sonnet"
+    permission_mode: str = "acceptEdits"
+    allowed_tools: tuple[str, ...] = (
+        "Bash",
+        "Read",
+        "Write",
+        "Edit",
+        "MultiEdit",
+        "Glob",
+        "Grep",
+        "TodoWrite",
+    )
+    disallowed_tools: tuple[str, ...] = ()
+    extra_args: tuple[str, ...] = ()
+    capabilities: tuple[str, ...] = ()
+    claude_bin: str = "claude"
+    tick: float = Field(0.05, gt=0, le=5, description="Worker loop period, seconds.")
+
+
+def _load(path: Path, model: type[_Config]) -> _Config:
+    if not path.exists():
+        return model()
+    try:
+        data = json.loads(path.read_text() or "{}")
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: not valid JSON: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of settings")
+    data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_comment" keys allowed
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"{path}: setting {loc!r}: {err['msg']} (got {err.get('input')!r})")
+        raise ConfigError("\n".join(lines)) from exc
+
+
+def load_master(home: Home) -> MasterConfig:
+    """Read config/master-config.json (defaults for what it does not say)."""
+    cfg = _load(home.master_config, MasterConfig)
+    assert isinstance(cfg, MasterConfig)
+    return cfg
+
+
+def load_worker(home: Home) -> WorkerTemplate:
+    """Read config/worker-template.json (defaults for what it does not say)."""
+    cfg = _load(home.worker_template, WorkerTemplate)
+    assert isinstance(cfg, WorkerTemplate)
+    return cfg

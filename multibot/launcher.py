@@ -1,0 +1,153 @@
+"""Starting worker processes: in tmux panes (the normal way) or as plain child processes.
+
+The master only sees this small interface, so supervision logic is the same for both and
+tests or benchmarks can run many workers without a terminal.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from multibot.layout import Home
+
+
+def worker_argv(home: Home, worker_id: str, backend: str, generation: int) -> list[str]:
+    """Return the command line of a worker process."""
+    return [
+        sys.executable,
+        "-m",
+        "multibot",
+        "--home",
+        str(home.root),
+        "worker",
+        "--id",
+        worker_id,
+        "--backend",
+        backend,
+        "--generation",
+        str(generation),
+    ]
+
+
+class Launcher(Protocol):
+    """Where worker processes run. A handle is a pane id or a pid, as a string."""
+
+    def start(self, worker_id: str, argv: Sequence[str], env: Mapping[str, str], title: str) -> str:
+        """Start a worker; return its handle."""
+
+    def restart(self, handle: str, argv: Sequence[str], env: Mapping[str, str]) -> str:
+        """Kill whatever runs at handle and start argv in its place; return the new handle."""
+
+    def alive(self, handle: str) -> bool:
+        """Return whether the process at handle still runs."""
+
+    def pid(self, handle: str) -> int | None:
+        """Return the process id at handle, if known."""
+
+    def stop(self, handle: str) -> None:
+        """Kill the process at handle (and remove its pane)."""
+
+    def set_title(self, handle: str, title: str) -> None:
+        """Show title for this worker."""
+
+
+class ProcessLauncher:
+    """Workers as child processes of the master, output to their log (no terminal needed)."""
+
+    def __init__(self, home: Home) -> None:
+        self.home = home
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, worker_id: str, argv: Sequence[str], env: Mapping[str, str], title: str) -> str:
+        self.home.logs_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.home.logs_dir / f"{worker_id}.out", "ab") as out:
+            child = subprocess.Popen(
+                list(argv),
+                env={**os.environ, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        handle = str(child.pid)
+        self.children[handle] = child
+        return handle
+
+    def restart(self, handle: str, argv: Sequence[str], env: Mapping[str, str]) -> str:
+        self.stop(handle)
+        worker_id = argv[argv.index("--id") + 1] if "--id" in argv else "worker"
+        return self.start(worker_id, argv, env, "")
+
+    def alive(self, handle: str) -> bool:
+        child = self.children.get(handle)
+        return child is not None and child.poll() is None
+
+    def pid(self, handle: str) -> int | None:
+        child = self.children.get(handle)
+        return child.pid if child else None
+
+    def stop(self, handle: str) -> None:
+        child = self.children.pop(handle, None)
+        if child is None:
+            return
+        if child.poll() is None:
+            try:
+                os.killpg(child.pid, signal.SIGKILL)  # not reaped yet: the group is ours
+            except ProcessLookupError:
+                pass
+        child.wait()
+
+    def set_title(self, handle: str, title: str) -> None:
+        return None
+
+    def stop_all(self) -> None:
+        for handle in list(self.children):
+            self.stop(handle)
+
+
+class TmuxLauncher:
+    """Workers in panes of the run's tmux session; crash output stays in a dead pane."""
+
+    def __init__(self, home: Home, socket: str | None, session: str, per_window: int = 6) -> None:
+        from multibot.panes import Tmux
+
+        self.home = home
+        self.tmux = Tmux(socket, session, max_panes_per_window=per_window)
+
+    def start(self, worker_id: str, argv: Sequence[str], env: Mapping[str, str], title: str) -> str:
+        return self.tmux.add_pane(title, shlex.join(argv), cwd=Path(self.home.root), env=env)
+
+    def restart(self, handle: str, argv: Sequence[str], env: Mapping[str, str]) -> str:
+        self.tmux.respawn(handle, shlex.join(argv), cwd=Path(self.home.root), env=env)
+        return handle
+
+    def alive(self, handle: str) -> bool:
+        try:
+            return not self.tmux.is_dead(handle)
+        except Exception:
+            return False
+
+    def pid(self, handle: str) -> int | None:
+        try:
+            return self.tmux.pane_pid(handle)
+        except Exception:
+            return None
+
+    def stop(self, handle: str) -> None:
+        try:
+            self.tmux.kill_pane(handle)
+        except Exception:
+            pass
+
+    def set_title(self, handle: str, title: str) -> None:
+        try:
+            self.tmux.set_title(handle, title)
+        except Exception:
+            pass

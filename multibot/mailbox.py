@@ -1,0 +1,615 @@
+"""The file bus: one Maildir-style inbox per process (tmp/, new/, cur/, rejected/, handled.log).
+
+Delivery guarantees
+-------------------
+* **Only whole messages are visible.** ``send`` writes the encoded message into ``tmp/`` under a
+  unique name (time, pid, counter, host), syncs it, hard-links it into ``new/`` as
+  ``<message id>.json`` (names sort in send order for one sender) and syncs ``new/``. ``link``
+  refuses to overwrite, so two messages with the same name both arrive (the second gets a
+  suffix). Any OSError (disk full, failed fsync) raises SendError and leaves nothing in ``new/``.
+  A message to an id without an inbox raises UnknownRecipient; no folder is ever created for it.
+* **At least once.** A Receiver claims a file by renaming it from ``new/`` into ``cur/``, then
+  parses and validates it. Claimed files stay in ``cur/`` for audit. Claimed files whose id is
+  not in ``handled.log`` are delivered again when a Receiver starts (after a crash).
+* **Exactly once in effect.** ``done(message)`` appends the id to ``handled.log`` (synced) and
+  ``fetch`` never returns an id recorded there. A handler whose effect must not repeat must
+  record the message id *atomically with its effect* (for example inside the same state file
+  written with ``atomic_write``) and check it first: a crash between the effect and ``done``
+  would otherwise repeat the effect on restart. ``is_handled(id)`` serves handlers that keep
+  no state of their own.
+* **Nothing bad is fatal.** A file that does not parse or validate, is too big, has an unknown
+  type or another recipient goes to ``rejected/`` with ``<name>.reason.json``; its sender, if
+  readable, gets an ERROR message (kind "protocol"). Leftovers in ``tmp/`` from dead writers
+  are removed when a Receiver starts and are never delivered.
+* **Events are a doorbell; the directory is the truth.** watchdog only wakes ``wait``; every
+  ``fetch`` lists ``new/`` in name order, and ``wait`` returns at least every ``rescan_s``
+  seconds. A dead observer, a lost event or a deleted ``new/`` costs at most one rescan interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import stat
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers.api import BaseObserver
+
+from multibot import protocol
+from multibot.atomic import atomic_write, fsync_dir, unique_name, write_durable
+from multibot.errors import AskTimeout, DecodeError, MultibotError, SendError, UnknownRecipient
+from multibot.ids import check_id
+from multibot.layout import Home, InboxPaths
+from multibot.protocol import BROADCAST, Envelope
+
+try:  # Linux: inotify, subscribed to arrivals only (see _ArrivalEmitter)
+    from watchdog.observers.inotify import InotifyEmitter
+    from watchdog.observers.inotify_c import InotifyConstants, InotifyFD, Mask
+except ImportError:  # pragma: no cover - other platforms use watchdog's default observer
+    InotifyEmitter = None  # type: ignore[assignment,misc]
+
+EPHEMERAL_PREFIX = "ask-"
+DEFAULT_RESCAN_S = 1.0
+TMP_MAX_AGE_S = 600.0
+_TMP_WRITER = re.compile(r"\.P(\d+)Q\d+\.(.+)$")  # pid and host inside atomic.unique_name()
+_SENDER = re.compile(rb'"sender"\s*:\s*"([a-z0-9][a-z0-9_-]{0,62})"')
+_HEAD = 65536
+
+
+# -- inboxes --------------------------------------------------------------------------------
+
+
+def create_inbox(home: Home, owner: str) -> InboxPaths:
+    """Create (or repair) the inbox folders of owner."""
+    paths = home.inbox(owner)
+    for d in paths.dirs():
+        d.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
+def remove_inbox(home: Home, owner: str) -> None:
+    """Delete an inbox and everything in it (for ephemeral ask- inboxes)."""
+    root = home.inbox(owner).root
+    for _ in range(5):  # a late reply may land while the tree is being removed: try again
+        try:
+            shutil.rmtree(root)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            continue
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def list_inboxes(home: Home) -> list[str]:
+    """Return the ids of every inbox under home, sorted."""
+    try:
+        names = os.listdir(home.inboxes_dir)
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if _valid_id(n) and (home.inboxes_dir / n).is_dir())
+
+
+# -- sending --------------------------------------------------------------------------------
+
+
+def send(home: Home, message: Envelope, *, fsync: bool = True) -> Path:
+    """Deliver message to its recipient's inbox; return the file's path in new/."""
+    if message.recipient == BROADCAST:
+        raise ValueError("recipient '*' goes through broadcast(), which returns every copy")
+    inbox = home.inbox(message.recipient)
+    return _deliver(inbox, f"{message.id}.json", protocol.encode(message), fsync)
+
+
+def broadcast(home: Home, message: Envelope, *, fsync: bool = True) -> list[Path]:
+    """Deliver a copy of a '*' message to every inbox but the sender's and ephemeral ones."""
+    if message.recipient != BROADCAST:
+        raise ValueError(f"broadcast() needs recipient '*', not {message.recipient!r}")
+    data, paths = protocol.encode(message), []
+    for owner in list_inboxes(home):
+        if owner == message.sender or owner.startswith(EPHEMERAL_PREFIX):
+            continue
+        with contextlib.suppress(UnknownRecipient):  # inbox removed meanwhile
+            paths.append(_deliver(home.inbox(owner), f"{message.id}.json", data, fsync))
+    return paths
+
+
+def reply(
+    home: Home,
+    request: Envelope,
+    payload: Any,
+    sender: str,
+    *,
+    generation: int = 0,
+    fsync: bool = True,
+) -> Path:
+    """Answer request: to its reply_to inbox if set, else to its sender, correlated by its id."""
+    answer = protocol.make(
+        payload,
+        sender=sender,
+        recipient=request.reply_to or request.sender,
+        generation=generation,
+        task_id=request.task_id,
+        correlation_id=request.id,
+    )
+    return send(home, answer, fsync=fsync)
+
+
+def request(
+    home: Home,
+    message: Envelope,
+    *,
+    timeout: float,
+    rescan_s: float = DEFAULT_RESCAN_S,
+    fsync: bool = True,
+) -> Envelope:
+    """Send message with a private reply inbox and return the reply; AskTimeout if none comes."""
+    ask = f"{EPHEMERAL_PREFIX}{secrets.token_hex(8)}"
+    try:
+        with Receiver(home, ask, rescan_s=rescan_s, durable=False) as rx:
+            send(home, message.model_copy(update={"reply_to": ask}), fsync=fsync)
+            deadline = time.monotonic() + timeout
+            while True:
+                for answer in rx.fetch():
+                    rx.done(answer)
+                    if answer.correlation_id == message.id:
+                        return answer
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AskTimeout(message.id, timeout)
+                rx.wait(left)
+    finally:
+        remove_inbox(home, ask)
+
+
+def _deliver(inbox: InboxPaths, name: str, data: bytes, fsync: bool) -> Path:
+    if not inbox.root.is_dir():
+        raise UnknownRecipient(inbox.root.name, inbox.root)
+    try:
+        tmp = _write_tmp(inbox.tmp, data, fsync)
+    except OSError as exc:
+        raise _failure(inbox, exc) from exc
+    try:
+        target = _link_unique(tmp, inbox.new, name)
+        try:
+            if fsync:
+                fsync_dir(inbox.new)
+        except OSError:  # visible but not durable: take it back, the caller gets the error
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+            raise
+    except OSError as exc:
+        raise _failure(inbox, exc) from exc
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    return target
+
+
+def _write_tmp(tmp_dir: Path, data: bytes, fsync: bool) -> Path:
+    for attempt in range(5):
+        # O_EXCL inside write_durable: a clashing name is refused, never overwritten
+        path = tmp_dir / unique_name(f"{secrets.token_hex(4)}-" if attempt else "")
+        try:
+            write_durable(path, data, fsync=fsync)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {tmp_dir}")
+
+
+def _link_unique(tmp: Path, new_dir: Path, name: str) -> Path:
+    # os.rename would silently replace a message with the same name; link() refuses to
+    target = new_dir / name
+    for _ in range(5):
+        try:
+            os.link(tmp, target)
+            return target
+        except FileExistsError:
+            target = new_dir / f"{name.removesuffix('.json')}_{secrets.token_hex(4)}.json"
+    raise FileExistsError(f"no free name for {name} in {new_dir}")
+
+
+def _failure(inbox: InboxPaths, exc: OSError) -> MultibotError:
+    if not inbox.root.is_dir():
+        return UnknownRecipient(inbox.root.name, inbox.root)
+    return SendError(f"cannot deliver to {inbox.root}: {exc}")
+
+
+# -- receiving ------------------------------------------------------------------------------
+
+
+class Receiver:
+    """The owner's side of an inbox: claim, validate, deliver, record as handled.
+
+    Use: ``for m in rx.fetch(): handle(m); rx.done(m)`` then ``rx.wait()``, in a loop.
+    One Receiver per inbox; not thread-safe.
+    """
+
+    def __init__(
+        self,
+        home: Home,
+        owner: str,
+        *,
+        rescan_s: float = DEFAULT_RESCAN_S,
+        tmp_max_age_s: float = TMP_MAX_AGE_S,
+        durable: bool = True,
+        watch: bool = True,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.home, self.owner = home, check_id(owner, "inbox id")
+        self.paths = create_inbox(home, owner)
+        self.rescan_s, self._durable, self._watch, self._clock = rescan_s, durable, watch, clock
+        self._bell = threading.Event()
+        self._observer: BaseObserver | None = None
+        self._watched_ino = -1
+        self._handled = _load_ledger(self.paths.handled_log, repair=True)
+        self._log_fd = os.open(
+            self.paths.handled_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
+        )
+        _clean_tmp(self.paths.tmp, tmp_max_age_s, clock())
+        # claimed before a crash and never recorded as handled: deliver again, first
+        self._backlog = [n for n in _names(self.paths.cur) if _id_of(n) not in self._handled]
+        self._check_watch()
+
+    def __enter__(self) -> Receiver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop watching (joins the observer threads) and close the ledger."""
+        self._stop_observer()
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
+
+    def fetch(self) -> list[Envelope]:
+        """Claim everything waiting, in order; return the valid messages not yet handled."""
+        paths = [self.paths.cur / n for n in self._backlog]
+        self._backlog = []
+        try:
+            waiting = _names(self.paths.new)
+        except FileNotFoundError:
+            create_inbox(self.home, self.owner)
+            waiting = []
+        for name in waiting:
+            claimed = self._claim(name)
+            if claimed is not None:
+                paths.append(claimed)
+        out = []
+        for path in paths:
+            message = self._load(path)
+            if message is not None and message.id not in self._handled:
+                out.append(message)
+        return out
+
+    def done(self, *messages: Envelope | str) -> None:
+        """Record messages (or ids) as handled, durably, so they are never delivered again."""
+        ids = [m if isinstance(m, str) else m.id for m in messages]
+        ids = [i for i in dict.fromkeys(ids) if i not in self._handled]
+        if not ids:
+            return
+        data = memoryview("".join(f"{i}\n" for i in ids).encode())
+        while data:
+            data = data[os.write(self._log_fd, data) :]
+        if self._durable:
+            os.fdatasync(self._log_fd)
+        self._handled.update(ids)
+
+    def is_handled(self, message_id: str) -> bool:
+        """Return whether message_id is recorded as handled."""
+        return message_id in self._handled
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the doorbell rings or the rescan interval passes; True if it rang."""
+        self._check_watch()
+        limit = self.rescan_s if timeout is None else max(0.0, min(timeout, self.rescan_s))
+        rung = self._bell.wait(limit)
+        self._bell.clear()  # before the caller lists new/: a later arrival rings again
+        return rung
+
+    def prune(
+        self,
+        *,
+        max_age_s: float | None = None,
+        max_count: int | None = None,
+        rejected_max_age_s: float | None = None,
+        now: float | None = None,
+    ) -> int:
+        """Delete the oldest handled files in cur/ beyond the limits; return how many went."""
+        now = self._clock() if now is None else now
+        handled = [n for n in _names(self.paths.cur) if _id_of(n) in self._handled]
+        drop = set(handled[: max(0, len(handled) - max_count)] if max_count is not None else [])
+        if max_age_s is not None:
+            drop.update(n for n in handled if _sent_at(self.paths.cur / n) < now - max_age_s)
+        for name in drop:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.paths.cur / name)
+        if rejected_max_age_s is not None:
+            for name in _names(self.paths.rejected):
+                path = self.paths.rejected / name
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime < now - rejected_max_age_s:
+                        path.unlink()
+        if drop:  # compact the ledger to the ids whose files remain
+            kept = {_id_of(n) for n in _names(self.paths.cur)} & self._handled
+            data = "".join(f"{i}\n" for i in sorted(kept)).encode()
+            atomic_write(self.paths.handled_log, data, fsync=self._durable)
+            os.close(self._log_fd)  # the old fd points at the replaced file
+            self._log_fd = os.open(self.paths.handled_log, os.O_WRONLY | os.O_APPEND)
+            self._handled = kept
+        return len(drop)
+
+    # -- internals --------------------------------------------------------------------
+
+    def _claim(self, name: str) -> Path | None:
+        target = self.paths.cur / name
+        if os.path.lexists(target):  # same name claimed earlier: keep both for audit
+            target = self.paths.cur / f"{name.removesuffix('.json')}_{secrets.token_hex(4)}.json"
+        try:
+            os.rename(self.paths.new / name, target)
+        except FileNotFoundError:  # someone else claimed it
+            return None
+        return target
+
+    def _load(self, path: Path) -> Envelope | None:
+        try:
+            raw, problem = _read(path)
+        except FileNotFoundError:
+            return None
+        message = None
+        if problem is None:
+            try:
+                message = protocol.decode(raw, path)
+            except DecodeError as exc:
+                problem = exc.cause
+        if message is not None and message.recipient not in (self.owner, BROADCAST):
+            problem = f"addressed to {message.recipient!r}, not {self.owner!r}"
+        if problem is not None:
+            self._reject(path, problem, raw)
+            return None
+        return message
+
+    def _reject(self, path: Path, reason: str, raw: bytes) -> None:
+        target = self.paths.rejected / path.name
+        if os.path.lexists(target):
+            target = target.with_name(f"{path.name}.{secrets.token_hex(4)}")
+        try:
+            os.rename(path, target)
+        except FileNotFoundError:
+            return None
+        sender = _sender_of(raw)
+        note = {"file": target.name, "reason": reason, "time": self._clock(), "sender": sender}
+        sidecar = target.with_name(target.name + ".reason.json")
+        atomic_write(sidecar, json.dumps(note, indent=2).encode(), fsync=self._durable)
+        if sender is None or sender == self.owner:
+            return None
+        error = protocol.ErrorReport(
+            kind="protocol",
+            message=f"message {path.name} rejected by {self.owner}",
+            recoverable=False,
+            detail=reason,
+        )
+        with contextlib.suppress(MultibotError, OSError):  # best effort, never fatal
+            send(self.home, protocol.make(error, sender=self.owner, recipient=sender))
+        return None
+
+    def _check_watch(self) -> None:
+        """Recreate deleted folders and restart a dead or stale observer."""
+        try:
+            ino = os.stat(self.paths.new).st_ino
+        except FileNotFoundError:
+            ino = create_inbox(self.home, self.owner).new.stat().st_ino
+            self._bell.set()  # look at once: the folder was just recreated
+        if not self._watch:
+            return
+        obs = self._observer
+        alive = obs is not None and obs.is_alive() and all(e.is_alive() for e in obs.emitters)
+        if alive and ino == self._watched_ino:
+            return
+        self._stop_observer()
+        obs = _make_observer()
+        try:
+            obs.schedule(_Doorbell(self._bell), str(self.paths.new))
+            obs.start()
+        except OSError:  # folder vanished again: the rescan covers us, retry on the next wait
+            obs.stop()
+            return
+        self._observer, self._watched_ino = obs, ino
+
+    def _stop_observer(self) -> None:
+        obs, self._observer = self._observer, None
+        if obs is not None:
+            obs.stop()
+            if obs.is_alive():
+                obs.join()
+
+
+class _Doorbell(FileSystemEventHandler):
+    def __init__(self, bell: threading.Event) -> None:
+        self._bell = bell
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        self._bell.set()
+
+
+if InotifyEmitter is not None:
+
+    class _ArrivalEmitter(InotifyEmitter):
+        # watchdog holds each IN_MOVED_FROM back 0.5 s to pair it with a move-to, and that
+        # delays every later event; our own claims move files out of new/, so listen only to
+        # arrivals (create, move-to) and to the folder's own deletion.
+        def get_event_mask_from_filter(self) -> Mask:
+            c = InotifyConstants
+            return Mask(c.IN_CREATE | c.IN_MOVED_TO | c.IN_DELETE_SELF)
+
+    class _InboxObserver(BaseObserver):
+        def __init__(self) -> None:
+            self._fd = InotifyFD()  # private, so stopping it never affects another Receiver
+            self._fd.start()
+            super().__init__(_ArrivalEmitter, inotify_fd=self._fd)
+
+        def on_thread_stop(self) -> None:
+            super().on_thread_stop()
+            self._fd.stop()
+            if self._fd.is_alive():
+                self._fd.join()
+
+
+def _make_observer() -> BaseObserver:
+    if InotifyEmitter is not None:
+        return _InboxObserver()
+    from watchdog.observers import Observer  # pragma: no cover
+
+    return Observer()  # pragma: no cover
+
+
+# -- files and names ------------------------------------------------------------------------
+
+
+def _read(path: Path) -> tuple[bytes, str | None]:
+    """Return a claimed file's bytes and what makes it unreadable, if anything."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # a symlink must not read elsewhere
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        return b"", f"cannot open: {exc}"
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return b"", "not a regular file"
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(fd).st_size
+        if size > protocol.MAX_MESSAGE_BYTES:
+            return f.read(_HEAD), f"message is {size} bytes (max {protocol.MAX_MESSAGE_BYTES})"
+        return f.read(), None
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if not n.startswith("."))
+
+
+def _id_of(name: str) -> str:
+    return name.split(".", 1)[0].split("_", 1)[0]
+
+
+def _sent_at(path: Path) -> float:
+    stamp = path.name[:20]
+    return int(stamp) / 1e9 if stamp.isdigit() else path.stat().st_mtime
+
+
+def _valid_id(value: str) -> bool:
+    try:
+        check_id(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _sender_of(raw: bytes) -> str | None:
+    try:
+        value = json.loads(raw).get("sender")
+    except (ValueError, AttributeError):
+        found = _SENDER.search(raw[:_HEAD])
+        value = found.group(1).decode() if found else None
+    return value if isinstance(value, str) and _valid_id(value) else None
+
+
+def _load_ledger(path: Path, *, repair: bool = False) -> set[str]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return set()
+    if repair and data and not data.endswith(b"\n"):  # torn append: end it, keep the next whole
+        with open(path, "ab") as f:
+            f.write(b"\n")
+    return {line for line in data.decode(errors="replace").split("\n") if line}
+
+
+def _clean_tmp(tmp_dir: Path, max_age_s: float, now: float) -> int:
+    removed, host = 0, socket.gethostname()
+    for name in _names(tmp_dir):
+        path = tmp_dir / name
+        writer = _TMP_WRITER.search(name)
+        dead = writer is not None and writer.group(2) == host and not _pid_alive(int(writer[1]))
+        with contextlib.suppress(FileNotFoundError):
+            if dead or path.lstat().st_mtime < now - max_age_s:
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+# -- reports --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RejectedEntry:
+    """A message set aside, with the reason written beside it."""
+
+    name: str
+    reason: str
+    time: float | None
+    sender: str | None
+
+
+@dataclass(frozen=True)
+class InboxReport:
+    """What an inbox holds, for ``multibot inbox ID``."""
+
+    owner: str
+    waiting: list[str]
+    claimed_unhandled: list[str]
+    handled: int
+    rejected: list[RejectedEntry]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the report as plain JSON-ready data."""
+        return asdict(self)
+
+
+def inbox_report(home: Home, owner: str) -> InboxReport:
+    """Describe owner's inbox: waiting, claimed but unhandled, handled, rejected with reasons."""
+    paths = home.inbox(owner)
+    if not paths.root.is_dir():
+        raise UnknownRecipient(owner, paths.root)
+    handled = _load_ledger(paths.handled_log)
+    rejected = []
+    for name in _names(paths.rejected):
+        if name.endswith(".reason.json"):
+            continue
+        try:
+            note = json.loads((paths.rejected / f"{name}.reason.json").read_bytes())
+        except (OSError, ValueError):
+            note = {"reason": "unknown (no readable reason file)"}
+        reason, when, sender = note.get("reason"), note.get("time"), note.get("sender")
+        rejected.append(RejectedEntry(name, str(reason), when, sender))
+    return InboxReport(
+        owner=owner,
+        waiting=_names(paths.new) if paths.new.is_dir() else [],
+        claimed_unhandled=[n for n in _names(paths.cur) if _id_of(n) not in handled],
+        handled=len(handled),
+        rejected=rejected,
+    )

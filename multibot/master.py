@@ -1,0 +1,987 @@
+"""The master: plans, hands out ready tasks, supervises workers, answers, verifies and merges.
+
+It is one loop (``tick``) over files: its inbox, the state files a person may edit, the
+workers' heartbeats. Everything it knows is written to ``state/`` before it acts on it, so a
+master killed at any point and started again rebuilds itself from those files and its inbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from multibot import mailbox, protocol
+from multibot.config import MasterConfig, WorkerTemplate
+from multibot.errors import GitError, LockTimeout, MultibotError, PlanError, StateError
+from multibot.heartbeat import read_heartbeat
+from multibot.launcher import Launcher, worker_argv
+from multibot.layout import MASTER_ID, Home
+from multibot.lifecycle import task_transition
+from multibot.plan import graph_problems, topological_order, validate_plan
+from multibot.scheduler import WorkerSlot, overlaps, schedule
+from multibot.state import (
+    Discovery,
+    Plan,
+    PlanTask,
+    QuestionRecord,
+    SharedContext,
+    SystemState,
+    TaskRecord,
+    TaskStatus,
+    WorkerInfo,
+    WorkerState,
+)
+from multibot.store import StateFile
+from multibot.supervisor import Watch, backoff
+from multibot.timeline import Timeline
+from multibot.worktrees import GitRepo
+
+EXIT_DONE = 0
+EXIT_FAILED = 1
+
+LIVE_WORKER = ("starting", "idle", "working", "blocked", "paused", "error")
+
+
+@dataclass
+class Advice:
+    """A finished request to the advisor (Opus): an answer to a question, or a review."""
+
+    kind: str  # "answer" | "review"
+    key: str  # question id or task id
+    ok: bool
+    text: str
+    approved: bool = True
+    cost_usd: float = 0.0
+
+
+class Advisor:
+    """Who answers questions and reviews diffs when the plan's FAQ does not: Opus, or nobody.
+
+    The default advisor answers nothing, so questions go to the person.
+    """
+
+    available = False
+
+    def ask(self, key: str, question: str, context: str) -> None:
+        """Start answering a question in the background."""
+
+    def review(self, key: str, task: str, diff: str) -> None:
+        """Start reviewing a diff in the background."""
+
+    def poll(self) -> list[Advice]:
+        """Return the requests finished since the last poll."""
+        return []
+
+    def close(self) -> None:
+        """Stop any background work."""
+
+
+class Master:
+    """The master process's state and loop."""
+
+    def __init__(
+        self,
+        home: Home,
+        config: MasterConfig,
+        *,
+        repo: Path,
+        backend: str,
+        launcher: Launcher,
+        worker_template: WorkerTemplate | None = None,
+        advisor: Advisor | None = None,
+        out: TextIO | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.home, self.config, self.backend = home, config, backend
+        self.repo = repo
+        self.launcher = launcher
+        self.template = worker_template or WorkerTemplate()
+        self.advisor = advisor or Advisor()
+        self.out = out or sys.stdout
+        self.clock, self.mono = clock, monotonic
+        self.sys_file = StateFile(home.system_state, SystemState, default=SystemState)
+        self.plan_file = StateFile(home.plan, Plan, default=None)
+        self.context_file = StateFile(home.context, SharedContext, default=SharedContext)
+        self.sys = SystemState()
+        self.plan = Plan()
+        self.order: list[str] = []
+        self.tasks: dict[str, TaskRecord] = {}
+        self.task_files: dict[str, StateFile[TaskRecord]] = {}
+        self.questions: dict[str, StateFile[QuestionRecord]] = {}
+        self.watches: dict[str, Watch] = {}
+        self.git: GitRepo | None = None
+        self.timeline = Timeline(home.timeline, clock)
+        home.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(home.log(MASTER_ID), "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self.inbox: mailbox.Receiver | None = None
+        self.dirty = False
+        self.last_flush = 0.0
+        self.finished = False
+        self.exit_code = EXIT_DONE
+        self.reported: set[str] = set()
+        self.pending_window: dict[str, float] = {}
+
+    # == start-up =============================================================================
+    def open_repo(self) -> None:
+        """Open the target repository and its integration branch (and recover a cut merge)."""
+        self.git = GitRepo(
+            self.repo,
+            integration_branch=self.config.integration_branch,
+            integration_worktree=self.home.integration_worktree,
+            setup_hook=self.config.worktree_setup,
+        )
+        self.git.ensure_integration(self.config.base_branch)
+        note = self.git.recover()
+        if note:
+            self.event("merge-recovered", note)
+
+    def start_new(self, plan: Plan, goal: str, run_id: str) -> None:
+        """Begin a new run with a validated plan."""
+        for path in (self.home.state_dir, self.home.tasks_dir, self.home.workers_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        mailbox.create_inbox(self.home, MASTER_ID)
+        self.open_repo()
+        assert self.git is not None
+        self.sys = SystemState(
+            run_id=run_id,
+            goal=goal or plan.goal,
+            backend=self.backend,
+            master_pid=os.getpid(),
+            phase="awaiting_approval" if self.config.approve_plan else "running",
+        )
+        self.sys.git.repo, self.sys.git.integration_branch = str(self.repo), self.git.integration
+        self.sys.git.base = self.config.base_branch or "HEAD"
+        self.sys_file.update(lambda _: self.sys.model_copy(deep=True))
+        self.plan = plan.model_copy(update={"approved": not self.config.approve_plan})
+        self.plan_file.update(lambda _: self.plan)
+        self.event("run-started", f"run {run_id}: {len(plan.tasks)} tasks", repo=str(self.repo))
+        if self.config.approve_plan:
+            self.show(f"plan written to {self.home.plan}: set \"approved\": true to start "
+                      "(or run `multibot approve`)")
+        else:
+            self.load_tasks_from_plan()
+        self.inbox = mailbox.Receiver(self.home, MASTER_ID, rescan_interval=self.config.rescan_interval)
+
+    def resume(self) -> None:
+        """Rebuild from the state files after a restart; nothing lost, nothing done twice."""
+        self.sys = self.sys_file.read()
+        note = self.sys_file.recover()
+        if note:
+            self.event("state-recovered", note)
+            self.sys = self.sys_file.read()
+        self.sys.master_generation += 1
+        self.sys.master_pid = os.getpid()
+        self.repo = Path(self.sys.git.repo or self.repo)
+        mailbox.create_inbox(self.home, MASTER_ID)
+        self.open_repo()
+        self.plan = self.plan_file.read()
+        if self.plan.approved:
+            self.load_tasks_from_files()
+        if self.sys.git.merging:
+            self.recover_merge(self.sys.git.merging)
+        now = self.mono()
+        for wid, info in self.sys.workers.items():
+            if info.status in LIVE_WORKER:
+                self.watches[wid] = Watch(info.generation, now)
+        self.event("master-restarted", f"generation {self.sys.master_generation}, "
+                   f"{len(self.tasks)} tasks, {len(self.sys.workers)} workers")
+        self.inbox = mailbox.Receiver(self.home, MASTER_ID, rescan_interval=self.config.rescan_interval)
+        # Messages first (a TASK_COMPLETE may be waiting), then re-send lost assignments.
+        self.handle_inbox()
+        self.resend_assignments()
+        self.flush(force=True)
+
+    def load_tasks_from_plan(self) -> None:
+        """Create a task file for every planned task not already known."""
+        self.order = topological_order(self.plan.tasks)
+        now = self.clock()
+        for t in self.plan.tasks:
+            if t.id not in self.tasks:
+                self.add_task(TaskRecord(task=t, ready_at=now))
+        self.sys.metrics.tasks_total = len(self.tasks)
+        self.dirty = True
+
+    def load_tasks_from_files(self) -> None:
+        self.order = topological_order(self.plan.tasks)
+        self.home.tasks_dir.mkdir(parents=True, exist_ok=True)
+        for path in sorted(self.home.tasks_dir.glob("*.json")):
+            tid = path.stem
+            f = StateFile(path, TaskRecord, default=None)
+            f.recover()
+            rec = f.read()
+            self.tasks[tid], self.task_files[tid] = rec, f
+            if tid not in self.order:
+                self.order.append(tid)
+        for path in sorted(self.home.questions_dir.glob("*.json")):
+            q = StateFile(path, QuestionRecord, default=None)
+            if q.read().status != "delivered":
+                self.questions[path.stem] = q
+
+    def add_task(self, rec: TaskRecord) -> None:
+        f = StateFile(self.home.task(rec.id), TaskRecord, default=None)
+        self.tasks[rec.id], self.task_files[rec.id] = rec, f
+        f.update(lambda _: rec)
+        if rec.id not in self.order:
+            self.order.append(rec.id)
+
+    # == the loop =============================================================================
+    def run(self) -> int:
+        """Tick until every task is merged, failed or cancelled; return the exit code."""
+        try:
+            while not self.finished:
+                self.tick()
+                assert self.inbox is not None
+                self.inbox.wait(self.config.tick)
+        except KeyboardInterrupt:
+            self.show("interrupted: workers keep running; start the master again to resume")
+            self.flush(force=True)
+            return EXIT_FAILED
+        finally:
+            self.close()
+        return self.exit_code
+
+    def tick(self) -> None:
+        """One turn: messages, edits, supervision, assignments, merges, completion."""
+        self.handle_inbox()
+        self.read_edits()
+        if self.sys.phase == "awaiting_approval":
+            self.check_approval()
+        self.supervise()
+        self.handle_advice()
+        if self.sys.phase == "running":
+            if not self.sys.paused and not self.over_budget():
+                self.assign_ready()
+            self.merge_next()
+            self.stop_idle_workers()
+            self.check_done()
+        self.flush()
+
+    def close(self) -> None:
+        self.flush(force=True)
+        self.advisor.close()
+        if self.inbox is not None:
+            self.inbox.close()
+        self.timeline.close()
+        self._log.close()
+
+    # == messages =============================================================================
+    def handle_inbox(self) -> None:
+        assert self.inbox is not None
+        for m in self.inbox.fetch():
+            try:
+                self.handle(m)
+            except (StateError, LockTimeout) as exc:
+                self.event("state-write-refused", str(exc))
+            self.inbox.done(m)
+
+    def handle(self, m: protocol.Envelope) -> None:
+        """Act on one message from a worker (or from the CLI speaking for one)."""
+        info = self.sys.workers.get(m.sender)
+        if info is not None and m.generation < info.generation:
+            self.event("stale-message-ignored", f"{m.type} from {m.sender} generation "
+                       f"{m.generation} < {info.generation}", message=m.id)
+            return
+        self.timeline.add("message", type=m.type, sender=m.sender, task=m.task_id, id=m.id)
+        p = m.payload
+        if info is not None:
+            info.last_heartbeat = self.clock()
+        if isinstance(p, protocol.StatusUpdate):
+            self.on_status(m, p)
+        elif isinstance(p, protocol.Question):
+            self.on_question(m, p)
+        elif isinstance(p, protocol.TaskComplete):
+            self.on_complete(m, p)
+        elif isinstance(p, protocol.ErrorReport):
+            self.on_error(m, p)
+        else:
+            self.event("message-ignored", f"{m.type} from {m.sender} is not for the master")
+
+    def on_status(self, m: protocol.Envelope, p: protocol.StatusUpdate) -> None:
+        wid, tid = m.sender, m.task_id
+        info = self.sys.workers.get(wid)
+        if p.kind == "started" and tid in self.tasks:
+            rec = self.tasks[tid]
+            if rec.status == "assigned" and rec.worker == wid:
+                rec.started_at = self.clock()
+                self.set_task(rec, "running")
+        elif p.kind == "discovery":
+            self.share_discovery(wid, tid, p.progress)
+        elif p.kind == "blocked":
+            self.event("worker-blocked", f"{wid} is blocked: {p.progress}", worker=wid, task=tid)
+            if info:
+                info.status = "blocked"
+        elif p.progress:
+            self.show(f"{wid} · {tid or '-'}: {p.progress}")
+        if info is not None and p.kind in ("progress", "started") and info.status == "blocked":
+            info.status = "working"
+        self.dirty = True
+
+    def share_discovery(self, wid: str, tid: str | None, text: str) -> None:
+        """Record a discovery in the shared context and pass it to the other running workers."""
+        self.context_file.update(
+            lambda c: c.model_copy(
+                update={"discoveries": [*c.discoveries, Discovery(worker=wid, task_id=tid, text=text)]}
+            )
+        )
+        self.event("discovery", f"{wid}: {text}", worker=wid, task=tid)
+        for other, info in self.sys.workers.items():
+            if other != wid and info.current_task and info.status in ("working", "blocked"):
+                self.send(other, protocol.ContextUpdate(kind="discovery", text=text, source=wid))
+
+    # -- questions ----------------------------------------------------------------------------
+    def on_question(self, m: protocol.Envelope, p: protocol.Question) -> None:
+        qid = "q-" + m.id
+        if qid in self.questions or self.home.question(qid).exists():
+            return  # redelivered after a restart: already recorded
+        q = QuestionRecord(
+            id=qid, message_id=m.id, worker=m.sender, task_id=m.task_id,
+            question=p.question, context=p.context, reply_to=m.reply_to,
+        )
+        f = StateFile(self.home.question(qid), QuestionRecord, default=None)
+        self.home.questions_dir.mkdir(parents=True, exist_ok=True)
+        f.update(lambda _: q)
+        self.questions[qid] = f
+        self.sys.metrics.questions += 1
+        self.event("question", f"{m.sender} asks: {p.question}", question=qid, worker=m.sender)
+        known = self.faq_answer(p.question)
+        if known is not None:
+            self.answer(qid, known, "plan faq")
+        elif self.config.question_policy == "auto" and self.advisor.available:
+            self.advisor.ask(qid, p.question, self.question_context(m.sender, p))
+        else:
+            f.update(lambda r: r.model_copy(update={"escalated": True}))
+            self.show(f"❓ question for you ({qid}) from {m.sender}: {p.question}\n"
+                      f"   answer with: multibot answer {qid} \"...\"  (or edit {f.path})")
+            if self.config.question_policy == "auto_with_window" and self.advisor.available:
+                q_deadline = self.clock() + self.config.override_window
+                self.pending_window[qid] = q_deadline
+
+    def faq_answer(self, question: str) -> str | None:
+        words = question.lower()
+        for entry in self.plan.faq:
+            if all(w in words for w in entry.match.lower().split()):
+                return entry.answer
+        return None
+
+    def question_context(self, wid: str, p: protocol.Question) -> str:
+        lines = [f"Goal: {self.sys.goal}", "Tasks:"]
+        lines += [f"- {t.id} [{t.status}] {t.task.title}" for t in self.tasks.values()]
+        disc = self.context_file.read().discoveries
+        if disc:
+            lines += ["Discoveries:", *[f"- {d.worker}: {d.text}" for d in disc[-20:]]]
+        lines += ["Workers:", *[f"- {w}: {i.status} on {i.current_task or '-'}"
+                                for w, i in self.sys.workers.items()]]
+        lines += [f"Asked by {wid}. {p.context}"]
+        return "\n".join(lines)
+
+    def answer(self, qid: str, text: str, by: str) -> None:
+        """Record an answer and send it to the asking worker (exactly once)."""
+        f = self.questions.get(qid)
+        if f is None:
+            return
+        q = f.read()
+        if q.status == "delivered":
+            return
+        now = self.clock()
+        reply = protocol.make(
+            protocol.Answer(answer=text, answered_by=by),
+            sender=MASTER_ID,
+            recipient=q.reply_to or q.worker,
+            generation=self.sys.master_generation,
+            task_id=q.task_id,
+            correlation_id=q.message_id,
+        )
+        with contextlib.suppress(MultibotError):
+            mailbox.send(self.home, reply)
+        f.update(lambda r: r.model_copy(update={
+            "status": "delivered", "answer": text, "answered_by": by, "answered_at": now}))
+        self.questions.pop(qid, None)
+        self.pending_window.pop(qid, None)
+        self.event("answer", f"{qid} answered by {by}: {text}", question=qid)
+
+    def handle_advice(self) -> None:
+        now = self.clock()
+        for qid, deadline in list(self.pending_window.items()):
+            if now >= deadline and qid in self.questions:
+                q = self.questions[qid].read()
+                self.advisor.ask(qid, q.question, q.context)
+                del self.pending_window[qid]
+        for advice in self.advisor.poll():
+            self.sys.metrics.totals.cost_usd += advice.cost_usd
+            if advice.kind == "answer":
+                if advice.ok:
+                    self.answer(advice.key, advice.text, "opus")
+                else:
+                    self.event("advisor-failed", f"could not answer {advice.key}: {advice.text}")
+                    self.show(f"❓ {advice.key} needs your answer: multibot answer {advice.key} ...")
+            elif advice.kind == "review":
+                self.on_review(advice)
+
+    # -- task results -------------------------------------------------------------------------
+    def on_complete(self, m: protocol.Envelope, p: protocol.TaskComplete) -> None:
+        tid = m.task_id or ""
+        rec = self.tasks.get(tid)
+        if rec is None or rec.worker != m.sender or rec.status not in ("assigned", "running"):
+            self.event("duplicate-ignored", f"TASK_COMPLETE for {tid} from {m.sender} "
+                       f"(task is {rec.status if rec else 'unknown'})")
+            return
+        rec.summary, rec.commit, rec.branch = p.summary, p.commit, p.branch
+        rec.files_changed = p.files_changed
+        rec.discoveries = [*rec.discoveries, *p.discoveries]
+        rec.cost_usd += p.cost_usd
+        rec.tokens = protocol.Tokens(input=rec.tokens.input + p.tokens.input,
+                                     output=rec.tokens.output + p.tokens.output)
+        rec.turns += p.turns
+        rec.finished_at = self.clock()
+        self.add_cost(m.sender, p.cost_usd, p.tokens.input, p.tokens.output, p.turns)
+        info = self.sys.workers.get(m.sender)
+        if info is not None:
+            info.status, info.current_task, info.idle_since = "idle", None, self.clock()
+            info.tasks_done += 1
+        self.set_task(rec, "verifying")
+        self.show(f"✓ {tid} finished by {m.sender}: {p.summary[:160]}")
+        for text in p.follow_ups:
+            self.add_follow_up(rec, text)
+        self.verify(rec)
+
+    def add_follow_up(self, parent: TaskRecord, text: str) -> None:
+        n = sum(1 for t in self.tasks.values() if t.origin == f"follow-up of {parent.id}") + 1
+        tid = f"{parent.id}-f{n}"[:63]
+        task = PlanTask(id=tid, title=text[:80], description=text,
+                        dependencies=[parent.id], model=parent.task.model)
+        problems = graph_problems([*(t.task for t in self.tasks.values()), task])
+        if problems:
+            self.event("follow-up-refused", "; ".join(problems))
+            return
+        self.add_task(TaskRecord(task=task, origin=f"follow-up of {parent.id}",
+                                 ready_at=self.clock()))
+        self.sys.metrics.tasks_total = len(self.tasks)
+        self.event("follow-up-added", f"{tid} after {parent.id}: {text}")
+
+    def verify(self, rec: TaskRecord) -> None:
+        """Run the task's verify command in its worktree; then review, or send feedback."""
+        problem = self.drift(rec)
+        output = ""
+        ok = problem is None
+        if ok and rec.task.verify and rec.worker:
+            ok, output = self.run_check(rec.task.verify, self.home.worktree(rec.worker))
+            if not ok:
+                problem = f"verify `{rec.task.verify}` failed:\n{output[-3000:]}"
+        if problem is not None:
+            self.retry(rec, problem)
+            return
+        self.event("verified", f"{rec.id} verified", task=rec.id)
+        if self.config.review and self.advisor.available and self.git is not None:
+            self.advisor.review(rec.id, f"{rec.task.title}\n{rec.task.description}",
+                                self.git.diff(rec.branch or f"multibot/{rec.id}"))
+            return
+        self.set_task(rec, "verified")
+
+    def on_review(self, advice: Advice) -> None:
+        rec = self.tasks.get(advice.key)
+        if rec is None or rec.status != "verifying":
+            return
+        if advice.ok and advice.approved:
+            self.event("review-approved", f"{rec.id}: {advice.text[:200]}", task=rec.id)
+            self.set_task(rec, "verified")
+        else:
+            self.retry(rec, f"review asked for changes: {advice.text}")
+
+    def drift(self, rec: TaskRecord) -> str | None:
+        """Return a complaint if the task changed files outside the ones it owns."""
+        if not rec.task.owns:
+            return None
+        outside = [f for f in rec.files_changed if not overlaps([f], rec.task.owns)]
+        if outside:
+            return (f"you changed files outside your claim ({', '.join(rec.task.owns)}): "
+                    f"{', '.join(outside)}. Revert those changes.")
+        return None
+
+    def run_check(self, command: str, cwd: Path) -> tuple[bool, str]:
+        try:
+            done = subprocess.run(command, shell=True, cwd=cwd, capture_output=True, text=True,
+                                  timeout=self.config.task_timeout_minutes * 60)
+        except subprocess.TimeoutExpired as exc:
+            return False, f"timed out: {exc}"
+        return done.returncode == 0, (done.stdout + done.stderr)
+
+    def retry(self, rec: TaskRecord, feedback: str) -> None:
+        """Send a task back with feedback (a new attempt), or fail it when attempts run out."""
+        rec.feedback = [*rec.feedback, feedback][-10:]
+        rec.last_error = feedback
+        if rec.attempts >= self.config.verify_attempts:
+            self.set_task(rec, "failed")
+            self.event("task-failed", f"{rec.id} failed after {rec.attempts} attempts: "
+                       f"{feedback[:300]}", task=rec.id)
+            return
+        self.event("task-retry", f"{rec.id} goes back: {feedback[:300]}", task=rec.id)
+        self.set_task(rec, "pending")
+
+    def on_error(self, m: protocol.Envelope, p: protocol.ErrorReport) -> None:
+        tid = m.task_id or ""
+        rec = self.tasks.get(tid)
+        info = self.sys.workers.get(m.sender)
+        self.event("worker-error", f"{m.sender} on {tid or '-'}: {p.kind}: {p.message[:300]}",
+                   worker=m.sender, task=tid)
+        if p.kind == "startup" and info is not None:
+            info.status, info.failure_reason = "failed", p.message
+            info.current_task = None
+            self.stop_worker(m.sender, info)
+        elif info is not None and info.current_task == tid:
+            info.status, info.current_task, info.idle_since = "idle", None, self.clock()
+        if rec is None or rec.worker != m.sender or rec.status not in ("assigned", "running"):
+            return
+        if p.kind == "protocol" and "busy" in p.message:
+            rec.worker = None
+            self.set_task(rec, "pending")
+            return
+        if p.recoverable and rec.attempts < self.config.verify_attempts:
+            self.retry(rec, f"{p.kind}: {p.message}")
+        else:
+            rec.last_error = f"{p.kind}: {p.message}"
+            self.set_task(rec, "failed")
+
+    # == the person's edits ===================================================================
+    def read_edits(self) -> None:
+        if self.sys_file.changed():
+            disk = self.sys_file.read()
+            problem = self.sys_file.problem()
+            if problem:
+                self.report_problem(problem)
+            if disk.paused != self.sys.paused:
+                self.sys.paused = disk.paused
+                self.event("paused" if disk.paused else "resumed", "by the person (system-state.json)")
+        for tid, f in self.task_files.items():
+            if not f.changed():
+                continue
+            disk = f.read()
+            problem = f.problem()
+            if problem:
+                self.report_problem(problem)
+                continue
+            rec = self.tasks[tid]
+            if (disk.hold, disk.cancel, disk.task.priority) != (rec.hold, rec.cancel, rec.task.priority):
+                rec.hold, rec.cancel = disk.hold, disk.cancel
+                rec.task = rec.task.model_copy(update={"priority": disk.task.priority})
+                self.event("task-edited", f"{tid}: hold={rec.hold} cancel={rec.cancel} "
+                           f"priority={rec.task.priority}", task=tid)
+                if rec.cancel and rec.status not in ("merged", "cancelled"):
+                    self.cancel(rec)
+        for qid, qf in list(self.questions.items()):
+            if qf.changed():
+                q = qf.read()
+                if q.answer and q.status != "delivered":
+                    self.answer(qid, q.answer, "human")
+
+    def report_problem(self, problem: StateError) -> None:
+        key = str(problem)
+        if key not in self.reported:
+            self.reported.add(key)
+            self.event("bad-edit", f"{key} (last good state stays in force)")
+
+    def cancel(self, rec: TaskRecord) -> None:
+        if rec.worker and rec.status in ("assigned", "running"):
+            info = self.sys.workers.get(rec.worker)
+            self.send(rec.worker, protocol.Terminate(reason=f"task {rec.id} cancelled"))
+            if info is not None:
+                info.current_task = None
+        self.set_task(rec, "cancelled")
+
+    def check_approval(self) -> None:
+        if not self.plan_file.changed():
+            return
+        plan = self.plan_file.read()
+        problem = self.plan_file.problem()
+        if problem:
+            self.report_problem(problem)
+            return
+        if not plan.approved:
+            return
+        try:
+            plan = validate_plan(plan.model_dump(), str(self.home.plan))
+        except PlanError as exc:
+            self.event("plan-refused", str(exc))
+            return
+        self.plan = plan
+        self.sys.phase = "running"
+        self.load_tasks_from_plan()
+        self.event("plan-approved", f"{len(plan.tasks)} tasks")
+
+    # == workers ==============================================================================
+    def live_workers(self) -> dict[str, WorkerInfo]:
+        return {w: i for w, i in self.sys.workers.items() if i.status in LIVE_WORKER}
+
+    def new_worker_id(self) -> str:
+        n = 1
+        while f"w{n}" in self.sys.workers:
+            n += 1
+        return f"w{n}"
+
+    def spawn_worker(self) -> str:
+        wid = self.new_worker_id()
+        info = WorkerInfo(id=wid, generation=1, capabilities=list(self.template.capabilities))
+        self.sys.workers[wid] = info
+        mailbox.create_inbox(self.home, wid)
+        self.launch(wid, info, restart=False)
+        self.event("worker-started", f"{wid} started", worker=wid)
+        return wid
+
+    def launch(self, wid: str, info: WorkerInfo, *, restart: bool) -> None:
+        argv = worker_argv(self.home, wid, self.backend, info.generation)
+        env = {"MULTIBOT_HOME": str(self.home.root)}
+        # The worker's state file must not let an older incarnation claim it back.
+        sf = StateFile(self.home.worker_state(wid), WorkerState,
+                       default=lambda: WorkerState(id=wid))
+        with contextlib.suppress(StateError, LockTimeout):
+            sf.update(lambda s: s.model_copy(update={"generation": max(s.generation, info.generation)}))
+        if restart and info.pane_id:
+            self.kill_old_incarnation(wid)
+            info.pane_id = self.launcher.restart(info.pane_id, argv, env)
+        else:
+            info.pane_id = self.launcher.start(wid, argv, env, self.title(info))
+        info.status, info.pid = "starting", self.launcher.pid(info.pane_id)
+        info.next_restart_at = None
+        self.watches[wid] = Watch(info.generation, self.mono())
+        self.launcher.set_title(info.pane_id, self.title(info))
+        self.dirty = True
+
+    def kill_old_incarnation(self, wid: str) -> None:
+        """SIGKILL a frozen or stuck worker process, checking first that the pid is still it."""
+        hb = read_heartbeat(self.home.heartbeat(wid))
+        if hb is None:
+            return
+        try:
+            cmdline = Path(f"/proc/{hb.pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return
+        if b"worker" in cmdline and wid.encode() in cmdline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(hb.pid, 9)
+
+    def title(self, info: WorkerInfo) -> str:
+        return f"{info.id} · {info.current_task or '-'} · {info.model or '-'} · {info.status}"
+
+    def supervise(self) -> None:
+        """Find dead workers, restart them with backoff, fail them after too many restarts."""
+        now, mono = self.clock(), self.mono()
+        interval, misses = self.config.heartbeat_interval, self.config.heartbeat_misses
+        grace = max(interval * misses, 20.0)
+        for wid, info in list(self.sys.workers.items()):
+            if info.status in ("failed", "stopped"):
+                continue
+            if info.status == "error":
+                if info.next_restart_at is not None and now >= info.next_restart_at:
+                    info.generation += 1
+                    self.event("worker-restart", f"{wid} restarting as generation "
+                               f"{info.generation} (restart {info.restarts})", worker=wid)
+                    self.launch(wid, info, restart=True)
+                    self.resend_assignments(only=wid)
+                continue
+            watch = self.watches.setdefault(wid, Watch(info.generation, mono))
+            hb = read_heartbeat(self.home.heartbeat(wid))
+            watch.observe(hb, mono)
+            if hb is not None and hb.generation == info.generation:
+                info.last_heartbeat = hb.time
+                status = hb.status if hb.status in LIVE_WORKER else info.status
+                if status != info.status and info.status != "blocked":
+                    info.status = status  # type: ignore[assignment]
+                    self.launcher.set_title(info.pane_id or "", self.title(info))
+                    self.dirty = True
+            reason = watch.verdict(mono, interval, misses, grace)
+            if reason is None and info.pane_id and not self.launcher.alive(info.pane_id):
+                reason = "process exited"
+            if reason is not None:
+                self.worker_died(wid, info, reason, now)
+
+    def worker_died(self, wid: str, info: WorkerInfo, reason: str, now: float) -> None:
+        info.restarts += 1
+        self.sys.metrics.restarts += 1
+        info.failure_reason = reason
+        if info.restarts > self.config.max_restarts:
+            info.status = "failed"
+            self.event("worker-failed", f"{wid} failed after {info.restarts - 1} restarts: "
+                       f"{reason}", worker=wid)
+            self.launcher.set_title(info.pane_id or "", self.title(info))
+            tid = info.current_task
+            info.current_task = None
+            rec = self.tasks.get(tid or "")
+            if rec is not None and rec.status in ("assigned", "running"):
+                rec.worker = None
+                self.set_task(rec, "pending")
+                self.event("task-reassigned", f"{rec.id} goes back to the queue", task=rec.id)
+            return
+        delay = backoff(info.restarts, self.config.restart_backoff, self.config.restart_backoff_max)
+        info.status, info.next_restart_at = "error", now + delay
+        self.event("worker-dead", f"{wid} is dead ({reason}); restart in {delay:.1f}s",
+                   worker=wid)
+        self.dirty = True
+
+    def resend_assignments(self, only: str | None = None) -> None:
+        """Send again the assignments a worker may not have (after its or our restart)."""
+        for rec in self.tasks.values():
+            if rec.status not in ("assigned", "running") or rec.worker is None:
+                continue
+            if only is not None and rec.worker != only:
+                continue
+            if only is None:
+                ws = StateFile(self.home.worker_state(rec.worker), WorkerState, default=None)
+                with contextlib.suppress(StateError):
+                    cur = ws.read().current_task
+                    if cur is not None and cur.task_id == rec.id:
+                        continue
+            self.send_assignment(rec, rec.worker)
+
+    def stop_idle_workers(self) -> None:
+        now = self.clock()
+        pending = any(t.status == "pending" and not t.hold for t in self.tasks.values())
+        if pending:
+            return
+        for wid, info in self.live_workers().items():
+            if info.status == "idle" and info.current_task is None and info.idle_since and \
+                    now - info.idle_since > self.config.idle_worker_timeout:
+                self.event("worker-stopped", f"{wid} idle for {now - info.idle_since:.0f}s",
+                           worker=wid)
+                self.stop_worker(wid, info)
+
+    def stop_worker(self, wid: str, info: WorkerInfo) -> None:
+        self.send(wid, protocol.Terminate(reason="no more work"))
+        if info.status != "failed":
+            info.status = "stopped"
+        self.dirty = True
+
+    # == assignments ==========================================================================
+    def assign_ready(self) -> None:
+        live = self.live_workers()
+        idle = [
+            WorkerSlot(w, frozenset(i.capabilities), self.last_task_of(w))
+            for w, i in live.items()
+            if i.status in ("idle", "starting") and i.current_task is None
+        ]
+        plan = schedule(self.tasks, idle, len(live), self.config.max_workers,
+                        frozenset(self.template.capabilities), self.order)
+        for a in plan:
+            wid = a.worker_id or self.spawn_worker()
+            try:
+                self.send_assignment(self.tasks[a.task_id], wid, new=True)
+            except GitError as exc:
+                rec = self.tasks[a.task_id]
+                rec.last_error = f"git: {exc}"
+                self.event("assign-failed", f"{a.task_id}: {exc}", task=a.task_id)
+                self.set_task(rec, "failed")
+
+    def last_task_of(self, wid: str) -> str | None:
+        for rec in self.tasks.values():
+            if rec.worker == wid and rec.status == "pending":
+                return rec.id
+        return None
+
+    def send_assignment(self, rec: TaskRecord, wid: str, new: bool = False) -> None:
+        """Prepare the worktree and branch, record the assignment, then send it."""
+        assert self.git is not None
+        info = self.sys.workers[wid]
+        worktree = self.git.ensure_worktree(self.home.worktree(wid))
+        branch = self.git.start_task(worktree, rec.id)
+        if new:
+            rec.attempts += 1
+            rec.assigned_at = self.clock()
+            rec.worker, rec.branch = wid, branch
+            self.set_task(rec, "assigned")
+        info.current_task, info.branch, info.model = rec.id, branch, rec.task.model
+        info.working_directory = str(worktree)
+        if info.status == "idle":
+            info.status = "working"
+        self.launcher.set_title(info.pane_id or "", self.title(info))
+        t = rec.task
+        budget = protocol.Budget(max_usd=self.config.task_budget_usd,
+                                 max_minutes=self.config.task_timeout_minutes)
+        payload = protocol.TaskAssignment(
+            title=t.title, description=t.description, branch=branch,
+            working_directory=str(worktree), context=self.context_for(rec),
+            dependencies=t.dependencies, priority=t.priority,
+            estimated_duration=t.estimate_minutes * 60, model=t.model, owns=t.owns,
+            verify=t.verify, budget=budget, commands=t.commands, attempt=rec.attempts,
+            base_branch=self.git.integration,
+        )
+        self.send(wid, payload, task_id=rec.id)
+        self.event("assigned", f"{rec.id} → {wid} (attempt {rec.attempts}, {t.model})",
+                   task=rec.id, worker=wid)
+
+    def context_for(self, rec: TaskRecord) -> list[str]:
+        """The finished dependencies' summaries and discoveries, and feedback on earlier tries."""
+        lines: list[str] = []
+        for d in rec.task.dependencies:
+            dep = self.tasks.get(d)
+            if dep is not None:
+                lines.append(f"{d} ({dep.task.title}) is merged: {dep.summary}")
+                lines += [f"{d} discovered: {x}" for x in dep.discoveries]
+        shared = self.context_file.read().discoveries
+        seen = set(lines)
+        for disc in shared[-20:]:
+            line = f"{disc.worker} discovered: {disc.text}"
+            if line not in seen and not any(disc.text in s for s in seen):
+                lines.append(line)
+        lines += [f"Feedback on your last attempt: {f}" for f in rec.feedback[-3:]]
+        return lines
+
+    # == merging ==============================================================================
+    def merge_next(self) -> None:
+        """Merge one verified task whose dependencies are merged, in plan order."""
+        if self.git is None:
+            return
+        for tid in self.order:
+            rec = self.tasks.get(tid)
+            if rec is None or rec.status != "verified":
+                continue
+            if any(self.tasks[d].status != "merged" for d in rec.task.dependencies if d in self.tasks):
+                continue
+            self.merge(rec)
+            return
+
+    def merge(self, rec: TaskRecord) -> None:
+        assert self.git is not None
+        branch = rec.branch or f"multibot/{rec.id}"
+        self.sys.git.merging = rec.id
+        self.flush(force=True)
+        verify = self.plan.verify or self.config.verify
+        outcome = self.git.merge(rec.id, rec.task.title, branch, verify)
+        self.sys.git.merging = None
+        if outcome.status in ("merged", "nothing"):
+            rec.merge_commit = outcome.commit
+            self.set_task(rec, "merged")
+            self.sys.git.last_merge_commit = outcome.commit or self.sys.git.last_merge_commit
+            self.sys.metrics.tasks_merged += 1
+            self.event("merged", f"{rec.id} merged into {self.git.integration}"
+                       f" ({(outcome.commit or '')[:10]})", task=rec.id)
+        elif outcome.status == "conflict":
+            files = ", ".join(c[0] for c in outcome.conflicts)
+            sides = "\n".join(f"--- {c[0]} on {self.git.integration}:\n{c[1][:1500]}\n"
+                              f"--- {c[0]} on {branch}:\n{c[2][:1500]}" for c in outcome.conflicts)
+            self.retry(rec, f"merging {branch} into {self.git.integration} conflicts in {files}. "
+                       f"Merge {self.git.integration} into your branch, resolve the conflicts "
+                       f"and commit.\n{sides}")
+        else:
+            self.retry(rec, f"the project check failed after merging {rec.id}, so the merge was "
+                       f"undone:\n{outcome.output[-3000:]}")
+        self.flush(force=True)
+
+    def recover_merge(self, tid: str) -> None:
+        assert self.git is not None
+        rec = self.tasks.get(tid)
+        self.sys.git.merging = None
+        if rec is None:
+            return
+        if rec.status == "verified" and self.git.is_merged(rec.branch or f"multibot/{tid}"):
+            self.set_task(rec, "merged")
+            self.sys.metrics.tasks_merged += 1
+            self.event("merge-recovered", f"{tid} was merged before the restart")
+
+    # == bookkeeping ==========================================================================
+    def check_done(self) -> None:
+        if not self.tasks or any(t.status not in ("merged", "failed", "cancelled")
+                                 for t in self.tasks.values()):
+            return
+        failed = [t.id for t in self.tasks.values() if t.status == "failed"]
+        self.sys.phase = "failed" if failed else "done"
+        self.sys.metrics.finished_at = self.clock()
+        self.sys.metrics.tasks_failed = len(failed)
+        for wid, info in self.live_workers().items():
+            self.stop_worker(wid, info)
+        tot = self.sys.metrics.totals
+        took = self.sys.metrics.finished_at - self.sys.metrics.started_at
+        self.event("run-finished", f"{self.sys.phase}: {self.sys.metrics.tasks_merged} merged, "
+                   f"{len(failed)} failed in {took:.1f}s; cost ${tot.cost_usd:.4f}, "
+                   f"{tot.input_tokens} in / {tot.output_tokens} out tokens")
+        self.exit_code = EXIT_FAILED if failed else EXIT_DONE
+        self.finished = True
+
+    def over_budget(self) -> bool:
+        b = self.config.budget_usd
+        if b is not None and self.sys.metrics.totals.cost_usd >= b:
+            if "budget" not in self.reported:
+                self.reported.add("budget")
+                self.event("budget-reached", f"spent ${self.sys.metrics.totals.cost_usd:.4f} of "
+                           f"${b:.2f}: no new tasks")
+            return True
+        return False
+
+    def add_cost(self, wid: str, usd: float, tin: int, tout: int, turns: int) -> None:
+        t = self.sys.metrics.totals
+        t.cost_usd += usd
+        t.input_tokens += tin
+        t.output_tokens += tout
+        t.turns += turns
+        if wid in self.sys.workers:
+            self.sys.workers[wid].cost_usd += usd
+
+    def set_task(self, rec: TaskRecord, status: TaskStatus) -> None:
+        """Move a task along its lifecycle and write its file (keeping the person's fields)."""
+        rec.status = task_transition(rec.status, status, f"task {rec.id}")
+        mine = rec.model_copy(deep=True)
+
+        def merge(disk: TaskRecord) -> TaskRecord:
+            return mine.model_copy(update={
+                "version": disk.version, "hold": disk.hold, "cancel": disk.cancel or mine.cancel,
+                "task": mine.task.model_copy(update={"priority": disk.task.priority}),
+            })
+
+        written = self.task_files[rec.id].update(merge)
+        rec.version, rec.hold, rec.cancel, rec.task = (
+            written.version, written.hold, written.cancel, written.task)
+        self.tasks[rec.id] = rec
+        self.dirty = True
+        self.refresh_index()
+
+    def refresh_index(self) -> None:
+        idx = self.sys.tasks
+        idx.active = [t for t, r in self.tasks.items() if r.status in
+                      ("assigned", "running", "verifying", "verified")]
+        idx.pending = [t for t, r in self.tasks.items() if r.status == "pending"]
+        idx.completed = [t for t, r in self.tasks.items() if r.status in ("merged", "cancelled")]
+        idx.failed = [t for t, r in self.tasks.items() if r.status == "failed"]
+
+    def flush(self, force: bool = False) -> None:
+        """Write system-state.json if anything changed (at most every 0.2 s unless forced)."""
+        now = self.mono()
+        if not (force or (self.dirty and now - self.last_flush > 0.2)):
+            return
+        mine = self.sys.model_copy(deep=True)
+
+        def merge(disk: SystemState) -> SystemState:
+            # The person's field wins: a pause written by hand is never overwritten.
+            return mine.model_copy(update={"version": disk.version, "paused": disk.paused})
+
+        try:
+            self.sys_file.update(merge)
+            self.dirty, self.last_flush = False, now
+        except (StateError, LockTimeout) as exc:
+            self.report_problem(exc) if isinstance(exc, StateError) else None
+
+    def send(self, wid: str, payload: protocol.Payload, task_id: str | None = None) -> None:
+        message = protocol.make(payload, sender=MASTER_ID, recipient=wid,
+                                generation=self.sys.master_generation, task_id=task_id)
+        try:
+            mailbox.send(self.home, message)
+        except MultibotError as exc:
+            self.event("send-failed", f"{message.type} to {wid}: {exc}")
+
+    def event(self, kind: str, text: str, **fields: object) -> None:
+        """Record an event in the timeline and show it in the master pane."""
+        self.timeline.add(kind, text=text, **fields)
+        self.sys.message = text[:200]
+        self.dirty = True
+        self.show(text)
+
+    def show(self, line: str) -> None:
+        """Print a line to the master pane and the master's log."""
+        text = f"{time.strftime('%H:%M:%S')} {line}"
+        print(text, file=self.out, flush=True)
+        if not self._log.closed:
+            self._log.write(text + "\n")

@@ -1,0 +1,343 @@
+"""State shapes: every JSON file under ``state/``, as pydantic models.
+
+These files are what every process knows, and what a person reads and edits. Each has an
+integer ``version`` bumped by every system write (see ``multibot.store``). Fields a person may
+edit by hand are marked "(editable)" in their description; docs/state.md lists them all.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from multibot.ids import check_branch, check_id, check_relpath
+from multibot.protocol import Model, Tokens
+
+STATE_SCHEMA_VERSION = 1
+
+
+class Record(BaseModel):
+    """Base of every state file model: unknown fields refused, assignment validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StateFileModel(Record):
+    version: int = Field(0, description="Bumped by every system write.")
+    schema_version: int = STATE_SCHEMA_VERSION
+
+
+# -- tasks ------------------------------------------------------------------------------------
+
+TaskStatus = Literal[
+    "pending",  # waiting for dependencies or a worker
+    "assigned",  # sent to a worker, not yet acknowledged
+    "running",  # the worker is on it
+    "verifying",  # finished, its verify command is running
+    "verified",  # verified, waiting in the merge queue
+    "merged",  # merged into the integration branch: done
+    "failed",  # gave up after its attempts; see last_error
+    "cancelled",  # cancelled by the person
+]
+TERMINAL_TASK = ("merged", "failed", "cancelled")
+
+
+class PlanTask(Record):
+    """One task of a plan: what to do, what it needs, what it owns, how to check it."""
+
+    id: str
+    title: str
+    description: str
+    dependencies: list[str] = []
+    priority: int = Field(0, description="Higher runs first (editable).")
+    owns: list[str] = Field([], description="Files or globs this task may change.")
+    model: Model = Field("sonnet", description="haiku for simple, sonnet for normal, opus for hard.")
+    verify: str | None = Field(None, description="Shell command run in the worktree when done.")
+    estimate_minutes: float = 10.0
+    commands: list[str] = Field([], description="Shell backend: commands to run in order.")
+    capabilities: list[str] = Field([], description="Worker capabilities this task needs.")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_id(v, "task id")
+
+    @field_validator("dependencies")
+    @classmethod
+    def _deps(cls, v: list[str]) -> list[str]:
+        return [check_id(d, "dependency") for d in v]
+
+    @field_validator("owns")
+    @classmethod
+    def _owns(cls, v: list[str]) -> list[str]:
+        return [check_relpath(p, "owned path") for p in v]
+
+
+class FaqEntry(Record):
+    """A known answer: a question containing every word of ``match`` gets ``answer``."""
+
+    match: str
+    answer: str
+
+
+class Plan(StateFileModel):
+    """state/plan.json: the task graph, from Opus or a plan file."""
+
+    goal: str = ""
+    source: Literal["opus", "file"] = "file"
+    approved: bool = Field(False, description="(editable) Set true to let the run start.")
+    tasks: list[PlanTask] = []
+    faq: list[FaqEntry] = []
+    verify: str | None = Field(None, description="Project-level check run after each merge.")
+    notes: str = ""
+
+
+class TaskRecord(StateFileModel):
+    """state/tasks/<id>.json: one task's definition and progress."""
+
+    task: PlanTask
+    status: TaskStatus = "pending"
+    hold: bool = Field(False, description="(editable) Do not start this task while true.")
+    cancel: bool = Field(False, description="(editable) Set true to cancel the task.")
+    worker: str | None = None
+    attempts: int = 0
+    branch: str | None = None
+    commit: str | None = None
+    merge_commit: str | None = None
+    summary: str = ""
+    discoveries: list[str] = []
+    files_changed: list[str] = []
+    last_error: str = ""
+    feedback: list[str] = []
+    cost_usd: float = 0.0
+    tokens: Tokens = Tokens()
+    turns: int = 0
+    assigned_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    ready_at: float | None = None
+    origin: str = Field("plan", description="plan, follow-up of <task>, or conflict of <task>.")
+
+    @property
+    def id(self) -> str:
+        return self.task.id
+
+
+# -- workers ----------------------------------------------------------------------------------
+
+WorkerStatusName = Literal[
+    "starting", "idle", "working", "blocked", "error", "paused", "failed", "stopped"
+]
+
+
+class WorkerInfo(Record):
+    """What the master knows of one worker (in system-state.json)."""
+
+    id: str
+    status: WorkerStatusName = "starting"
+    current_task: str | None = None
+    branch: str | None = None
+    working_directory: str | None = None
+    last_heartbeat: float | None = None
+    capabilities: list[str] = []
+    generation: int = 0
+    pid: int | None = None
+    pane_id: str | None = None
+    restarts: int = 0
+    next_restart_at: float | None = None
+    failure_reason: str = ""
+    model: str | None = None
+    cost_usd: float = 0.0
+    tasks_done: int = 0
+    idle_since: float | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_id(v, "worker id")
+
+
+class BranchInfo(Record):
+    name: str
+    task_id: str
+    worker: str | None = None
+    last_commit: str | None = None
+    merged: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return check_branch(v)
+
+
+class GitState(Record):
+    repo: str = ""
+    base: str = ""
+    integration_branch: str = "multibot/integration"
+    branches: list[BranchInfo] = []
+    merge_queue: list[str] = []
+    last_merge_commit: str | None = None
+    merging: str | None = Field(None, description="Task being merged now (crash recovery).")
+
+
+class Totals(Record):
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    turns: int = 0
+
+
+class Metrics(Record):
+    started_at: float = Field(default_factory=time.time)
+    finished_at: float | None = None
+    tasks_total: int = 0
+    tasks_merged: int = 0
+    tasks_failed: int = 0
+    questions: int = 0
+    restarts: int = 0
+    totals: Totals = Totals()
+
+
+class TaskIndex(Record):
+    active: list[str] = []
+    pending: list[str] = []
+    completed: list[str] = []
+    failed: list[str] = []
+
+
+Phase = Literal[
+    "starting", "planning", "awaiting_approval", "running", "done", "failed", "stopped"
+]
+
+
+class SystemState(StateFileModel):
+    """state/system-state.json: the master's view of the whole run."""
+
+    run_id: str = ""
+    phase: Phase = "starting"
+    paused: bool = Field(False, description="(editable) Pause everything: no new work.")
+    goal: str = ""
+    backend: str = "shell"
+    master_pid: int | None = None
+    master_generation: int = 0
+    opus_session: str | None = None
+    workers: dict[str, WorkerInfo] = {}
+    tasks: TaskIndex = TaskIndex()
+    git: GitState = GitState()
+    metrics: Metrics = Metrics()
+    message: str = Field("", description="Last notable event, for the status view.")
+
+
+# -- a worker's own files ---------------------------------------------------------------------
+
+
+class CurrentTask(Record):
+    task_id: str
+    title: str = ""
+    model: str = ""
+    started_at: float = Field(default_factory=time.time)
+    attempt: int = 1
+
+
+class WorkerGit(Record):
+    branch: str | None = None
+    last_commit: str | None = None
+    uncommitted_changes: bool = False
+
+
+class WorkerCommunication(Record):
+    last_master_contact: float | None = None
+    pending_questions: list[str] = []
+
+
+class WorkerState(StateFileModel):
+    """state/workers/<id>-state.json: written by the worker; ``paused`` is for the person."""
+
+    id: str
+    paused: bool = Field(False, description="(editable) Suspend this worker's agent.")
+    status: WorkerStatusName = "starting"
+    generation: int = 0
+    pid: int | None = None
+    backend: str = "shell"
+    current_task: CurrentTask | None = None
+    session_id: str | None = Field(None, description="Claude session, resumed after restart.")
+    sessions: dict[str, str] = Field({}, description="Claude session per task id.")
+    current_tool: str | None = None
+    turns: int = 0
+    cost_usd: float = 0.0
+    git: WorkerGit = WorkerGit()
+    communication: WorkerCommunication = WorkerCommunication()
+    last_event: str = ""
+
+
+class Decision(Record):
+    text: str
+    task_id: str | None = None
+    at: float = Field(default_factory=time.time)
+
+
+class ContextMemory(StateFileModel):
+    """state/workers/<id>-memory.json: what the worker learned, fed back into its prompts."""
+
+    files: list[str] = []
+    concepts: list[str] = []
+    decisions: list[Decision] = []
+    blockers: list[str] = []
+    discoveries: list[str] = []
+    notes: list[str] = Field([], description="Answers, feedback and context received.")
+
+
+# -- shared -----------------------------------------------------------------------------------
+
+
+class Discovery(Record):
+    worker: str
+    task_id: str | None = None
+    text: str
+    at: float = Field(default_factory=time.time)
+
+
+class SharedContext(StateFileModel):
+    """state/context.json: discoveries shared with every worker."""
+
+    discoveries: list[Discovery] = []
+
+
+QuestionStatus = Literal["pending", "answered", "delivered"]
+
+
+class QuestionRecord(StateFileModel):
+    """state/questions/<id>.json: a worker's question; the person answers by editing it."""
+
+    id: str
+    message_id: str
+    worker: str
+    task_id: str | None = None
+    question: str
+    context: str = ""
+    reply_to: str | None = None
+    asked_at: float = Field(default_factory=time.time)
+    status: QuestionStatus = "pending"
+    answer: str | None = Field(None, description="(editable) Write the answer here.")
+    answered_by: str | None = None
+    answered_at: float | None = None
+    escalated: bool = False
+
+
+def state_models() -> dict[str, type[BaseModel]]:
+    """Return every state file's model, by a name used for schema files."""
+    return {
+        "system-state": SystemState,
+        "plan": Plan,
+        "task": TaskRecord,
+        "worker-state": WorkerState,
+        "worker-memory": ContextMemory,
+        "context": SharedContext,
+        "question": QuestionRecord,
+    }
+
+
+def schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema()

@@ -1,0 +1,170 @@
+"""What `multibot status` and the dashboard show: a snapshot of the files, and its rendering."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from multibot.heartbeat import read_heartbeat
+from multibot.layout import Home
+from multibot.state import QuestionRecord, SystemState, TaskRecord, WorkerState
+from multibot.store import StateFile
+
+
+def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
+    """Read every state file into one plain dict (what `status --json` prints)."""
+    now = time.time() if now is None else now
+    sys_file = StateFile(home.system_state, SystemState, default=SystemState)
+    system = sys_file.read()
+    problems = [str(p) for p in [sys_file.problem()] if p]
+    workers = []
+    for wid, info in sorted(system.workers.items(), key=lambda kv: _natural(kv[0])):
+        ws_file = StateFile(home.worker_state(wid), WorkerState, default=lambda: None)  # type: ignore[arg-type,return-value]
+        ws = ws_file.read() if home.worker_state(wid).exists() else None
+        if ws_file.problem():
+            problems.append(str(ws_file.problem()))
+        hb = read_heartbeat(home.heartbeat(wid))
+        paused = bool(ws and ws.paused) or system.paused
+        status = info.status
+        if paused and status not in ("failed", "stopped"):
+            status = "paused"
+        elif hb is not None and hb.generation == info.generation and status not in (
+            "failed", "stopped", "error"
+        ):
+            status = hb.status  # type: ignore[assignment]
+        workers.append(
+            {
+                "id": wid,
+                "status": status,
+                "task": info.current_task,
+                "branch": info.branch,
+                "model": info.model,
+                "heartbeat_age_s": round(now - hb.time, 1) if hb else None,
+                "generation": info.generation,
+                "restarts": info.restarts,
+                "cost_usd": round(info.cost_usd, 6),
+                "tool": ws.current_tool if ws else None,
+                "reason": info.failure_reason if status in ("failed", "error") else "",
+            }
+        )
+    tasks = []
+    for path in sorted(home.tasks_dir.glob("*.json")) if home.tasks_dir.exists() else []:
+        f = StateFile(path, TaskRecord, default=None)
+        try:
+            t = f.read()
+        except Exception as exc:  # a broken task file must not break the status view
+            problems.append(f"{path}: {exc}")
+            continue
+        if f.problem():
+            problems.append(str(f.problem()))
+        tasks.append(
+            {
+                "id": t.id,
+                "title": t.task.title,
+                "status": ("held" if t.hold and t.status == "pending" else t.status),
+                "worker": t.worker,
+                "dependencies": t.task.dependencies,
+                "priority": t.task.priority,
+                "model": t.task.model,
+                "attempts": t.attempts,
+                "cost_usd": round(t.cost_usd, 6),
+                "tokens": t.tokens.model_dump(),
+                "error": t.last_error[:200] if t.status == "failed" else "",
+            }
+        )
+    questions = []
+    if home.questions_dir.exists():
+        for path in sorted(home.questions_dir.glob("*.json")):
+            q = StateFile(path, QuestionRecord, default=None).read()
+            if q.status == "pending":
+                questions.append({"id": q.id, "worker": q.worker, "question": q.question})
+    m = system.metrics
+    return {
+        "run_id": system.run_id,
+        "phase": system.phase,
+        "paused": system.paused,
+        "goal": system.goal,
+        "message": system.message,
+        "workers": workers,
+        "tasks": tasks,
+        "questions": questions,
+        "totals": {
+            "cost_usd": round(m.totals.cost_usd, 6),
+            "input_tokens": m.totals.input_tokens,
+            "output_tokens": m.totals.output_tokens,
+            "tasks": m.tasks_total,
+            "merged": m.tasks_merged,
+            "failed": m.tasks_failed,
+            "restarts": m.restarts,
+            "elapsed_s": round((m.finished_at or now) - m.started_at, 1),
+        },
+        "integration_branch": system.git.integration_branch,
+        "problems": problems,
+    }
+
+
+def _natural(s: str) -> tuple[str, int]:
+    head = s.rstrip("0123456789")
+    tail = s[len(head) :]
+    return (head, int(tail) if tail else 0)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return [fmt.format(*header), *[fmt.format(*map(str, r)) for r in rows]]
+
+
+def render(s: dict[str, Any]) -> str:
+    """Render a snapshot as the text table `multibot status` prints."""
+    lines = [
+        f"run {s['run_id'] or '-'}  phase {s['phase']}"
+        + ("  [PAUSED]" if s["paused"] else "")
+        + (f"  — {s['message']}" if s["message"] else "")
+    ]
+    if s["workers"]:
+        rows = [
+            [
+                w["id"],
+                w["status"],
+                w["task"] or "-",
+                w["branch"] or "-",
+                w["model"] or "-",
+                "-" if w["heartbeat_age_s"] is None else f"{w['heartbeat_age_s']:.1f}s",
+                f"${w['cost_usd']:.4f}",
+                w["reason"][:40] or (w["tool"] or ""),
+            ]
+            for w in s["workers"]
+        ]
+        lines += ["", "WORKERS"]
+        lines += _table(rows, ["id", "status", "task", "branch", "model", "beat", "cost", "note"])
+    if s["tasks"]:
+        rows = [
+            [
+                t["id"],
+                t["status"],
+                t["worker"] or "-",
+                ",".join(t["dependencies"]) or "-",
+                t["priority"],
+                t["model"],
+                f"${t['cost_usd']:.4f}",
+                (t["error"] or t["title"])[:50],
+            ]
+            for t in s["tasks"]
+        ]
+        lines += ["", "TASKS"]
+        lines += _table(rows, ["id", "status", "worker", "deps", "prio", "model", "cost", "title"])
+    if s["questions"]:
+        lines += ["", "QUESTIONS WAITING FOR YOU (multibot answer ID TEXT)"]
+        lines += [f"  {q['id']}  {q['worker']}: {q['question']}" for q in s["questions"]]
+    t = s["totals"]
+    lines += [
+        "",
+        f"TOTAL  {t['merged']}/{t['tasks']} merged, {t['failed']} failed, "
+        f"{t['restarts']} restarts, ${t['cost_usd']:.4f}, "
+        f"{t['input_tokens']} in / {t['output_tokens']} out tokens, {t['elapsed_s']:.0f}s",
+    ]
+    if s["problems"]:
+        lines += ["", "PROBLEMS (the last good state stays in force until fixed)"]
+        lines += [f"  {p}" for p in s["problems"]]
+    return "\n".join(lines)

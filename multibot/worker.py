@@ -1,0 +1,475 @@
+"""The worker process: one per tmux pane, running one agent on one task at a time.
+
+Its main loop beats its heartbeat, handles its inbox, watches its state file for a pause,
+drives the agent and shows what happens. It never decides what to work on: the master does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TextIO
+
+from multibot import mailbox, protocol
+from multibot.agents import Agent, AgentEvent, AgentOutcome, AgentSpec, make_agent
+from multibot.agents.stream import render
+from multibot.config import WorkerTemplate, load_worker
+from multibot.errors import AgentError, LockTimeout, MultibotError, StateError
+from multibot.heartbeat import HeartbeatWriter
+from multibot.ids import check_id
+from multibot.layout import MASTER_ID, Home
+from multibot.prompts import task_prompt
+from multibot.state import ContextMemory, CurrentTask, SystemState, WorkerState
+from multibot.store import StateFile
+
+EXIT_OK = 0
+EXIT_STARTUP = 2
+EXIT_REPLACED = 3
+
+MAX_NOTES = 200
+
+
+class Replaced(MultibotError):
+    """A newer incarnation of this worker exists: this one must stop without writing."""
+
+
+def agent_env(home: Home, worker_id: str, task_id: str, generation: int) -> dict[str, str]:
+    """Return the environment that lets the agent's `multibot` commands speak for this worker."""
+    bindir = str(Path(sys.executable).parent)
+    return {
+        "MULTIBOT_HOME": str(home.root),
+        "MULTIBOT_WORKER_ID": worker_id,
+        "MULTIBOT_TASK_ID": task_id,
+        "MULTIBOT_GENERATION": str(generation),
+        "MULTIBOT_CONTEXT_FILE": str(home.worker_context(worker_id)),
+        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+    }
+
+
+class Worker:
+    """One worker: its files, its inbox, its agent."""
+
+    def __init__(
+        self,
+        home: Home,
+        worker_id: str,
+        *,
+        backend: str = "shell",
+        generation: int = 0,
+        config: WorkerTemplate | None = None,
+        heartbeat_interval: float = 1.0,
+        out: TextIO | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.home, self.id = home, check_id(worker_id, "worker id")
+        self.generation, self.backend = generation, backend
+        self.config = config or load_worker(home)
+        self.clock = clock
+        self.out = out or sys.stdout
+        self.agent: Agent = make_agent(backend)
+        self.state = StateFile(home.worker_state(self.id), WorkerState, default=self._fresh_state)
+        self.memory = StateFile(home.worker_memory(self.id), ContextMemory, default=ContextMemory)
+        self.system = StateFile(home.system_state, SystemState, default=SystemState)
+        self.heartbeat = HeartbeatWriter(
+            home.heartbeat(self.id), self.id, generation, heartbeat_interval
+        )
+        home.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(home.log(self.id), "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        mailbox.create_inbox(home, self.id)
+        self.inbox = mailbox.Receiver(home, self.id)
+        self.task: protocol.Envelope | None = None
+        self.task_started = 0.0
+        self.deferred: list[protocol.Envelope] = []
+        self.paused = False
+        self.stopping = False
+        self.status = "idle"
+        self.turns = 0
+        self.cost = 0.0
+        self.current_tool: str | None = None
+        self.discoveries_at_start = 0
+        self.last_problem = ""
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def _fresh_state(self) -> WorkerState:
+        return WorkerState(id=self.id, generation=self.generation, backend=self.backend)
+
+    def register(self) -> None:
+        """Claim the worker's state file for this generation, or refuse if a newer one exists."""
+
+        def claim(s: WorkerState) -> WorkerState:
+            if s.generation > self.generation:
+                raise Replaced(f"generation {s.generation} is newer than mine ({self.generation})")
+            s.generation, s.pid, s.backend = self.generation, os.getpid(), self.backend
+            s.status, s.current_task, s.current_tool = "idle", None, None
+            return s
+
+        self.state.update(claim)
+        self.paused = self._want_pause()
+        self.status = "paused" if self.paused else "idle"
+        self.heartbeat.beat(self.status)
+        self.show(f"worker {self.id} ready (generation {self.generation}, {self.backend} backend)")
+
+    def run(self) -> int:
+        """Run the main loop until terminated; return the exit code."""
+        try:
+            self.register()
+        except Replaced as exc:
+            self.show(f"not starting: {exc}")
+            return EXIT_REPLACED
+        try:
+            while not self.stopping:
+                self.step()
+                self.inbox.wait(self.config.tick)
+        except Replaced as exc:
+            self.show(f"stopping: replaced by a newer incarnation ({exc})")
+            if self.agent.process() is not None:
+                self.agent.stop(2.0)
+            return EXIT_REPLACED
+        except KeyboardInterrupt:
+            self.show("interrupted")
+            self.agent.stop(2.0)
+        finally:
+            self.inbox.close()
+            self._log.close()
+        return EXIT_OK
+
+    def step(self) -> None:
+        """One turn of the main loop: heartbeat, pause, inbox, agent."""
+        self.heartbeat.beat(self.status)
+        self._check_pause()
+        for message in self.inbox.fetch():
+            self.handle(message)
+            self.inbox.done(message)
+        if self.paused or self.task is None:
+            return
+        for event in self.agent.poll():
+            self.on_event(event)
+        outcome = self.agent.outcome()
+        if outcome is not None:
+            self.finish(outcome)
+
+    # -- pause ------------------------------------------------------------------------------
+    def _want_pause(self) -> bool:
+        return self.state.read().paused or self.system.read().paused
+
+    def _check_pause(self) -> None:
+        if not (self.state.changed() or self.system.changed()):
+            return
+        for f in (self.state, self.system):
+            problem = f.problem()
+            if problem and str(problem) != self.last_problem:
+                self.last_problem = str(problem)
+                self.show(f"! ignoring a bad edit, last good state stays in force: {problem}")
+        if self.state.read().generation > self.generation:
+            raise Replaced(f"state file names generation {self.state.read().generation}")
+        want = self._want_pause()
+        if want and not self.paused:
+            self.paused = True
+            self.agent.suspend()
+            self._set_status("paused")
+            self.show("⏸  paused")
+        elif not want and self.paused:
+            self.paused = False
+            self.agent.resume()
+            self._set_status("working" if self.task else "idle")
+            self.show("▶  resumed")
+            deferred, self.deferred = self.deferred, []
+            for message in deferred:
+                self.handle(message)
+
+    # -- messages ---------------------------------------------------------------------------
+    def handle(self, m: protocol.Envelope) -> None:
+        """Act on one message from the master."""
+        p = m.payload
+        if isinstance(p, protocol.TaskAssignment):
+            self._on_assignment(m, p)
+        elif isinstance(p, protocol.StatusRequest):
+            self.send(self._status_update("status"), correlation_id=m.id, to=m.reply_to)
+        elif isinstance(p, protocol.Terminate):
+            self._on_terminate(p)
+        elif isinstance(p, protocol.ContextUpdate | protocol.Broadcast):
+            self._on_context(p.kind, p.text, p.source or m.sender)
+        elif isinstance(p, protocol.Answer):
+            self._on_context("answer", p.answer, p.answered_by)
+        else:
+            self.show(f"! ignoring {m.type} (not for workers)")
+
+    def _on_assignment(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
+        task_id = m.task_id or ""
+        if self.task is not None:
+            if self.task.task_id == task_id:
+                return  # the same assignment again (master restarted): already on it
+            self.send(
+                protocol.ErrorReport(
+                    kind="protocol", message=f"busy with {self.task.task_id}", recoverable=True
+                ),
+                task_id=task_id,
+            )
+            return
+        if self.paused:
+            self.deferred.append(m)
+            self.show(f"… {task_id} waits until resumed")
+            return
+        self.start_task(m, a)
+
+    def start_task(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
+        """Start the agent on an assignment."""
+        task_id = m.task_id or "task"
+        state = self.state.read()
+        memory = self.memory.read()
+        self.discoveries_at_start = len(memory.discoveries)
+        env = agent_env(self.home, self.id, task_id, self.generation)
+        prompt = a.description if self.backend == "shell" else task_prompt(
+            self.id, task_id, a, memory
+        )
+        spec = AgentSpec(
+            task_id=task_id,
+            prompt=prompt,
+            cwd=Path(a.working_directory),
+            model=a.model,
+            commands=tuple(a.commands),
+            env=env,
+            resume_session=state.sessions.get(task_id),
+            timeout_s=a.budget.max_minutes * 60 if a.budget.max_minutes else None,
+            budget_usd=a.budget.max_usd,
+            permission_mode=self.config.permission_mode,
+            allowed_tools=self.config.allowed_tools,
+            disallowed_tools=self.config.disallowed_tools,
+            claude_bin=self.config.claude_bin,
+            extra_args=self.config.extra_args,
+        )
+        context_file = self.home.worker_context(self.id)
+        context_file.write_text("".join(f"{line}\n" for line in a.context), encoding="utf-8")
+        self.task, self.task_started = m, self.clock()
+        self.turns, self.cost, self.current_tool = 0, 0.0, None
+        title = f"{task_id}: {a.title}" if a.title else task_id
+        resumed = " (resuming session)" if spec.resume_session else ""
+        self.show(f"▶  {title} [{a.model}] attempt {a.attempt}{resumed}")
+        try:
+            self.agent.start(spec)
+        except AgentError as exc:
+            self.show(f"✗ cannot start: {exc}")
+            self.send(
+                protocol.ErrorReport(kind="startup", message=str(exc), recoverable=False),
+                task_id=task_id,
+            )
+            self.task = None
+            self._set_status("error")
+            return
+
+        def started(s: WorkerState) -> WorkerState:
+            s.current_task = CurrentTask(
+                task_id=task_id, title=a.title, model=a.model, attempt=a.attempt
+            )
+            s.git.branch = a.branch
+            s.status = "working"
+            return s
+
+        self._update_state(started)
+        self.status = "working"
+        self.send(self._status_update("started", f"started {title}"), task_id=task_id)
+
+    def _on_terminate(self, t: protocol.Terminate) -> None:
+        self.show(f"■ terminate: {t.reason or 'asked by master'}")
+        self.stopping = True
+        if self.task is None:
+            self._set_status("stopped")
+            return
+        self.agent.stop(5.0 if t.graceful else 0.5)
+        task_id = self.task.task_id or ""
+        assignment = self.task.payload
+        assert isinstance(assignment, protocol.TaskAssignment)
+        commit = self._commit(assignment, f"multibot: work in progress on {task_id} (terminated)")
+        note = f"terminated; work in progress committed as {commit}" if commit else "terminated"
+        self.send(
+            protocol.ErrorReport(kind="terminated", message=note, recoverable=True),
+            task_id=task_id,
+        )
+        self.task = None
+        self._set_status("stopped")
+
+    def _on_context(self, kind: str, text: str, source: str) -> None:
+        line = f"[{kind} from {source}] {text}"
+        self.show(f"✉  {line}")
+
+        def remember(mem: ContextMemory) -> ContextMemory:
+            if kind == "discovery":
+                mem.discoveries = [*mem.discoveries, f"{source}: {text}"][-MAX_NOTES:]
+            else:
+                mem.notes = [*mem.notes, line][-MAX_NOTES:]
+            return mem
+
+        self._update(self.memory, remember)
+        if self.task is not None and not self.agent.inject(line):
+            self.show("   (kept for the next task)")
+
+    # -- the agent --------------------------------------------------------------------------
+    def on_event(self, event: AgentEvent) -> None:
+        """Show an agent event and remember what matters."""
+        if event.kind == "session":
+            sid = str(event.data.get("session_id") or event.text)
+            task_id = self.task.task_id if self.task else None
+
+            def keep(s: WorkerState) -> WorkerState:
+                s.session_id = sid
+                if task_id:
+                    s.sessions = {**s.sessions, task_id: sid}
+                return s
+
+            if sid and self.state.read().session_id != sid:
+                self._update_state(keep)
+            return
+        if event.kind == "tool":
+            self.current_tool = str(event.data.get("name") or event.text)
+            self.turns += 1
+        elif event.kind == "cost":
+            self.cost = float(event.data.get("cost_usd", self.cost))
+        elif event.kind == "file":
+            path = event.text
+
+            def touched(mem: ContextMemory) -> ContextMemory:
+                if path not in mem.files:
+                    mem.files = [*mem.files, path][-MAX_NOTES:]
+                return mem
+
+            self._update(self.memory, touched)
+        line = render(event)
+        if line:
+            self.show(line)
+
+    def finish(self, outcome: AgentOutcome) -> None:
+        """Commit what is left and report the task's end to the master."""
+        assert self.task is not None
+        m, self.task = self.task, None
+        task_id = m.task_id or ""
+        a = m.payload
+        assert isinstance(a, protocol.TaskAssignment)
+        commit: str | None = None
+        try:
+            commit = self._commit(a, f"multibot: {task_id} {a.title}".rstrip())
+        except MultibotError as exc:
+            self.show(f"✗ commit failed: {exc}")
+            outcome = AgentOutcome(False, f"commit failed: {exc}", "git")
+        elapsed = self.clock() - self.task_started
+        if outcome.session_id:
+            self.on_event(AgentEvent("session", outcome.session_id))
+        if outcome.ok:
+            memory = self.memory.read()
+            from multibot import worktrees
+
+            files = worktrees.changed_files(Path(a.working_directory), a.base_branch)
+            self.send(
+                protocol.TaskComplete(
+                    summary=outcome.summary,
+                    branch=a.branch,
+                    commit=commit or worktrees.head_commit(Path(a.working_directory)),
+                    files_changed=files,
+                    cost_usd=outcome.cost_usd,
+                    tokens=protocol.Tokens(input=outcome.input_tokens, output=outcome.output_tokens),
+                    turns=outcome.turns,
+                    duration_s=elapsed,
+                    discoveries=memory.discoveries[self.discoveries_at_start :],
+                    session_id=outcome.session_id,
+                ),
+                task_id=task_id,
+            )
+            self.show(f"✓ {task_id} done in {elapsed:.1f}s: {outcome.summary[:200]}")
+        else:
+            kind = {"timeout": "timeout", "budget": "budget", "git": "git"}.get(
+                outcome.error_kind or "", "agent"
+            )
+            self.send(
+                protocol.ErrorReport(
+                    kind=kind,  # type: ignore[arg-type]
+                    message=outcome.summary[-2000:],
+                    recoverable=kind != "budget",
+                    detail=outcome.error_kind or "",
+                ),
+                task_id=task_id,
+            )
+            self.show(f"✗ {task_id} failed ({outcome.error_kind}): {outcome.summary[-300:]}")
+
+        def idle(s: WorkerState) -> WorkerState:
+            s.current_task, s.current_tool, s.status = None, None, "idle"
+            s.turns += outcome.turns
+            s.cost_usd += outcome.cost_usd
+            s.git.last_commit = commit or s.git.last_commit
+            s.git.uncommitted_changes = False
+            return s
+
+        self._update_state(idle)
+        self.status = "paused" if self.paused else "idle"
+
+    def _commit(self, a: protocol.TaskAssignment, message: str) -> str | None:
+        from multibot import worktrees
+
+        return worktrees.commit_all(Path(a.working_directory), message)
+
+    # -- output -----------------------------------------------------------------------------
+    def _status_update(self, kind: str, progress: str = "") -> protocol.StatusUpdate:
+        return protocol.StatusUpdate(
+            status=self.status,  # type: ignore[arg-type]
+            kind=kind,  # type: ignore[arg-type]
+            progress=progress,
+            current_tool=self.current_tool,
+            turns=self.turns,
+            cost_usd=self.cost,
+            elapsed_s=self.clock() - self.task_started if self.task else 0.0,
+        )
+
+    def send(
+        self,
+        payload: protocol.Payload,
+        *,
+        task_id: str | None = None,
+        correlation_id: str | None = None,
+        to: str | None = None,
+    ) -> None:
+        """Send a message to the master (or to a reply inbox)."""
+        message = protocol.make(
+            payload,
+            sender=self.id,
+            recipient=to or MASTER_ID,
+            generation=self.generation,
+            task_id=task_id,
+            correlation_id=correlation_id,
+        )
+        try:
+            mailbox.send(self.home, message)
+        except MultibotError as exc:
+            self.show(f"! could not send {message.type}: {exc}")
+
+    def _set_status(self, status: str) -> None:
+        self.status = status
+
+        def put(s: WorkerState) -> WorkerState:
+            s.status = status  # type: ignore[assignment]
+            return s
+
+        self._update_state(put)
+        self.heartbeat.beat(status)
+
+    def _update_state(self, fn: Callable[[WorkerState], WorkerState]) -> None:
+        def guarded(s: WorkerState) -> WorkerState:
+            if s.generation > self.generation:
+                raise Replaced(f"generation {s.generation} is newer than mine")
+            return fn(s)
+
+        self._update(self.state, guarded)
+
+    def _update(self, f: StateFile, fn: Callable) -> None:  # type: ignore[type-arg]
+        try:
+            f.update(fn)
+        except (StateError, LockTimeout) as exc:
+            # A broken hand edit is the person's to fix; the loop goes on.
+            self.show(f"! could not write {f.path.name}: {exc}")
+
+    def show(self, line: str) -> None:
+        """Print a line to the pane and the worker's log."""
+        stamp = time.strftime("%H:%M:%S")
+        text = f"{stamp} {line}"
+        print(text, file=self.out, flush=True)
+        self._log.write(text + "\n")

@@ -1,0 +1,664 @@
+"""The git layer: an integration branch, a worktree per worker, a branch per task, verified merges.
+
+The only module that imports GitPython. Merges happen in a dedicated integration worktree whose
+HEAD is kept *detached*: a task branch is merged there, the verify command runs, and only then is
+the integration branch moved, by compare-and-swap (``git update-ref <new> <old>``). So the
+integration branch only ever points at verified commits: a task started during a verify, or a
+crash in the middle of one, never sees an unverified merge, and undoing a failed merge is a reset
+of our own worktree. The user's checkout and branches are never touched unless merge_into is called.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import filelock
+import git
+from git import exc as git_exc
+
+from multibot.errors import GitError, InvalidId, LockTimeout
+from multibot.ids import check_branch, check_id
+
+TASK_PREFIX = "multibot/"
+DEFAULT_INTEGRATION = "multibot/integration"
+_IDENTITY = {"name": "multibot", "email": "multibot@localhost"}
+_MAX_OUTPUT = 64 * 1024
+
+
+class Conflict(NamedTuple):
+    """One conflicting file: both sides' content (None where that side deleted the file)."""
+
+    path: str
+    ours: str | None  # the integration branch
+    theirs: str | None  # the task branch
+
+
+@dataclass(frozen=True)
+class MergeOutcome:
+    """What happened to one task branch in the merge queue."""
+
+    status: Literal["merged", "conflict", "verify_failed", "nothing"]
+    task_id: str
+    branch: str
+    commit: str | None = None
+    conflicts: tuple[Conflict, ...] = ()
+    output: str = ""
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """What recover() did; `interrupted` lists branches whose merge must be queued again."""
+
+    actions: tuple[str, ...] = ()
+    interrupted: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """Return the actions as one line."""
+        return "; ".join(self.actions) or "nothing to recover"
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    """Worktrees removed, and those kept with the reason."""
+
+    removed: tuple[Path, ...] = ()
+    refused: tuple[tuple[Path, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Landing:
+    """How merge_into moved the user's branch, and where it points now."""
+
+    target: str
+    how: Literal["up-to-date", "fast-forward", "merge"]
+    commit: str
+
+
+@dataclass(frozen=True)
+class _Worktree:
+    path: Path
+    head: str | None
+    branch: str | None  # short name; None when detached
+
+
+def task_id_of(branch: str) -> str | None:
+    """Return the task id a multibot task branch belongs to, or None."""
+    if not branch.startswith(TASK_PREFIX):
+        return None
+    rest = branch[len(TASK_PREFIX) :]
+    try:
+        return check_id(rest)
+    except InvalidId:
+        return None
+
+
+def _exe() -> str:
+    return git.Git.GIT_PYTHON_GIT_EXECUTABLE or "git"
+
+
+def _git(
+    cwd: Path, *args: str, env: Mapping[str, str] | None = None, check: bool = True
+) -> tuple[int, str, str]:
+    """Run git in cwd; return (exit code, stdout, stderr); raise GitError on failure if check."""
+    try:
+        code, out, err = git.Git(str(cwd)).execute(
+            [_exe(), *args],
+            with_extended_output=True,
+            with_exceptions=False,
+            env=env,
+            strip_newline_in_stdout=False,
+        )
+    except (git_exc.GitError, OSError) as e:
+        raise GitError(f"git {' '.join(args)} in {cwd}: {e}") from e
+    if check and code != 0:
+        said = (err.strip() or out.strip())[-2000:]
+        raise GitError(f"git {' '.join(args)} failed in {cwd} (exit {code}): {said}")
+    return code, out, err
+
+
+def _out(cwd: Path, *args: str) -> str:
+    """Run git in cwd and return its stdout stripped."""
+    return _git(cwd, *args)[1].strip()
+
+
+def _blob(cwd: Path, sha: str) -> str:
+    """Return a blob's content as text (undecodable bytes replaced)."""
+    try:
+        data = git.Git(str(cwd)).execute(
+            [_exe(), "cat-file", "blob", sha],
+            stdout_as_string=False,
+            strip_newline_in_stdout=False,
+        )
+    except git_exc.GitError as e:
+        raise GitError(f"cannot read blob {sha} in {cwd}: {e}") from e
+    return data.decode("utf-8", errors="replace")
+
+
+def _tail(text: str) -> str:
+    """Keep the end of a long output (where test runners print their summary)."""
+    if len(text) <= _MAX_OUTPUT:
+        return text
+    return f"[... {len(text) - _MAX_OUTPUT} characters cut]\n" + text[-_MAX_OUTPUT:]
+
+
+def run_shell(command: str, cwd: Path, timeout: float | None) -> tuple[int, str]:
+    """Run a shell command in cwd in its own process group; return (exit code, output)."""
+    proc = subprocess.Popen(
+        command,
+        shell=True,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # Kill the whole group: children of a test runner would otherwise keep the pipe open.
+        # The leader is not reaped yet, so its pid (= the group id) cannot have been reused.
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        text = out.decode("utf-8", errors="replace")
+        return -signal.SIGKILL, _tail(text + f"\n[killed: timed out after {timeout:g}s]")
+    return proc.returncode, _tail(out.decode("utf-8", errors="replace"))
+
+
+def _open_repo(path: Path) -> Path:
+    """Return the top folder of the repository at path, or raise a GitError saying what is wrong."""
+    path = path.expanduser()
+    if not path.is_dir():
+        raise GitError(f"{path}: no such folder; give the path of a git repository")
+    try:
+        repo = git.Repo(path, search_parent_directories=True)
+    except git_exc.InvalidGitRepositoryError as e:
+        raise GitError(f"{path}: not a git repository (run `git init` there first)") from e
+    except git_exc.NoSuchPathError as e:
+        raise GitError(f"{path}: no such folder") from e
+    try:
+        if repo.bare or repo.working_tree_dir is None:
+            raise GitError(f"{path}: a bare repository; multibot needs one with a checkout")
+        top = Path(repo.working_tree_dir).resolve()
+    finally:
+        repo.close()
+    if top != path.resolve():
+        raise GitError(f"{path}: inside the git repository {top}; give its top folder")
+    if _git(top, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False)[0] != 0:
+        raise GitError(f"{path}: the repository has no commit yet; make a first commit")
+    return top
+
+
+class GitRepo:
+    """One target repository: its integration branch, worker worktrees and merge queue."""
+
+    def __init__(
+        self,
+        repo: Path,
+        integration_worktree: Path,
+        *,
+        integration_branch: str = DEFAULT_INTEGRATION,
+        setup_hook: str | None = None,
+        command_timeout: float | None = 3600.0,
+        lock_timeout: float = 600.0,
+    ) -> None:
+        self.integration = check_branch(integration_branch)
+        self.root = _open_repo(Path(repo))
+        self.integration_worktree = Path(integration_worktree).expanduser().resolve()
+        self.setup_hook = setup_hook or None
+        self.command_timeout = command_timeout
+        lock = self.integration_worktree.parent / f".{self.integration_worktree.name}.lock"
+        self._lock = filelock.FileLock(str(lock), timeout=lock_timeout)
+        self._lock_path, self._lock_timeout = lock, lock_timeout
+
+    # -- names ---------------------------------------------------------------------------
+    def branch_for(self, task_id: str) -> str:
+        """Return the branch of a task, refusing ids that are unsafe or clash."""
+        branch = check_branch(TASK_PREFIX + check_id(task_id, "task id"))
+        if branch == self.integration:
+            raise InvalidId("task id", task_id, f"its branch would be {self.integration}")
+        return branch
+
+    def task_branches(self) -> list[str]:
+        """Return every multibot task branch (not the integration branch)."""
+        out = _out(self.root, "for-each-ref", "--format=%(refname:short)", "refs/heads/multibot/")
+        return [b for b in out.splitlines() if b and b != self.integration]
+
+    # -- integration branch and worktrees ------------------------------------------------
+    def ensure_integration(self, base: str | None = None) -> str:
+        """Create the integration branch from base (default HEAD) and its worktree; return tip."""
+        start = "HEAD" if base is None else check_branch(base)
+        with self._locked():
+            if not self._branch_exists(self.integration):
+                _git(self.root, "branch", "--no-track", self.integration, self._rev(start))
+            self._ensure_integration_worktree()
+            return self._integration_tip()
+
+    def ensure_worktree(self, path: Path) -> bool:
+        """Create a worker worktree at path unless it exists; return True if it was created."""
+        path = self._abs(path)
+        if self._find(path) is not None:
+            return False
+        self._add_worktree(path, self._integration_tip())
+        return True
+
+    def start_task(self, worktree: Path, task_id: str) -> str:
+        """Check out the task's branch in worktree (new from integration, or as left); return it."""
+        branch = self.branch_for(task_id)
+        path = self._abs(worktree)
+        if path == self.integration_worktree:
+            raise GitError(f"{path} is the integration worktree; tasks run in worker worktrees")
+        self.ensure_worktree(path)
+        current = self._find(path)
+        if current is not None and current.branch == branch:
+            return branch  # resumed in place: keep commits and uncommitted work
+        dirty = self._uncommitted(path)
+        if dirty:
+            raise GitError(
+                f"{path} has uncommitted changes ({_some(dirty)}); commit or remove them "
+                f"before starting task {task_id}"
+            )
+        if current is not None and current.branch is None and self._unmerged(path, "HEAD"):
+            raise GitError(f"{path} has commits on a detached HEAD that no branch holds")
+        if self._branch_exists(branch):
+            holder = self._holder(branch)
+            if holder is not None:
+                raise GitError(f"branch {branch} is already checked out in {holder}")
+            _git(path, "switch", "--quiet", branch)
+        else:
+            tip = self._integration_tip()
+            _git(path, "switch", "--quiet", "--no-track", "-c", branch, tip)
+        return branch
+
+    # -- work in a worktree --------------------------------------------------------------
+    def commit_all(self, worktree: Path, message: str) -> str | None:
+        """Commit every change (untracked too, .gitignore respected); return the sha or None."""
+        path = self._abs(worktree)
+        if not message.strip():
+            raise GitError("a commit needs a message")
+        current = self._find(path)
+        if current is None or current.branch is None:
+            raise GitError(f"{path} is not a worktree on a task branch; nothing was committed")
+        _git(path, "add", "--all")
+        code, _, err = _git(path, "diff", "--cached", "--quiet", check=False)
+        if code == 0:
+            return None
+        if code != 1:
+            raise GitError(f"git diff --cached failed in {path}: {err.strip()}")
+        _git(path, "commit", "--quiet", "-m", message, env=self._identity())
+        return self.head_commit(path)
+
+    def head_commit(self, worktree: Path) -> str:
+        """Return the sha HEAD points at in worktree."""
+        return _out(self._abs(worktree), "rev-parse", "--verify", "HEAD^{commit}")
+
+    def has_uncommitted(self, worktree: Path) -> bool:
+        """Return True if worktree has changes or untracked files not ignored."""
+        return bool(self._uncommitted(self._abs(worktree)))
+
+    def changed_files(self, branch: str) -> list[str]:
+        """Return the files a branch changed since its merge-base with the integration branch."""
+        branch = check_branch(branch)
+        self._require_branch(branch)
+        span = f"refs/heads/{self.integration}...refs/heads/{branch}"
+        out = _git(self.root, "diff", "--name-only", "-z", span)[1]
+        return [p for p in out.split("\0") if p]
+
+    def is_merged(self, branch: str) -> bool:
+        """Return True if the branch tip is contained in the integration branch."""
+        branch = check_branch(branch)
+        self._require_branch(branch)
+        return not self._unmerged(self.root, f"refs/heads/{branch}")
+
+    # -- merge queue -----------------------------------------------------------------------
+    def merge(
+        self, task_id: str, title: str, branch: str | None = None, verify_cmd: str | None = None
+    ) -> MergeOutcome:
+        """Merge a task branch into integration (--no-ff), verify it, or undo it and say why."""
+        task_id = check_id(task_id, "task id")
+        branch = self.branch_for(task_id) if branch is None else check_branch(branch)
+        title = " ".join(title.split())
+        message = f"multibot: merge task {task_id}" + (f" ({title})" if title else "")
+        wt = self.integration_worktree
+        with self._locked():
+            self._require_branch(branch)
+            holder = self._holder(self.integration)
+            if holder is not None:
+                # Moving a branch checked out somewhere would leave that checkout out of step.
+                raise GitError(
+                    f"{self.integration} is checked out in {holder}; switch that checkout to "
+                    "another branch so multibot can merge into it"
+                )
+            self._ensure_integration_worktree()
+            old = self._integration_tip()
+            self._reset_integration(old)
+            if not self._unmerged(self.root, f"refs/heads/{branch}"):
+                return MergeOutcome("nothing", task_id, branch, None, (), "already merged")
+            done = False
+            try:  # any way out but a verified, recorded merge puts the worktree back at old
+                output, conflicts = self._try_merge(wt, f"refs/heads/{branch}", message)
+                if conflicts:
+                    return MergeOutcome("conflict", task_id, branch, None, conflicts, output)
+                new = _out(wt, "rev-parse", "HEAD")
+                if verify_cmd:
+                    vcode, output = run_shell(verify_cmd, wt, self.command_timeout)
+                    if vcode != 0:
+                        report = f"verify command {verify_cmd!r} exited {vcode}:\n{output}"
+                        return MergeOutcome("verify_failed", task_id, branch, None, (), report)
+                ref = f"refs/heads/{self.integration}"
+                code, _, err = _git(
+                    self.root, "update-ref", "-m", message, ref, new, old, check=False
+                )
+                if code != 0:
+                    raise GitError(f"{self.integration} moved during the merge of {branch}: {err}")
+                done = True
+                return MergeOutcome("merged", task_id, branch, new, (), output)
+            finally:
+                if not done:
+                    self._reset_integration(old)
+
+    def recover(self) -> Recovery:
+        """Undo a merge a crash left in the integration worktree; say what was done."""
+        actions: list[str] = []
+        interrupted: list[str] = []
+        with self._locked():
+            pruned = "".join(_git(self.root, "worktree", "prune", "--verbose")[1:]).strip()
+            if pruned:
+                actions.append(f"pruned stale worktree entries: {pruned}")
+            wt = self.integration_worktree
+            if self._find(wt) is None or not self._branch_exists(self.integration):
+                return Recovery(tuple(actions), ())
+            gitdir = Path(_out(wt, "rev-parse", "--absolute-git-dir"))
+            # Only multibot works in this worktree and we hold its lock: an index.lock left
+            # here belongs to a git killed mid-command, and would block every later command.
+            stale = gitdir / "index.lock"
+            if stale.exists():
+                stale.unlink()
+                actions.append(f"removed stale {stale}")
+            tip = self._integration_tip()
+            merge_head = gitdir / "MERGE_HEAD"
+            if merge_head.exists():
+                shas = merge_head.read_text().split()
+                names = [b for sha in shas for b in self._branches_at(sha)]
+                interrupted += names
+                actions.append(f"aborted an interrupted merge of {', '.join(names or shas)}")
+            elif _out(wt, "ls-files", "--unmerged"):
+                actions.append("cleared unmerged index entries")
+            head = _out(wt, "rev-parse", "HEAD")
+            if head != tip and self._unmerged(wt, head):
+                parents = _out(wt, "rev-list", "--parents", "-n", "1", head).split()[1:]
+                names = [b for sha in parents[1:] for b in self._branches_at(sha)]
+                interrupted += names
+                what = f" of {', '.join(names)}" if names else ""
+                actions.append(f"dropped unverified merge {head[:12]}{what}")
+            if self._uncommitted(wt) and not actions:
+                actions.append(f"discarded stray changes in {wt}")
+            self._reset_integration(tip)
+        return Recovery(tuple(actions), tuple(dict.fromkeys(interrupted)))
+
+    # -- cleanup ---------------------------------------------------------------------------
+    def cleanup(self, worktree_paths: Iterable[Path], force: bool = False) -> CleanupResult:
+        """Remove worktrees that are clean and fully merged (any with force); prune stale ones."""
+        removed: list[Path] = []
+        refused: list[tuple[Path, str]] = []
+        with self._locked():  # never pull the integration worktree from under a merge
+            for path in map(self._abs, worktree_paths):
+                reason = self._why_keep(path, force)
+                if reason:
+                    refused.append((path, reason))
+                elif self._find(path) is not None:
+                    flags = ["--force"] if force else []
+                    _git(self.root, "worktree", "remove", *flags, str(path))
+                    removed.append(path)
+        return CleanupResult(tuple(removed), tuple(refused))
+
+    def _why_keep(self, path: Path, force: bool) -> str | None:
+        """Return why the worktree at path must not be removed, or None."""
+        wt = self._find(path)
+        if wt is None:
+            return f"not a worktree of {self.root}" if path.exists() else None
+        if force:
+            return None
+        reasons = []
+        dirty = self._uncommitted(path)
+        if dirty:
+            reasons.append(f"uncommitted changes: {_some(dirty)}")
+        ahead = self._unmerged(path, "HEAD")
+        if ahead:
+            on = wt.branch or "a detached HEAD"
+            reasons.append(f"{ahead} commit(s) on {on} not merged into {self.integration}")
+        return "; ".join(reasons) or None
+
+    def delete_branch(self, branch: str, force: bool = False) -> None:
+        """Delete a branch whose work is merged into integration (any branch with force)."""
+        branch = check_branch(branch)
+        if branch == self.integration and not force:
+            raise GitError(f"refusing to delete the integration branch {branch} without force")
+        self._require_branch(branch)
+        ahead = self._unmerged(self.root, f"refs/heads/{branch}")
+        if ahead and not force:
+            raise GitError(f"{branch} has {ahead} commit(s) not merged into {self.integration}")
+        holder = self._holder(branch)
+        if holder is not None:
+            raise GitError(f"{branch} is checked out in {holder}; remove that worktree first")
+        _git(self.root, "branch", "--quiet", "-D", branch)
+
+    # -- landing in the user's branch -------------------------------------------------------
+    def merge_into(self, target: str) -> Landing:
+        """Bring the integration branch into the user's branch (fast-forward, else a merge)."""
+        target = check_branch(target)
+        if target == self.integration:
+            raise GitError(f"{target} is the integration branch itself")
+        self._require_branch(target)
+        message = f"multibot: merge {self.integration} into {target}"
+        ref = f"refs/heads/{target}"
+        with self._locked():
+            tip, old = self._integration_tip(), self._rev(ref)
+            if not self._unmerged(self.root, tip, ref):
+                return Landing(target, "up-to-date", old)
+            holder = self._holder(target)
+            if holder is not None:
+                # Checked out: update it there, but only if no tracked file is modified.
+                dirty = _git(holder, "status", "--porcelain", "--untracked-files=no")[1]
+                if dirty.strip():
+                    raise GitError(
+                        f"{target} is checked out in {holder} with uncommitted changes; "
+                        "commit or stash them, then ask again"
+                    )
+                integration = f"refs/heads/{self.integration}"
+                _, conflicts = self._try_merge(holder, integration, message, "--ff")
+                if conflicts:
+                    raise GitError(_landing_failed(target, conflicts))
+                new = self._rev(ref)
+                return Landing(target, "fast-forward" if new == tip else "merge", new)
+            if not self._unmerged(self.root, old, tip):
+                _git(self.root, "update-ref", "-m", message, ref, tip, old)
+                return Landing(target, "fast-forward", tip)
+            # Diverged and not checked out: merge on the detached integration worktree, then
+            # move the target by compare-and-swap, so no checkout of the user's is involved.
+            wt = self.integration_worktree
+            self._ensure_integration_worktree()
+            self._reset_integration(old)
+            try:
+                _, conflicts = self._try_merge(wt, f"refs/heads/{self.integration}", message)
+                if conflicts:
+                    raise GitError(_landing_failed(target, conflicts))
+                new = _out(wt, "rev-parse", "HEAD")
+                _git(self.root, "update-ref", "-m", message, ref, new, old)
+            finally:
+                self._reset_integration(tip)
+            return Landing(target, "merge", new)
+
+    # -- internals -------------------------------------------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._lock.acquire()
+        except filelock.Timeout as e:
+            raise LockTimeout(self._lock_path, None, self._lock_timeout) from e
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _abs(self, path: Path) -> Path:
+        path = Path(path).expanduser().resolve()
+        if path == self.root or path.is_relative_to(self.root / ".git"):
+            raise GitError(f"{path} cannot be a worker worktree of {self.root}")
+        return path
+
+    def _identity(self) -> dict[str, str]:
+        """Return env giving commits an identity when neither config nor env has one."""
+        env: dict[str, str] = {}
+        for key, default in _IDENTITY.items():
+            if _git(self.root, "config", "--get", f"user.{key}", check=False)[1].strip():
+                continue
+            for who in ("AUTHOR", "COMMITTER"):
+                var = f"GIT_{who}_{key.upper()}"
+                if not os.environ.get(var):
+                    env[var] = default
+        return env
+
+    def _rev(self, rev: str) -> str:
+        code, out, _ = _git(
+            self.root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False
+        )
+        if code != 0:
+            raise GitError(f"{rev!r} is not a commit in {self.root}")
+        return out.strip()
+
+    def _integration_tip(self) -> str:
+        if not self._branch_exists(self.integration):
+            raise GitError(f"{self.root} has no branch {self.integration}; run ensure_integration")
+        return self._rev(f"refs/heads/{self.integration}")
+
+    def _branch_exists(self, branch: str) -> bool:
+        ref = f"refs/heads/{branch}"
+        return _git(self.root, "show-ref", "--verify", "--quiet", ref, check=False)[0] == 0
+
+    def _require_branch(self, branch: str) -> None:
+        if not self._branch_exists(branch):
+            raise GitError(f"{self.root} has no branch {branch}")
+
+    def _unmerged(self, cwd: Path, rev: str, into: str | None = None) -> int:
+        """Count commits reachable from rev but not from `into` (default: integration)."""
+        into = into or f"refs/heads/{self.integration}"
+        return int(_out(cwd, "rev-list", "--count", rev, "--not", into))
+
+    def _uncommitted(self, path: Path) -> list[str]:
+        fields = iter(_git(path, "status", "--porcelain", "-z")[1].split("\0"))
+        paths = []
+        for entry in fields:
+            if len(entry) > 3:
+                paths.append(entry[3:])
+                if entry[0] in "RC":  # a rename or copy is followed by its source path
+                    next(fields, None)
+        return paths
+
+    def _worktrees(self) -> list[_Worktree]:
+        """List live worktrees, after pruning entries whose folder is gone."""
+        # `git worktree add` marks a worktree being created as locked, so this prune cannot
+        # remove one that another worker is adding right now.
+        _git(self.root, "worktree", "prune")
+        result = []
+        for block in _out(self.root, "worktree", "list", "--porcelain").split("\n\n"):
+            fields: dict[str, str] = {}
+            for line in block.splitlines():
+                key, _, value = line.partition(" ")
+                fields[key] = value
+            if "worktree" in fields and Path(fields["worktree"]).is_dir():
+                branch = fields.get("branch")
+                result.append(
+                    _Worktree(
+                        Path(fields["worktree"]).resolve(),
+                        fields.get("HEAD"),
+                        branch.removeprefix("refs/heads/") if branch else None,
+                    )
+                )
+        return result
+
+    def _find(self, path: Path) -> _Worktree | None:
+        return next((w for w in self._worktrees() if w.path == path), None)
+
+    def _holder(self, branch: str) -> Path | None:
+        return next((w.path for w in self._worktrees() if w.branch == branch), None)
+
+    def _branches_at(self, sha: str) -> list[str]:
+        """Return the task branches that contain commit sha (none if sha is not a commit)."""
+        fmt, where = "--format=%(refname:short)", "refs/heads/multibot/"
+        code, out, _ = _git(self.root, "for-each-ref", fmt, "--contains", sha, where, check=False)
+        return [b for b in out.splitlines() if b and b != self.integration] if code == 0 else []
+
+    def _add_worktree(self, path: Path, commit: str) -> None:
+        if path.exists() and any(path.iterdir()):
+            raise GitError(f"{path} exists and is not a worktree of {self.root}; move it away")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _git(self.root, "worktree", "add", "--quiet", "--detach", str(path), commit)
+        if self.setup_hook:
+            code, output = run_shell(self.setup_hook, path, self.command_timeout)
+            if code != 0:
+                # Remove the new worktree so the next attempt runs the hook again.
+                if _git(self.root, "worktree", "remove", "--force", str(path), check=False)[0]:
+                    shutil.rmtree(path, ignore_errors=True)
+                    _git(self.root, "worktree", "prune", check=False)
+                raise GitError(
+                    f"setup hook {self.setup_hook!r} failed in {path} (exit {code}):\n{output}"
+                )
+
+    def _ensure_integration_worktree(self) -> None:
+        if self._find(self.integration_worktree) is None:
+            self._add_worktree(self.integration_worktree, self._integration_tip())
+
+    def _reset_integration(self, commit: str) -> None:
+        """Put the integration worktree, detached, exactly at commit, dropping any merge state."""
+        wt = self.integration_worktree
+        _git(wt, "merge", "--abort", check=False)
+        _git(wt, "reset", "--quiet", "--hard")  # HEAD only: never moves a branch
+        _git(wt, "checkout", "--quiet", "--detach", commit)
+        _git(wt, "clean", "--quiet", "-fd")
+
+    def _try_merge(
+        self, cwd: Path, rev: str, message: str, ff: str = "--no-ff"
+    ) -> tuple[str, tuple[Conflict, ...]]:
+        """Merge rev in cwd; on a conflict abort it and return the conflicts with the output."""
+        code, out, err = _git(
+            cwd, "merge", ff, "--no-edit", "-m", message, rev, env=self._identity(), check=False
+        )
+        output = _tail((out + err).strip())
+        if code == 0:
+            return output, ()
+        conflicts = self._conflicts(cwd)
+        _git(cwd, "merge", "--abort", check=False)
+        if not conflicts:
+            raise GitError(f"git merge {rev} failed in {cwd}: {output[-2000:]}")
+        return output, conflicts
+
+    def _conflicts(self, cwd: Path) -> tuple[Conflict, ...]:
+        """Return the unmerged files of an in-progress merge with ours and theirs content."""
+        sides: dict[str, dict[str, str]] = {}
+        for entry in _git(cwd, "ls-files", "--unmerged", "-z")[1].split("\0"):
+            if not entry:
+                continue
+            info, _, path = entry.partition("\t")
+            mode, sha, stage = info.split()
+            content = f"Subproject commit {sha}\n" if mode == "160000" else _blob(cwd, sha)
+            sides.setdefault(path, {})[stage] = content
+        return tuple(Conflict(p, s.get("2"), s.get("3")) for p, s in sorted(sides.items()))
+
+
+def _some(paths: list[str], limit: int = 5) -> str:
+    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
+    return ", ".join(paths[:limit]) + more
+
+
+def _landing_failed(target: str, conflicts: tuple[Conflict, ...]) -> str:
+    files = ", ".join(c.path for c in conflicts)
+    return f"could not merge into {target} (conflicts in {files}); {target} was left as it was"
