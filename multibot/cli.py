@@ -343,8 +343,8 @@ def _git(home: Home) -> Any:
         raise MultibotError("no run recorded in state/system-state.json: which repository?")
     return GitRepo(
         Path(s.git.repo),
+        home.integration_worktree,
         integration_branch=s.git.integration_branch,
-        integration_worktree=home.integration_worktree,
         setup_hook=None,
     )
 
@@ -370,8 +370,8 @@ def cmd_setup_worktrees(a: argparse.Namespace, home: Home) -> int:
     cfg = load_master(home)
     repo = GitRepo(
         Path(a.repo).resolve(),
+        home.integration_worktree,
         integration_branch=cfg.integration_branch,
-        integration_worktree=home.integration_worktree,
         setup_hook=cfg.worktree_setup,
     )
     repo.ensure_integration(cfg.base_branch)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from multibot.errors import TmuxError
 from multibot.layout import Home
 
 
@@ -131,23 +132,23 @@ class TmuxLauncher:
     def alive(self, handle: str) -> bool:
         try:
             return not self.tmux.is_dead(handle)
-        except Exception:
+        except TmuxError:
             return False
 
     def pid(self, handle: str) -> int | None:
         try:
             return self.tmux.pane_pid(handle)
-        except Exception:
+        except TmuxError:
             return None
 
     def stop(self, handle: str) -> None:
         try:
             self.tmux.kill_pane(handle)
-        except Exception:
+        except TmuxError:
             pass
 
     def set_title(self, handle: str, title: str) -> None:
         try:
             self.tmux.set_title(handle, title)
-        except Exception:
+        except TmuxError:
             pass

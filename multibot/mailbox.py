@@ -180,11 +180,12 @@ def _deliver(inbox: InboxPaths, name: str, data: bytes, fsync: bool) -> Path:
         tmp = _write_tmp(inbox.tmp, data, fsync)
     except OSError as exc:
         raise _failure(inbox, exc) from exc
+    new_dir = inbox.new
     try:
-        target = _link_unique(tmp, inbox.new, name)
+        target = _link_unique(tmp, new_dir, name)
         try:
             if fsync:
-                fsync_dir(inbox.new)
+                fsync_dir(new_dir)
         except OSError:  # visible but not durable: take it back, the caller gets the error
             with contextlib.suppress(OSError):
                 os.unlink(target)
@@ -250,6 +251,7 @@ class Receiver:
     ) -> None:
         self.home, self.owner = home, check_id(owner, "inbox id")
         self.paths = create_inbox(home, owner)
+        self._new, self._cur = self.paths.new, self.paths.cur
         self.rescan_s, self._durable, self._watch, self._clock = rescan_s, durable, watch, clock
         self._bell = threading.Event()
         self._observer: BaseObserver | None = None
@@ -278,10 +280,10 @@ class Receiver:
 
     def fetch(self) -> list[Envelope]:
         """Claim everything waiting, in order; return the valid messages not yet handled."""
-        paths = [self.paths.cur / n for n in self._backlog]
+        paths = [self._cur / n for n in self._backlog]
         self._backlog = []
         try:
-            waiting = _names(self.paths.new)
+            waiting = _names(self._new)
         except FileNotFoundError:
             create_inbox(self.home, self.owner)
             waiting = []
@@ -356,11 +358,11 @@ class Receiver:
     # -- internals --------------------------------------------------------------------
 
     def _claim(self, name: str) -> Path | None:
-        target = self.paths.cur / name
+        target = self._cur / name
         if os.path.lexists(target):  # same name claimed earlier: keep both for audit
-            target = self.paths.cur / f"{name.removesuffix('.json')}_{secrets.token_hex(4)}.json"
+            target = self._cur / f"{name.removesuffix('.json')}_{secrets.token_hex(4)}.json"
         try:
-            os.rename(self.paths.new / name, target)
+            os.rename(self._new / name, target)
         except FileNotFoundError:  # someone else claimed it
             return None
         return target

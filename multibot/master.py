@@ -134,14 +134,14 @@ class Master:
         """Open the target repository and its integration branch (and recover a cut merge)."""
         self.git = GitRepo(
             self.repo,
+            self.home.integration_worktree,
             integration_branch=self.config.integration_branch,
-            integration_worktree=self.home.integration_worktree,
             setup_hook=self.config.worktree_setup,
         )
         self.git.ensure_integration(self.config.base_branch)
         note = self.git.recover()
         if note:
-            self.event("merge-recovered", note)
+            self.event("merge-recovered", str(note))
 
     def start_new(self, plan: Plan, goal: str, run_id: str) -> None:
         """Begin a new run with a validated plan."""
@@ -168,7 +168,7 @@ class Master:
                       "(or run `multibot approve`)")
         else:
             self.load_tasks_from_plan()
-        self.inbox = mailbox.Receiver(self.home, MASTER_ID, rescan_interval=self.config.rescan_interval)
+        self.inbox = mailbox.Receiver(self.home, MASTER_ID, rescan_s=self.config.rescan_interval)
 
     def resume(self) -> None:
         """Rebuild from the state files after a restart; nothing lost, nothing done twice."""
@@ -193,7 +193,7 @@ class Master:
                 self.watches[wid] = Watch(info.generation, now)
         self.event("master-restarted", f"generation {self.sys.master_generation}, "
                    f"{len(self.tasks)} tasks, {len(self.sys.workers)} workers")
-        self.inbox = mailbox.Receiver(self.home, MASTER_ID, rescan_interval=self.config.rescan_interval)
+        self.inbox = mailbox.Receiver(self.home, MASTER_ID, rescan_s=self.config.rescan_interval)
         # Messages first (a TASK_COMPLETE may be waiting), then re-send lost assignments.
         self.handle_inbox()
         self.resend_assignments()
@@ -481,7 +481,7 @@ class Master:
         self.event("verified", f"{rec.id} verified", task=rec.id)
         if self.config.review and self.advisor.available and self.git is not None:
             self.advisor.review(rec.id, f"{rec.task.title}\n{rec.task.description}",
-                                self.git.diff(rec.branch or f"multibot/{rec.id}"))
+                                self.git.diff(rec.branch or f"multibot/{rec.id}")[:60_000])
             return
         self.set_task(rec, "verified")
 
@@ -862,8 +862,11 @@ class Master:
                        f" ({(outcome.commit or '')[:10]})", task=rec.id)
         elif outcome.status == "conflict":
             files = ", ".join(c[0] for c in outcome.conflicts)
-            sides = "\n".join(f"--- {c[0]} on {self.git.integration}:\n{c[1][:1500]}\n"
-                              f"--- {c[0]} on {branch}:\n{c[2][:1500]}" for c in outcome.conflicts)
+            sides = "\n".join(
+                f"--- {c.path} on {self.git.integration}:\n{(c.ours or '(deleted)')[:1500]}\n"
+                f"--- {c.path} on {branch}:\n{(c.theirs or '(deleted)')[:1500]}"
+                for c in outcome.conflicts[:10]
+            )
             self.retry(rec, f"merging {branch} into {self.git.integration} conflicts in {files}. "
                        f"Merge {self.git.integration} into your branch, resolve the conflicts "
                        f"and commit.\n{sides}")

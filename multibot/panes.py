@@ -8,8 +8,10 @@ changes how it is parsed.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import signal
 import threading
 import unicodedata
 from collections.abc import Mapping, Sequence
@@ -32,12 +34,9 @@ TITLE_OPTION = "@multibot_title"
 SHOWN_TITLE = f"#{{?{TITLE_OPTION},#{{{TITLE_OPTION}}},#{{pane_title}}}}"
 BORDER_FORMAT = f" #{{pane_index}}: {SHOWN_TITLE} "
 MAX_TITLE = 120
-# dead, pid, exit status. tmux marks a pane dead when its pty closes, which can come before it
-# reaps the child; "dead" here waits for the exit status (or signal) so the two agree.
-PANE_STATE = (
-    "#{?#{&&:#{pane_dead},#{||:#{pane_dead_status},#{pane_dead_signal}}},1,0}"
-    "\t#{pane_pid}\t#{pane_dead_status}"
-)
+# tmux marks a pane dead when its pty closes, which can come before it reaps the child;
+# "dead" here also waits for the exit status or signal (as tmux itself does since PR 4841).
+PANE_STATE = "#{pane_dead}\t#{pane_dead_status}\t#{pane_dead_signal}\t#{pane_pid}\t#{pid}"
 
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # sessions, sockets, windows: no ':', '.', '/'
 _PANE_ID = re.compile(r"^%[0-9]+$")
@@ -49,6 +48,21 @@ class _Window(NamedTuple):
     number: int  # window_index ("index" would shadow tuple.index)
     panes: int
     name: str
+
+
+class _State(NamedTuple):
+    dead: bool
+    pid: int | None  # None once dead
+    status: int | None  # exit status once dead, None if killed by a signal
+    unreaped: int | None  # tmux server pid if the pty closed but tmux has not reaped the child
+
+
+def _parse_state(fields: str) -> _State:
+    pty_closed, status, sig, pid, server_pid = fields.split("\t")
+    dead = pty_closed == "1" and bool(status or sig)
+    unreaped = int(server_pid) if pty_closed == "1" and not dead else None
+    alive_pid = None if dead or not pid else int(pid)
+    return _State(dead, alive_pid, int(status) if status else None, unreaped)
 
 
 class PaneInfo(NamedTuple):
@@ -131,13 +145,25 @@ def window_options(target: str) -> list[str]:
     return args
 
 
+def _nudge(server_pid: int) -> bool:
+    """Send SIGCHLD to the tmux server so it reaps a child whose exit signal it missed."""
+    # Debian's tmux uses libutempter, which briefly installs its own SIGCHLD handler: a child
+    # that exits then stays a zombie, its pane dead with no status (tmux issues 311, 2679).
+    # Any SIGCHLD makes tmux run waitpid() over all its children.
+    try:
+        os.kill(server_pid, signal.SIGCHLD)
+    except OSError:
+        return False
+    return True
+
+
 class Tmux:
     """One tmux session on one server (socket None: the user's default or current server)."""
 
     def __init__(
         self,
+        socket: str | None,
         session: str,
-        socket: str | None = None,
         *,
         max_panes_per_window: int = 6,
         config_file: str | None = None,
@@ -181,12 +207,16 @@ class Tmux:
 
     def ensure_session(
         self,
-        title: str,
+        name: str,
         command: Command,
         cwd: Path | str | None = None,
         env: Mapping[str, str] | None = None,
+        *,
+        title: str = MASTER_WINDOW,
     ) -> str:
-        """Create the session detached with its first pane running command; return that pane id."""
+        """Create session name detached, first pane running command; return that pane's id."""
+        if name != self.session:
+            raise InvalidId("tmux session", name, f"this Tmux is bound to {self.session!r}")
         if not self.has_session():
             new = ["new-session", "-d", "-s", self.session, "-n", MASTER_WINDOW]
             new += ["-x", "200", "-y", "50", "-P", "-F", "#{pane_id}"]
@@ -296,19 +326,24 @@ class Tmux:
         spawn = spawn_args(cwd, env) + shell_command(command)
         self._run("respawn-pane", "-k", "-t", check_pane_id(pane_id), *spawn)
 
+    def _state(self, pane_id: str) -> _State:
+        state = _parse_state(self._pane_fields(pane_id, PANE_STATE))
+        if state.unreaped is not None and _nudge(state.unreaped):
+            state = _parse_state(self._pane_fields(pane_id, PANE_STATE))
+        return state
+
     def is_dead(self, pane_id: str) -> bool:
         """Return whether the pane's process has exited (the pane stays, remain-on-exit)."""
-        return self._pane_fields(pane_id, PANE_STATE).startswith("1")
+        return self._state(pane_id).dead
 
     def pane_pid(self, pane_id: str) -> int | None:
         """Return the pid of the pane's process, None if it has exited."""
-        dead, pid, _ = self._pane_fields(pane_id, PANE_STATE).split("\t")
-        return None if dead == "1" or not pid else int(pid)
+        return self._state(pane_id).pid
 
     def exit_status(self, pane_id: str) -> int | None:
         """Return a dead pane's exit status; None if alive or killed by a signal."""
-        dead, _, status = self._pane_fields(pane_id, PANE_STATE).split("\t")
-        return int(status) if dead == "1" and status else None
+        state = self._state(pane_id)
+        return state.status if state.dead else None
 
     def kill_pane(self, pane_id: str) -> None:
         """Kill the pane and its process (its window closes with its last pane)."""
@@ -325,9 +360,13 @@ class Tmux:
         """Return every pane of the session, window by window."""
         # The title goes last: a program-set pane_title may hold anything, even a tab.
         fmt = f"#{{pane_id}}\t{PANE_STATE}\t{SHOWN_TITLE}"
-        panes = []
-        for line in self._run("list-panes", "-s", "-t", f"={self.session}", "-F", fmt):
-            pane_id, dead, pid, _, title = line.split("\t", 4)
-            alive_pid = int(pid) if dead != "1" and pid else None
-            panes.append(PaneInfo(pane_id, title, dead == "1", alive_pid))
-        return panes
+        rows = self._list_panes(fmt)
+        lost = next((state.unreaped for _, state, _ in rows if state.unreaped is not None), None)
+        if lost is not None and _nudge(lost):
+            rows = self._list_panes(fmt)
+        return [PaneInfo(pane_id, title, state.dead, state.pid) for pane_id, state, title in rows]
+
+    def _list_panes(self, fmt: str) -> list[tuple[str, _State, str]]:
+        rows = self._run("list-panes", "-s", "-t", f"={self.session}", "-F", fmt)
+        parts = [row.split("\t", 6) for row in rows]
+        return [(p[0], _parse_state("\t".join(p[1:6])), p[6]) for p in parts]

@@ -29,7 +29,10 @@ def graph_problems(tasks: Iterable[PlanTask], known_done: Iterable[str] = ()) ->
                 problems.append(f"task {t.id!r} depends on unknown task {d!r}")
             if d == t.id:
                 problems.append(f"task {t.id!r} depends on itself")
-    cycle = find_cycle({t.id: [d for d in t.dependencies if d in seen] for t in tasks})
+    edges: dict[str, list[str]] = {}
+    for t in tasks:
+        edges.setdefault(t.id, []).extend(d for d in t.dependencies if d in seen)
+    cycle = find_cycle(edges)
     if cycle:
         problems.append("dependency cycle: " + " -> ".join(cycle))
     return problems

@@ -148,8 +148,8 @@ def cleanup(home: Home, force: bool = False) -> int:
         return 0
     repo = GitRepo(
         Path(s.git.repo),
+        home.integration_worktree,
         integration_branch=s.git.integration_branch,
-        integration_worktree=home.integration_worktree,
         setup_hook=None,
     )
     paths = sorted(p for p in home.worktrees_dir.glob("*") if p.is_dir() and p.name[0] != "_")

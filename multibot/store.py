@@ -1,22 +1,25 @@
 """Atomic, locked, versioned JSON state files that a person may hand-edit while everything runs.
 
-Files kept beside a state file ``X.json``:
-  X.json               the state: the model's field order, indent 2, trailing newline
-  X.json.bak           the previous valid version (layout.backup_of), for recover()
-  X.json.lock          flock held only around a read-modify-write (layout.lock_of)
-  X.json.lock.holder   "pid .. on host: command" of the last process to take the lock
-  X.json.prev          exists only inside a write, or after a writer died inside one
-  X.json.corrupt-<t>   bad content set aside, so nothing a person typed is lost
-  .X.json.<unique>.tmp a new version being written
+Beside a state file ``X.json`` live ``X.json.bak`` (the previous valid version, for recover()),
+``X.json.lock`` (flock held only around a read-modify-write) and ``X.json.lock.holder`` (who
+took it last, named on LockTimeout). ``X.json.prev`` exists only inside a write (or after a
+writer died there), ``.X.json.<unique>.tmp`` is a version being written, and
+``X.json.corrupt-<time>`` is bad content set aside so that nothing a person typed is lost.
 
-Models used here must have ``version: int``; every system write bumps it. A person editing the
-file leaves it alone, so a valid file whose version is OLDER than the newest this object has
-seen is an edit of an older copy: it is merged three-way (base = the copy the person started
-from, kept in memory; theirs = the edit; ours = the newest system version). What the person
-changed wins; the system's later changes to other fields are kept. With no known base the edit
-simply wins. read() and update() both see the merged state; update() then writes it.
+The rules (RELIABILITY 10-14):
+* read() never acts on a broken file: the last good state stays in force and problem() names
+  the file, line, column and field. A half-written save is a broken file until it completes.
+* update() never replaces bytes it has not read: a broken hand edit makes it refuse (the file
+  stays exactly as the person left it); a valid one is taken in and fn applied on top.
+* Models must have ``version: int``; every system write bumps it. People leave it alone, so a
+  valid file whose version is OLDER than the newest this object has seen is an edit of an older
+  copy. It is merged three-way (base = that copy, remembered here; theirs = the edit; ours =
+  the newest version): what the person changed wins, the system's later changes to other fields
+  stay. Without a remembered base (the versions in between came from another process, or this
+  one started later) the edit wins whole.
 
-A StateFile object belongs to one thread.
+A StateFile object belongs to one thread. Do not mutate what it returns in place and expect it
+saved: pass a function to update().
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -35,7 +39,7 @@ import filelock
 from pydantic import BaseModel, ValidationError
 
 from multibot.atomic import atomic_write, fsync_dir, unique_name, write_durable
-from multibot.errors import LockTimeout, StateError
+from multibot.errors import LockTimeout, MultibotError, StateError
 from multibot.layout import backup_of, lock_of
 
 M = TypeVar("M", bound=BaseModel)
@@ -43,9 +47,8 @@ M = TypeVar("M", bound=BaseModel)
 _HISTORY = 64  # versions remembered as merge bases for edits of older copies
 _CYCLES = 20  # write attempts before giving up on a file that keeps changing under us
 _SETTLE = (0.005, 0.01, 0.02, 0.05)  # waits for an in-place save to finish before refusing it
-_RACY_NS = (
-    50_000_000  # file clocks tick coarsely: a same-size rewrite this soon is invisible to stat
-)
+_RACY_NS = 50_000_000  # file clocks tick coarsely: a same-size rewrite this soon can hide
+_WATCH_S, _WATCH_MAX = 5.0, 16  # how long, and how many, moved-away inodes stay watched
 _GONE = object()  # a key absent from one side of a merge
 
 
@@ -62,9 +65,8 @@ def parse(path: Path, raw: bytes, model: type[M]) -> M:
     try:
         text = raw.decode("utf-8-sig")  # some editors add a BOM
     except UnicodeDecodeError as e:
-        raise StateError(
-            path, f"not UTF-8 text ({e.reason})", raw[: e.start].count(b"\n") + 1
-        ) from e
+        line = raw[: e.start].count(b"\n") + 1
+        raise StateError(path, f"not UTF-8 text ({e.reason})", line) from e
     try:
         json.loads(text)  # for the line and column of a syntax error, which pydantic lacks
     except json.JSONDecodeError as e:
@@ -78,7 +80,8 @@ def parse(path: Path, raw: bytes, model: type[M]) -> M:
         loc = errors[0]["loc"]
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
         field = ".".join(str(p) for p in loc) or None
-        raise StateError(path, errors[0]["msg"] + more, _line_of(text, loc), None, field) from e
+        at = _line_of(text, loc) if loc else 1  # no location: the document as a whole
+        raise StateError(path, errors[0]["msg"] + more, at, None, field) from e
 
 
 def validate_file(path: Path, model: type[BaseModel]) -> StateError | None:
@@ -92,6 +95,22 @@ def validate_file(path: Path, model: type[BaseModel]) -> StateError | None:
     except StateError as e:
         return e
     return None
+
+
+@dataclass
+class _Moved:
+    """An inode we renamed away from the path, kept open so a late save into it is seen."""
+
+    fd: int
+    seen: bytes
+    until: float
+
+    def absorb(self, data: bytes) -> None:
+        self.seen = data
+
+    def late(self) -> bytes | None:
+        data = _read_fd(self.fd)
+        return None if data == self.seen else data
 
 
 class StateFile(Generic[M]):
@@ -112,22 +131,36 @@ class StateFile(Generic[M]):
         self.path, self.model, self.default = path, model, default
         self.lock_timeout, self.settle, self._clock = lock_timeout, settle, clock
         self._lock = filelock.FileLock(str(lock_of(path)))
-        self._good: M | None = None  # the last good state, in force while the file is broken
+        self._good: str | None = None  # last good state as JSON, in force while the file is bad
         self._problem: StateError | None = None
+        self._notices: list[StateError] = []  # saves we could not merge, reported once each
         self._stat: tuple[int, int, int] | None = None
         self._racy = True
-        self._seen: dict[int, str] = {}  # version -> compact JSON, in increasing versions
-        self._bak_expect: tuple[int, bytes] | None = None  # inode and bytes we left in .bak
+        self._seen: dict[int, str] = {}  # version -> JSON, increasing: bases for merges
+        self._moved: list[_Moved] = []
+
+    def close(self) -> None:
+        """Stop watching inodes moved away by our writes; the object stays usable."""
+        while self._moved:
+            self._drop(self._moved[0])
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
 
     # -- reading -------------------------------------------------------------------------
     def read(self) -> M:
         """Return the state in force: the file if valid, else the last good state.
 
-        A broken file never raises here: problem() then says what is wrong. Raises StateError
-        only when there is no state at all (missing with no default, or broken with neither a
-        last good state nor a valid backup). A missing file while a last good state exists (a
-        person deleted it, or an editor is between delete and create) keeps that state.
+        A broken file never raises here: problem() says what is wrong. Raises StateError only
+        when there is no state at all (missing with no default, or broken with neither a last
+        good state nor a valid backup). A file gone missing while a last good state exists
+        (deleted, or an editor between delete and create) keeps that state in force.
         """
+        self._expire()
+        if any(m.late() is not None for m in self._moved):  # a save raced our last write
+            with contextlib.suppress(MultibotError):
+                return self.update(_identity)
         try:
             loaded = self._load(with_prev=True)
         except StateError as err:
@@ -136,26 +169,26 @@ class StateFile(Generic[M]):
             self._stat, self._racy = None, False
             if self._good is not None:
                 self._problem = StateError(self.path, "missing; keeping the last good state")
-                return self._good
+                return self.model.model_validate_json(self._good)
             self._problem = None
             return self._default()
-        raw, st = loaded
-        self._note_stat(st)
+        self._note_stat(loaded[1])
         try:
-            state = self._effective(parse(self.path, raw, self.model))
+            state = self._effective(parse(self.path, loaded[0], self.model))
         except StateError as err:
             return self._fallback(err)
-        self._good, self._problem = state, None
+        self._good, self._problem = state.model_dump_json(), None
         return state
 
     def problem(self) -> StateError | None:
-        """Return what was wrong with the file at the last read or update, or None."""
-        return self._problem
+        """Return what is wrong with the file, else a save we had to set aside (each once)."""
+        return self._problem or (self._notices.pop(0) if self._notices else None)
 
     def changed(self) -> bool:
-        """Say with one stat whether the file may differ from what was last read or written."""
-        if self._problem is not None or self._racy:
-            return True
+        """Say cheaply (stat calls) whether the file may differ from what was last read."""
+        self._expire()
+        if self._problem is not None or self._notices or self._racy or self._moved:
+            return True  # (_moved empties a few seconds after our last write)
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -167,13 +200,13 @@ class StateFile(Generic[M]):
         """Apply fn to the state under the lock and write the result as the next version.
 
         fn may run more than once (when the file changes under us) and should be pure. Raises
-        StateError without writing if the file holds an invalid hand edit (it stays exactly as
-        the person left it), LockTimeout if another process holds the lock too long.
+        StateError without writing if the file holds an invalid hand edit (left exactly as the
+        person saved it), LockTimeout if another process holds the lock too long.
         """
         with self._locked():
             new = self._cycle(fn)
-            if self._bak_changed() is not None:  # a late in-place save hit the old inode
-                with contextlib.suppress(StateError):  # fn is written; the next update retries
+            if any(m.late() is not None for m in self._moved):  # a save hit the old inode
+                with contextlib.suppress(StateError):  # fn is written; the next call retries
                     new = self._cycle(_identity)
             return new
 
@@ -181,17 +214,12 @@ class StateFile(Generic[M]):
         """At start-up, restore a corrupt or truncated file from its backup; say what was done."""
         with self._locked():
             said = self._heal()
-            tmp_prefix = f".{self.path.name}."
-            for leftover in self.path.parent.glob(f"{tmp_prefix}*.tmp"):
-                leftover.unlink(missing_ok=True)  # writers only make these under the lock we hold
+            for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
+                tmp.unlink(missing_ok=True)  # made only under the lock, which we hold
             loaded = self._load(with_prev=False)
-            if loaded is None:
+            bad = None if loaded is None else validate_bytes(self.path, loaded[0], self.model)
+            if loaded is None or bad is None:
                 return said
-            try:
-                parse(self.path, loaded[0], self.model)
-                return said
-            except StateError as err:
-                bad = err
             bak = backup_of(self.path)
             try:
                 good_raw = bak.read_bytes()
@@ -201,10 +229,10 @@ class StateFile(Generic[M]):
                 problem = f"{bad.problem}; {why}"
                 raise StateError(self.path, problem, bad.line, bad.column, bad.field) from e
             aside = self._aside()
-            if not self._commit(loaded[0], good_raw, to_backup=False, aside=aside):
+            if not self._commit(loaded[0], good_raw, aside=aside):
                 raise StateError(self.path, "changed while being recovered; try again")
             self._record(good)
-            self._good, self._problem = good, None
+            self._good, self._problem = good.model_dump_json(), None
             return (
                 f"{self.path} was corrupt ({_where(bad)}{bad.problem}); restored version "
                 f"{_version(good)} from {bak.name}; the bad content is kept in {aside.name}"
@@ -212,56 +240,54 @@ class StateFile(Generic[M]):
 
     # -- internals -----------------------------------------------------------------------
     def _cycle(self, fn: Callable[[M], M]) -> M:
-        """Read, merge, apply fn and commit, again from the top if someone saved meanwhile."""
+        """Read, merge, apply fn and commit; from the top again if someone saved meanwhile."""
         for _ in range(_CYCLES):
             self._heal()
-            late, late_problem = self._late_edit()
+            self._expire()
+            late, late_problem = self._late_edits()
             raw, current = self._load_for_update()
-            state = self._effective(current)
-            if late is not None:
-                state = self._merge_edit(late, _dump(state))
+            state = self._effective(current, [edit for _moved, _data, edit in late])
             result = fn(state)
-            if raw is not None and result == state and raw == _render(state):
-                new = state  # nothing to change: don't churn versions
-                if late is not None:
-                    self._bak_expect = None  # its content is what the file holds already
+            if raw is not None and _render(result) == raw:
+                new = result  # nothing would change: don't churn versions
             else:
                 new = self._next_version(result, state)
-                if not self._commit(raw, _render(new), to_backup=True):
+                if not self._commit(raw, _render(new)):
                     continue
+            for moved, data, _edit in late:
+                moved.absorb(data)
             self._record(new)
-            self._good, self._problem = new, late_problem
+            self._good, self._problem = new.model_dump_json(), late_problem
             with contextlib.suppress(FileNotFoundError):
                 self._note_stat(os.stat(self.path))
             return new
         raise StateError(self.path, f"kept changing during update; gave up after {_CYCLES} tries")
 
-    def _commit(
-        self, base: bytes | None, data: bytes, *, to_backup: bool, aside: Path | None = None
-    ) -> bool:
+    def _commit(self, base: bytes | None, data: bytes, *, aside: Path | None = None) -> bool:
         """Replace the file by data if it still holds base; False if someone saved meanwhile.
 
-        (1) rename the file to .prev: this captures whatever is there at this instant, and no
-        save can slip in unseen between our check and our replace; (2) compare .prev with the
-        bytes we based the update on, and put a newer save back untouched; (3) link the new
-        file in: unlike rename, link refuses to replace a file an editor created meanwhile.
-        Remaining window: an in-place editor that opened the file before (1) and writes after
-        it writes into the old inode, which becomes .bak; update() compares .bak with what we
-        put there, before and after each write, and merges such a late save. Only a save that
-        reaches the old inode after the NEXT write replaced .bak would be lost.
+        (1) Rename the file to .prev: this captures whatever is there at this instant, so no
+        save slips in unseen between our check and our replace. (2) Compare .prev with the
+        bytes we based the update on; put a newer save back untouched. (3) Link the new file
+        in: unlike rename, link refuses to replace a file an editor created meanwhile.
+        What remains: an editor that opened the file before (1) without truncating and
+        writes after it writes into the old inode (now .bak). We keep that inode open and
+        compare it with what we saw, at every read and update, and merge such a late save; a
+        save reaching it after _WATCH_S (or after _WATCH_MAX later writes) is set aside as
+        .corrupt-<time> and reported by problem(): kept, but not applied.
         """
         path, prev = self.path, _prev_of(self.path)
         tmp = path.with_name(f".{path.name}.{unique_name()}.tmp")
         write_durable(tmp, data)
+        fd, captured = -1, None
         try:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.rename(path, prev)
-                captured: bytes | None = prev.read_bytes()
-            except FileNotFoundError:
-                captured = None
+                fd = os.open(prev, os.O_RDONLY)
+                captured = _read_fd(fd)
             if captured != base:
                 if captured is not None:
-                    self._put_back()
+                    self._put_back(fd)
                 return False
             try:
                 os.link(tmp, path)
@@ -271,20 +297,23 @@ class StateFile(Generic[M]):
                 linked = True
                 fsync_dir(path.parent)
             if captured is not None:
-                keep = backup_of(path) if to_backup else (aside or self._aside())
-                ino = os.stat(prev).st_ino
-                os.replace(prev, keep)
-                if to_backup:
-                    self._bak_expect = (ino, captured)
+                os.replace(prev, aside or backup_of(path))
+                if aside is None:
+                    self._watch(fd, captured)
+                    fd = -1
             return linked
         finally:
+            if fd >= 0:
+                os.close(fd)
             tmp.unlink(missing_ok=True)
 
-    def _put_back(self) -> None:
-        """Return a save captured in .prev to its place (unless an even newer one is there)."""
+    def _put_back(self, fd: int) -> None:
+        """Return a save captured in .prev to its place, unless an even newer one is there."""
         prev = _prev_of(self.path)
-        with contextlib.suppress(FileExistsError):
+        try:
             os.link(prev, self.path)
+        except FileExistsError:
+            self._watch(os.dup(fd), b"")  # superseded at once: merge it as a late save
         prev.unlink()
 
     def _heal(self) -> str | None:
@@ -295,53 +324,66 @@ class StateFile(Generic[M]):
         except FileNotFoundError:
             return None  # no .prev: nothing was interrupted
         except FileExistsError:
-            if os.path.samefile(prev, self.path):  # killed inside _put_back
-                prev.unlink()
+            if not os.path.samefile(prev, self.path):  # .prev is the version before the file
+                ok = validate_bytes(self.path, prev.read_bytes(), self.model) is None
+                os.replace(prev, backup_of(self.path) if ok else self._aside())
                 return None
-            raw = prev.read_bytes()  # killed after the new version was in: .prev is the old one
-            valid = validate_bytes(self.path, raw, self.model) is None
-            os.replace(prev, backup_of(self.path) if valid else self._aside())
-            return None
-        prev.unlink()
-        return f"{self.path} was missing after an interrupted write; put the previous file back"
+        else:
+            prev.unlink()
+            return f"{self.path} was missing after an interrupted write; put the previous back"
+        prev.unlink()  # killed inside _put_back: both names are the same file
+        return None
 
-    def _late_edit(self) -> tuple[M | None, StateError | None]:
-        """Return a save that landed in .bak's inode after we moved it there, or its problem."""
-        for wait in (*self.settle, None):
-            raw = self._bak_changed()
-            if raw is None:
-                return None, None
-            try:
-                return parse(backup_of(self.path), raw, self.model), None
-            except StateError as err:
-                if wait is None:  # keep it where the person can find it, and say so
-                    aside = self._aside()
-                    os.replace(backup_of(self.path), aside)
-                    self._bak_expect = None
-                    why = f"a save that raced a system write is invalid ({err.problem}); "
-                    why += f"kept in {aside.name}, not applied"
-                    return None, StateError(self.path, why, err.line, err.column, err.field)
-                time.sleep(wait)
-        return None, None
+    def _watch(self, fd: int, seen: bytes) -> None:
+        self._moved.append(_Moved(fd, seen, time.monotonic() + _WATCH_S))
+        while len(self._moved) > _WATCH_MAX:
+            self._drop(self._moved[0])
 
-    def _bak_changed(self) -> bytes | None:
-        """Return .bak's bytes if its inode is the one we left there but its content changed."""
-        if self._bak_expect is None:
-            return None
-        ino, expected = self._bak_expect
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for moved in [m for m in self._moved if m.until < now]:
+            self._drop(moved)
+
+    def _drop(self, moved: _Moved) -> None:
+        """Stop watching an inode; a late save still in it is set aside and reported."""
+        self._moved.remove(moved)
         try:
-            with open(backup_of(self.path), "rb") as f:
-                if os.fstat(f.fileno()).st_ino != ino:
-                    return None
-                raw = f.read()
-        except FileNotFoundError:
-            return None
-        return None if raw == expected else raw
+            data = moved.late()
+            if data is not None:
+                aside = self._aside()
+                write_durable(aside, data)
+                why = f"a save that raced a system write came too late to merge; kept in {aside}"
+                self._notices.append(StateError(self.path, why))
+        finally:
+            os.close(moved.fd)
+
+    def _late_edits(self) -> tuple[list[tuple[_Moved, bytes, M]], StateError | None]:
+        """Return valid saves that reached inodes we moved away, and what is wrong with others."""
+        for wait in (*self.settle, None):
+            found: list[tuple[_Moved, bytes, M]] = []
+            broken: list[tuple[_Moved, bytes, StateError]] = []
+            for moved in self._moved:
+                if (data := moved.late()) is not None:
+                    try:
+                        found.append((moved, data, parse(self.path, data, self.model)))
+                    except StateError as err:
+                        broken.append((moved, data, err))
+            if not broken or wait is None:
+                break
+            time.sleep(wait)  # perhaps caught half-way through its write
+        problem = None
+        for moved, data, bad in broken:
+            aside = self._aside()
+            write_durable(aside, data)
+            moved.absorb(data)
+            why = f"a save that raced a system write is invalid ({bad.problem}); kept in {aside}"
+            problem = StateError(self.path, why, bad.line, bad.column, bad.field)
+        return found, problem
 
     def _load(self, *, with_prev: bool) -> tuple[bytes, os.stat_result] | None:
         """Return the file's bytes and stat, or None if it is missing."""
-        # Inside a write only .prev exists for an instant; the writer may finish between our two
-        # opens (then the file is back), so go round a few times before calling it missing.
+        # Inside a write only .prev exists for an instant; the writer may finish between our
+        # two opens (then the file is back), so go round a few times before calling it missing.
         names = (self.path, _prev_of(self.path)) if with_prev else (self.path,)
         for _ in range(3 if with_prev else 1):
             for name in names:
@@ -360,7 +402,9 @@ class StateFile(Generic[M]):
         for wait in (*self.settle, None):
             loaded = self._load(with_prev=False)
             if loaded is None:
-                return None, self._good if self._good is not None else self._default()
+                if self._good is not None:
+                    return None, self.model.model_validate_json(self._good)
+                return None, self._default()
             try:
                 return loaded[0], parse(self.path, loaded[0], self.model)
             except StateError as err:
@@ -374,26 +418,38 @@ class StateFile(Generic[M]):
         """Record err and return the last good state: from memory, else from the backup."""
         self._problem = err
         if self._good is None:
+            bak = backup_of(self.path)
             try:
-                good = parse(backup_of(self.path), backup_of(self.path).read_bytes(), self.model)
+                good = parse(bak, bak.read_bytes(), self.model)
             except (OSError, StateError):
                 raise err from None
             self._record(good)
-            self._good = good
-        return self._good
+            self._good = good.model_dump_json()
+        return self.model.model_validate_json(self._good)
 
-    def _effective(self, disk: M) -> M:
-        """Return disk, with the system's newer changes merged in if it edits an older copy."""
+    def _effective(self, disk: M, late: list[M] | None = None) -> M:
+        """Return disk with the system's newer changes merged in if it edits an older copy.
+
+        Late saves (into inodes we moved away) are merged first and lose conflicts to disk: a
+        save there was computed from the file as it was before our write, disk's after it.
+        """
         latest = next(reversed(self._seen), None)
-        if latest is None or _version(disk) > latest:
+        if latest is not None and _version(disk) <= latest and _version(disk) in self._seen:
+            ours = json.loads(self._seen[latest])
+            for edit in late or []:
+                ours = _dump(self._merge_edit(edit, ours))
+            return self._merge_edit(disk, ours)
+        if latest is None or _version(disk) > latest:  # a write by another process
             self._record(disk)
-            return disk
-        return self._merge_edit(disk, json.loads(self._seen[latest]))
+        state = disk  # else an edit of a copy too old to remember: it wins whole
+        for edit in late or []:
+            state = self._merge_edit(edit, _dump(state))
+        return state
 
     def _merge_edit(self, edit: M, ours: dict[str, Any]) -> M:
-        """Merge a person's edit of an older version onto ours; the person wins conflicts."""
+        """Merge a person's edit of a version we know onto ours; the person wins conflicts."""
         base = self._seen.get(_version(edit))
-        if base is None or ours["version"] <= _version(edit):
+        if base is None:
             return edit
         merged = _merge3(json.loads(base), _dump(edit), ours)
         try:
@@ -411,7 +467,7 @@ class StateFile(Generic[M]):
 
     def _next_version(self, new: M, old: M) -> M:
         """Return new, validated, with version one above anything seen."""
-        data = new.model_dump(mode="json")
+        data = _dump(new)
         data["version"] = max(_version(old), next(reversed(self._seen), 0)) + 1
         return parse(self.path, dumps(data), self.model)
 
@@ -445,8 +501,8 @@ class StateFile(Generic[M]):
                 who = None
             raise LockTimeout(lock_of(self.path), who, self.lock_timeout) from e
         try:
-            # The flock dies with its holder (the kernel drops it), so this note can only name
-            # a live holder or, for an instant after a release, the previous one.
+            # The kernel drops a flock when its holder dies, so this note names a live holder
+            # (or, for an instant after a release, the previous one): never a stale lock.
             line = f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:200]}"
             atomic_write(holder, line.encode(errors="replace") + b"\n", fsync=False)
             yield
@@ -489,6 +545,20 @@ def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
     return text.count("\n", 0, pos) + 1 if found else None
 
 
+def _where(err: StateError) -> str:
+    where = f"line {err.line}" if err.line else ""
+    where += f" column {err.column}" if err.line and err.column else ""
+    where += f"{', ' if where else ''}field {err.field}" if err.field else ""
+    return f"{where}: " if where else ""
+
+
+def _read_fd(fd: int) -> bytes:
+    chunks: list[bytes] = []
+    while chunk := os.pread(fd, 1 << 16, sum(map(len, chunks))):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _version(state: BaseModel) -> int:
     return int(vars(state)["version"])
 
@@ -499,13 +569,6 @@ def _dump(state: BaseModel) -> dict[str, Any]:
 
 def _render(state: BaseModel) -> bytes:
     return dumps(_dump(state))
-
-
-def _where(err: StateError) -> str:
-    where = f"line {err.line}" if err.line else ""
-    where += f" column {err.column}" if err.line and err.column else ""
-    where += f"{', ' if where else ''}field {err.field}" if err.field else ""
-    return f"{where}: " if where else ""
 
 
 def _identity(state: M) -> M:

@@ -221,7 +221,12 @@ class Worker:
         state = self.state.read()
         memory = self.memory.read()
         self.discoveries_at_start = len(memory.discoveries)
-        env = agent_env(self.home, self.id, task_id, self.generation)
+        from multibot import worktrees
+
+        env = {
+            **worktrees.identity_env(Path(a.working_directory)),
+            **agent_env(self.home, self.id, task_id, self.generation),
+        }
         prompt = a.description if self.backend == "shell" else task_prompt(
             self.id, task_id, a, memory
         )
@@ -356,41 +361,36 @@ class Worker:
         elapsed = self.clock() - self.task_started
         if outcome.session_id:
             self.on_event(AgentEvent("session", outcome.session_id))
+        report: protocol.Payload
         if outcome.ok:
             memory = self.memory.read()
             from multibot import worktrees
 
-            files = worktrees.changed_files(Path(a.working_directory), a.base_branch)
-            self.send(
-                protocol.TaskComplete(
-                    summary=outcome.summary,
-                    branch=a.branch,
-                    commit=commit or worktrees.head_commit(Path(a.working_directory)),
-                    files_changed=files,
-                    cost_usd=outcome.cost_usd,
-                    tokens=protocol.Tokens(input=outcome.input_tokens, output=outcome.output_tokens),
-                    turns=outcome.turns,
-                    duration_s=elapsed,
-                    discoveries=memory.discoveries[self.discoveries_at_start :],
-                    session_id=outcome.session_id,
-                ),
-                task_id=task_id,
+            cwd = Path(a.working_directory)
+            report = protocol.TaskComplete(
+                summary=outcome.summary,
+                branch=a.branch,
+                commit=commit or worktrees.head_commit(cwd),
+                files_changed=worktrees.changed_files(cwd, a.base_branch),
+                cost_usd=outcome.cost_usd,
+                tokens=protocol.Tokens(input=outcome.input_tokens, output=outcome.output_tokens),
+                turns=outcome.turns,
+                duration_s=elapsed,
+                discoveries=memory.discoveries[self.discoveries_at_start :],
+                session_id=outcome.session_id,
             )
-            self.show(f"✓ {task_id} done in {elapsed:.1f}s: {outcome.summary[:200]}")
+            line = f"✓ {task_id} done in {elapsed:.1f}s: {outcome.summary[:200]}"
         else:
             kind = {"timeout": "timeout", "budget": "budget", "git": "git"}.get(
                 outcome.error_kind or "", "agent"
             )
-            self.send(
-                protocol.ErrorReport(
-                    kind=kind,  # type: ignore[arg-type]
-                    message=outcome.summary[-2000:],
-                    recoverable=kind != "budget",
-                    detail=outcome.error_kind or "",
-                ),
-                task_id=task_id,
+            report = protocol.ErrorReport(
+                kind=kind,  # type: ignore[arg-type]
+                message=outcome.summary[-2000:],
+                recoverable=kind != "budget",
+                detail=outcome.error_kind or "",
             )
-            self.show(f"✗ {task_id} failed ({outcome.error_kind}): {outcome.summary[-300:]}")
+            line = f"✗ {task_id} failed ({outcome.error_kind}): {outcome.summary[-300:]}"
 
         def idle(s: WorkerState) -> WorkerState:
             s.current_task, s.current_tool, s.status = None, None, "idle"
@@ -400,8 +400,11 @@ class Worker:
             s.git.uncommitted_changes = False
             return s
 
+        # The state says idle before the master hears of the end, so it never sees it busy.
         self._update_state(idle)
         self.status = "paused" if self.paused else "idle"
+        self.send(report, task_id=task_id)
+        self.show(line)
 
     def _commit(self, a: protocol.TaskAssignment, message: str) -> str | None:
         from multibot import worktrees

@@ -60,17 +60,22 @@ class Recovery:
     actions: tuple[str, ...] = ()
     interrupted: tuple[str, ...] = ()
 
-    def describe(self) -> str:
-        """Return the actions as one line."""
+    def __bool__(self) -> bool:
+        return bool(self.actions)
+
+    def __str__(self) -> str:
         return "; ".join(self.actions) or "nothing to recover"
 
 
 @dataclass(frozen=True)
-class CleanupResult:
-    """Worktrees removed, and those kept with the reason."""
+class Refusal:
+    """A worktree cleanup kept, and why."""
 
-    removed: tuple[Path, ...] = ()
-    refused: tuple[tuple[Path, str], ...] = ()
+    path: Path
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ class Landing:
     target: str
     how: Literal["up-to-date", "fast-forward", "merge"]
     commit: str
+
+    def __str__(self) -> str:
+        return f"{self.target}: {self.how} at {self.commit[:12]}"
 
 
 @dataclass(frozen=True)
@@ -172,6 +180,67 @@ def run_shell(command: str, cwd: Path, timeout: float | None) -> tuple[int, str]
     return proc.returncode, _tail(out.decode("utf-8", errors="replace"))
 
 
+# -- work inside one worktree: what a worker process calls, knowing only its folder ---------
+def commit_all(worktree: Path, message: str) -> str | None:
+    """Commit every change (untracked too, .gitignore respected); return the sha or None."""
+    if not message.strip():
+        raise GitError("a commit needs a message")
+    if _git(worktree, "symbolic-ref", "--quiet", "HEAD", check=False)[0] != 0:
+        raise GitError(f"{worktree} is not on a branch (detached HEAD); nothing was committed")
+    _git(worktree, "add", "--all")
+    code, _, err = _git(worktree, "diff", "--cached", "--quiet", check=False)
+    if code not in (0, 1):
+        raise GitError(f"git diff --cached failed in {worktree}: {err.strip()}")
+    # A resolved merge whose result equals HEAD has no diff but must still be committed,
+    # or the branch would conflict with the integration branch again.
+    gitdir = Path(_out(worktree, "rev-parse", "--absolute-git-dir"))
+    if code == 0 and not (gitdir / "MERGE_HEAD").exists():
+        return None
+    _git(worktree, "commit", "--quiet", "--no-edit", "-m", message, env=identity_env(worktree))
+    return head_commit(worktree)
+
+
+def head_commit(worktree: Path) -> str:
+    """Return the sha HEAD points at in worktree."""
+    return _out(worktree, "rev-parse", "--verify", "HEAD^{commit}")
+
+
+def has_uncommitted(worktree: Path) -> bool:
+    """Return True if worktree has changes or untracked files not ignored."""
+    return bool(_uncommitted(worktree))
+
+
+def changed_files(worktree: Path, base: str) -> list[str]:
+    """Return the files HEAD in worktree changed since its merge-base with branch base."""
+    span = f"refs/heads/{check_branch(base)}...HEAD"
+    out = _git(worktree, "diff", "--name-only", "-z", span)[1]
+    return [p for p in out.split("\0") if p]
+
+
+def _uncommitted(worktree: Path) -> list[str]:
+    fields = iter(_git(worktree, "status", "--porcelain", "-z")[1].split("\0"))
+    paths = []
+    for entry in fields:
+        if len(entry) > 3:
+            paths.append(entry[3:])
+            if entry[0] in "RC":  # a rename or copy is followed by its source path
+                next(fields, None)
+    return paths
+
+
+def identity_env(cwd: Path) -> dict[str, str]:
+    """Return env giving commits an identity when neither config nor env has one."""
+    env: dict[str, str] = {}
+    for key, default in _IDENTITY.items():
+        if _git(cwd, "config", "--get", f"user.{key}", check=False)[1].strip():
+            continue
+        for who in ("AUTHOR", "COMMITTER"):
+            var = f"GIT_{who}_{key.upper()}"
+            if not os.environ.get(var):
+                env[var] = default
+    return env
+
+
 def _open_repo(path: Path) -> Path:
     """Return the top folder of the repository at path, or raise a GitError saying what is wrong."""
     path = path.expanduser()
@@ -214,9 +283,13 @@ class GitRepo:
         self.integration_worktree = Path(integration_worktree).expanduser().resolve()
         self.setup_hook = setup_hook or None
         self.command_timeout = command_timeout
-        lock = self.integration_worktree.parent / f".{self.integration_worktree.name}.lock"
-        self._lock = filelock.FileLock(str(lock), timeout=lock_timeout)
-        self._lock_path, self._lock_timeout = lock, lock_timeout
+        folder = self.integration_worktree.parent
+        self._lock_timeout = lock_timeout
+        # Guards the integration worktree: merges, recovery, landing, cleanup.
+        self._lock = filelock.FileLock(folder / f".{self.integration_worktree.name}.lock")
+        # Guards the repository's worktree list: concurrent `git worktree add` runs read each
+        # other's half-written entries ("failed to read .git/worktrees/w0/commondir").
+        self._admin = filelock.FileLock(folder / ".git-worktrees.lock")
 
     # -- names ---------------------------------------------------------------------------
     def branch_for(self, task_id: str) -> str:
@@ -241,13 +314,12 @@ class GitRepo:
             self._ensure_integration_worktree()
             return self._integration_tip()
 
-    def ensure_worktree(self, path: Path) -> bool:
-        """Create a worker worktree at path unless it exists; return True if it was created."""
+    def ensure_worktree(self, path: Path) -> Path:
+        """Create a worker worktree at path (detached at integration) unless it exists."""
         path = self._abs(path)
-        if self._find(path) is not None:
-            return False
-        self._add_worktree(path, self._integration_tip())
-        return True
+        if self._find(path) is None:
+            self._add_worktree(path, self._integration_tip())
+        return path
 
     def start_task(self, worktree: Path, task_id: str) -> str:
         """Check out the task's branch in worktree (new from integration, or as left); return it."""
@@ -259,7 +331,7 @@ class GitRepo:
         current = self._find(path)
         if current is not None and current.branch == branch:
             return branch  # resumed in place: keep commits and uncommitted work
-        dirty = self._uncommitted(path)
+        dirty = _uncommitted(path)
         if dirty:
             raise GitError(
                 f"{path} has uncommitted changes ({_some(dirty)}); commit or remove them "
@@ -271,37 +343,31 @@ class GitRepo:
             holder = self._holder(branch)
             if holder is not None:
                 raise GitError(f"branch {branch} is already checked out in {holder}")
-            _git(path, "switch", "--quiet", branch)
+            self._admin_git(path, "switch", "--quiet", branch)
         else:
             tip = self._integration_tip()
-            _git(path, "switch", "--quiet", "--no-track", "-c", branch, tip)
+            self._admin_git(path, "switch", "--quiet", "--no-track", "-c", branch, tip)
         return branch
 
     # -- work in a worktree --------------------------------------------------------------
     def commit_all(self, worktree: Path, message: str) -> str | None:
-        """Commit every change (untracked too, .gitignore respected); return the sha or None."""
-        path = self._abs(worktree)
-        if not message.strip():
-            raise GitError("a commit needs a message")
-        current = self._find(path)
-        if current is None or current.branch is None:
-            raise GitError(f"{path} is not a worktree on a task branch; nothing was committed")
-        _git(path, "add", "--all")
-        code, _, err = _git(path, "diff", "--cached", "--quiet", check=False)
-        if code == 0:
-            return None
-        if code != 1:
-            raise GitError(f"git diff --cached failed in {path}: {err.strip()}")
-        _git(path, "commit", "--quiet", "-m", message, env=self._identity())
-        return self.head_commit(path)
+        """Commit every change in a worker worktree; return the sha or None (see commit_all)."""
+        return commit_all(self._abs(worktree), message)
 
     def head_commit(self, worktree: Path) -> str:
         """Return the sha HEAD points at in worktree."""
-        return _out(self._abs(worktree), "rev-parse", "--verify", "HEAD^{commit}")
+        return head_commit(self._abs(worktree))
 
     def has_uncommitted(self, worktree: Path) -> bool:
         """Return True if worktree has changes or untracked files not ignored."""
-        return bool(self._uncommitted(self._abs(worktree)))
+        return has_uncommitted(self._abs(worktree))
+
+    def diff(self, branch: str) -> str:
+        """Return the patch a branch adds since its merge-base with the integration branch."""
+        branch = check_branch(branch)
+        self._require_branch(branch)
+        span = f"refs/heads/{self.integration}...refs/heads/{branch}"
+        return _git(self.root, "diff", "--stat", "--patch", span)[1]
 
     def changed_files(self, branch: str) -> list[str]:
         """Return the files a branch changed since its merge-base with the integration branch."""
@@ -369,7 +435,7 @@ class GitRepo:
         actions: list[str] = []
         interrupted: list[str] = []
         with self._locked():
-            pruned = "".join(_git(self.root, "worktree", "prune", "--verbose")[1:]).strip()
+            pruned = "".join(self._admin_git(self.root, "worktree", "prune", "-v")[1:]).strip()
             if pruned:
                 actions.append(f"pruned stale worktree entries: {pruned}")
             wt = self.integration_worktree
@@ -398,26 +464,24 @@ class GitRepo:
                 interrupted += names
                 what = f" of {', '.join(names)}" if names else ""
                 actions.append(f"dropped unverified merge {head[:12]}{what}")
-            if self._uncommitted(wt) and not actions:
+            if _uncommitted(wt) and not actions:
                 actions.append(f"discarded stray changes in {wt}")
             self._reset_integration(tip)
         return Recovery(tuple(actions), tuple(dict.fromkeys(interrupted)))
 
     # -- cleanup ---------------------------------------------------------------------------
-    def cleanup(self, worktree_paths: Iterable[Path], force: bool = False) -> CleanupResult:
-        """Remove worktrees that are clean and fully merged (any with force); prune stale ones."""
-        removed: list[Path] = []
-        refused: list[tuple[Path, str]] = []
+    def cleanup(self, worktree_paths: Iterable[Path], force: bool = False) -> list[Refusal]:
+        """Remove worktrees that are clean and fully merged (any with force); return the kept."""
+        refused: list[Refusal] = []
         with self._locked():  # never pull the integration worktree from under a merge
             for path in map(self._abs, worktree_paths):
                 reason = self._why_keep(path, force)
                 if reason:
-                    refused.append((path, reason))
+                    refused.append(Refusal(path, reason))
                 elif self._find(path) is not None:
                     flags = ["--force"] if force else []
-                    _git(self.root, "worktree", "remove", *flags, str(path))
-                    removed.append(path)
-        return CleanupResult(tuple(removed), tuple(refused))
+                    self._admin_git(self.root, "worktree", "remove", *flags, str(path))
+        return refused
 
     def _why_keep(self, path: Path, force: bool) -> str | None:
         """Return why the worktree at path must not be removed, or None."""
@@ -427,7 +491,7 @@ class GitRepo:
         if force:
             return None
         reasons = []
-        dirty = self._uncommitted(path)
+        dirty = _uncommitted(path)
         if dirty:
             reasons.append(f"uncommitted changes: {_some(dirty)}")
         ahead = self._unmerged(path, "HEAD")
@@ -448,7 +512,7 @@ class GitRepo:
         holder = self._holder(branch)
         if holder is not None:
             raise GitError(f"{branch} is checked out in {holder}; remove that worktree first")
-        _git(self.root, "branch", "--quiet", "-D", branch)
+        self._admin_git(self.root, "branch", "--quiet", "-D", branch)
 
     # -- landing in the user's branch -------------------------------------------------------
     def merge_into(self, target: str) -> Landing:
@@ -498,34 +562,30 @@ class GitRepo:
 
     # -- internals -------------------------------------------------------------------------
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+    def _locked(self, lock: filelock.FileLock | None = None) -> Iterator[None]:
+        """Hold the integration lock (or the given one); always taken in that order."""
+        lock = lock or self._lock
+        path = Path(lock.lock_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._lock.acquire()
+            lock.acquire(timeout=self._lock_timeout)
         except filelock.Timeout as e:
-            raise LockTimeout(self._lock_path, None, self._lock_timeout) from e
+            raise LockTimeout(path, None, self._lock_timeout) from e
         try:
             yield
         finally:
-            self._lock.release()
+            lock.release()
+
+    def _admin_git(self, cwd: Path, *args: str, check: bool = True) -> tuple[int, str, str]:
+        """Run a git command that reads or changes the worktree list, one at a time."""
+        with self._locked(self._admin):
+            return _git(cwd, *args, check=check)
 
     def _abs(self, path: Path) -> Path:
         path = Path(path).expanduser().resolve()
         if path == self.root or path.is_relative_to(self.root / ".git"):
             raise GitError(f"{path} cannot be a worker worktree of {self.root}")
         return path
-
-    def _identity(self) -> dict[str, str]:
-        """Return env giving commits an identity when neither config nor env has one."""
-        env: dict[str, str] = {}
-        for key, default in _IDENTITY.items():
-            if _git(self.root, "config", "--get", f"user.{key}", check=False)[1].strip():
-                continue
-            for who in ("AUTHOR", "COMMITTER"):
-                var = f"GIT_{who}_{key.upper()}"
-                if not os.environ.get(var):
-                    env[var] = default
-        return env
 
     def _rev(self, rev: str) -> str:
         code, out, _ = _git(
@@ -553,23 +613,13 @@ class GitRepo:
         into = into or f"refs/heads/{self.integration}"
         return int(_out(cwd, "rev-list", "--count", rev, "--not", into))
 
-    def _uncommitted(self, path: Path) -> list[str]:
-        fields = iter(_git(path, "status", "--porcelain", "-z")[1].split("\0"))
-        paths = []
-        for entry in fields:
-            if len(entry) > 3:
-                paths.append(entry[3:])
-                if entry[0] in "RC":  # a rename or copy is followed by its source path
-                    next(fields, None)
-        return paths
-
     def _worktrees(self) -> list[_Worktree]:
         """List live worktrees, after pruning entries whose folder is gone."""
-        # `git worktree add` marks a worktree being created as locked, so this prune cannot
-        # remove one that another worker is adding right now.
-        _git(self.root, "worktree", "prune")
+        with self._locked(self._admin):
+            _git(self.root, "worktree", "prune")
+            listing = _out(self.root, "worktree", "list", "--porcelain")
         result = []
-        for block in _out(self.root, "worktree", "list", "--porcelain").split("\n\n"):
+        for block in listing.split("\n\n"):
             fields: dict[str, str] = {}
             for line in block.splitlines():
                 key, _, value = line.partition(" ")
@@ -601,14 +651,15 @@ class GitRepo:
         if path.exists() and any(path.iterdir()):
             raise GitError(f"{path} exists and is not a worktree of {self.root}; move it away")
         path.parent.mkdir(parents=True, exist_ok=True)
-        _git(self.root, "worktree", "add", "--quiet", "--detach", str(path), commit)
+        self._admin_git(self.root, "worktree", "add", "--quiet", "--detach", str(path), commit)
         if self.setup_hook:
             code, output = run_shell(self.setup_hook, path, self.command_timeout)
             if code != 0:
                 # Remove the new worktree so the next attempt runs the hook again.
-                if _git(self.root, "worktree", "remove", "--force", str(path), check=False)[0]:
+                remove = ("worktree", "remove", "--force", str(path))
+                if self._admin_git(self.root, *remove, check=False)[0]:
                     shutil.rmtree(path, ignore_errors=True)
-                    _git(self.root, "worktree", "prune", check=False)
+                    self._admin_git(self.root, "worktree", "prune", check=False)
                 raise GitError(
                     f"setup hook {self.setup_hook!r} failed in {path} (exit {code}):\n{output}"
                 )
@@ -630,7 +681,15 @@ class GitRepo:
     ) -> tuple[str, tuple[Conflict, ...]]:
         """Merge rev in cwd; on a conflict abort it and return the conflicts with the output."""
         code, out, err = _git(
-            cwd, "merge", ff, "--no-edit", "-m", message, rev, env=self._identity(), check=False
+            cwd,
+            "merge",
+            ff,
+            "--no-edit",
+            "-m",
+            message,
+            rev,
+            env=identity_env(self.root),
+            check=False,
         )
         output = _tail((out + err).strip())
         if code == 0:

@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 _ids = itertools.count(1)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -243,7 +246,7 @@ def sse_body(reply: Reply, model: str) -> bytes:
     """Render a reply as the server-sent events of a streaming Messages response."""
     msg_id = f"msg_fake{next(_ids):06d}"
     usage = _usage(reply)
-    start = {
+    start: dict[str, Any] = {
         "id": msg_id,
         "type": "message",
         "role": "assistant",
@@ -255,6 +258,7 @@ def sse_body(reply: Reply, model: str) -> bytes:
     }
     out = [_sse("message_start", {"type": "message_start", "message": start})]
     for index, block in enumerate(_content(reply)):
+        first: dict[str, Any]
         if block["type"] == "text":
             first = {"type": "text", "text": ""}
             delta = {"type": "text_delta", "text": block["text"]}
@@ -268,7 +272,10 @@ def sse_body(reply: Reply, model: str) -> bytes:
             )
         )
         out.append(
-            _sse("content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta})
+            _sse(
+                "content_block_delta",
+                {"type": "content_block_delta", "index": index, "delta": delta},
+            )
         )
         out.append(_sse("content_block_stop", {"type": "content_block_stop", "index": index}))
     out.append(
@@ -419,8 +426,13 @@ class FakeAPI:
                 if method != "POST" or path != "/v1/messages":
                     with fake._lock:
                         fake.unknown.append(f"{method} {self.path}")
-                    self._send(404, b'{"type":"error","error":{"type":"not_found_error",'
-                               b'"message":"not found"}}', "application/json")
+                    log.warning("fake API: no such endpoint %s %s", method, self.path)
+                    self._send(
+                        404,
+                        b'{"type":"error","error":{"type":"not_found_error",'
+                        b'"message":"not found"}}',
+                        "application/json",
+                    )
                     return
                 try:
                     reply = fake.respond(req)
@@ -429,7 +441,10 @@ class FakeAPI:
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
                 if reply.status != 200:
-                    err = {"type": "error", "error": {"type": reply.error_type, "message": reply.text}}
+                    err = {
+                        "type": "error",
+                        "error": {"type": reply.error_type, "message": reply.text},
+                    }
                     self._send(reply.status, json.dumps(err).encode(), "application/json")
                     return
                 model = str(body.get("model", "claude-fake"))
@@ -451,3 +466,11 @@ def wait_for_requests(
             return True
         time.sleep(0.05)
     return pred(fake.requests)
+
+
+def claude_env(fake: FakeAPI, root: Path) -> dict[str, str]:
+    """Environment for a Claude Code child under root: private HOME and config dir, fake API."""
+    home, config = root / "home", root / "claude-config"
+    home.mkdir(parents=True, exist_ok=True)
+    config.mkdir(parents=True, exist_ok=True)
+    return {**fake.env(), "HOME": str(home), "CLAUDE_CONFIG_DIR": str(config)}

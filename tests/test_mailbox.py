@@ -112,7 +112,7 @@ def test_sender_killed_at_random_points_leaves_only_whole_messages(home: Home) -
     fork = multiprocessing.get_context("fork")  # no pydantic re-import: 30 kills stay fast
     rng = random.Random(1234)
     acked: set[str] = set()
-    leftovers = 0
+    leftovers: set[str] = set()
     kills = 30
     for _ in range(kills):
         r, w = os.pipe()
@@ -135,8 +135,8 @@ def test_sender_killed_at_random_points_leaves_only_whole_messages(home: Home) -
             out += chunk
         os.close(r)
         acked.update(line for line in out.decode().split("\n") if line)
-        leftovers += len(os.listdir(home.inbox("master").tmp))
-    print(f"{leftovers} tmp leftovers over {kills} kills")
+        leftovers.update(os.listdir(home.inbox("master").tmp))
+    print(f"{len(leftovers)} half-written tmp files left by {kills} kills")
     with mailbox.Receiver(home, "master") as rx:
         assert files(home.inbox("master").tmp) == []  # writers are dead: cleaned at start
         got = rx.fetch()
@@ -238,16 +238,23 @@ def test_receiver_killed_at_random_points(home: Home, tmp_path: Path) -> None:
     state = tmp_path / "effect.json"
     rng = random.Random(99)
     args = [sys.executable, str(CHILD), "effect", str(home.root), "eff", str(state), str(count)]
-    kills = 0
+    kills, progress = 0, [0]
+
+    def applied() -> int:
+        return len(bus_child.load_state(state)["applied"])
+
     while True:
         child = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         try:
             assert child.stdout is not None
             assert child.stdout.readline().strip() == "ready"
-            if kills < 5:
-                time.sleep(rng.uniform(0, 0.05))  # the random kill point
+            if kills < 6:
+                target = progress[-1] + rng.randint(1, 40)
+                wait_until(lambda t=target, c=child: applied() >= t or c.poll() is not None, 60)
+                time.sleep(rng.uniform(0, 0.002))  # the random kill point
                 child.kill()
                 kills += 1
+                progress.append(applied())
             if child.wait(timeout=60) == 0:
                 break
         finally:
@@ -255,6 +262,7 @@ def test_receiver_killed_at_random_points(home: Home, tmp_path: Path) -> None:
             child.wait()
             if child.stdout:
                 child.stdout.close()
+    print(f"applied after each kill: {progress}")
     _check_effect(state, count, total)
 
 

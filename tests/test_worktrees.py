@@ -9,6 +9,7 @@ from pathlib import Path
 import filelock
 import pytest
 
+from multibot import worktrees
 from multibot.errors import GitError, InvalidId, LockTimeout
 from multibot.worktrees import GitRepo, task_id_of
 
@@ -105,7 +106,7 @@ def test_tasks_merged_in_dependency_order_and_user_untouched(
     assert git(repo, "log", "-1", "--format=%an", first.commit) == "multibot"
 
     # t3 depends on t1: started after t1's merge, in the reused worktree w1, it sees a.txt.
-    assert gr.ensure_worktree(w1) is False
+    assert gr.ensure_worktree(w1) == w1.resolve()  # reused: the hook does not run again
     do_task(gr, w1, "t3", {"c.txt": (w1 / "a.txt").read_text() + "and t3\n"})
     assert gr.merge("t2", "Add b").status == "merged"
     third = gr.merge("t3", "Use a", verify_cmd="test -f a.txt && test -f b.txt")
@@ -209,10 +210,10 @@ def test_interrupted_merge_is_recovered(repo: Path, home: Path) -> None:
 
     rec = gr.recover()
     assert rec.interrupted == ("multibot/t2",)
-    assert "interrupted merge" in rec.describe()
+    assert rec and "interrupted merge" in str(rec)
     assert git(integ, "status", "--porcelain") == ""
     assert git(integ, "rev-parse", "HEAD") == tip == git(repo, "rev-parse", "multibot/integration")
-    assert gr.recover().actions == ()
+    assert not gr.recover()
     assert gr.merge("t2", "two").status == "conflict"  # the queue works again
 
 
@@ -224,8 +225,11 @@ def test_unverified_merge_left_by_crash_is_dropped(repo: Path, home: Path) -> No
     # Crash while verifying: the merge commit exists on the detached HEAD only.
     git(integ, "merge", "--no-ff", "--no-edit", "multibot/t1")
     (integ / "junk.txt").write_text("verify left this\n")
+    stale = Path(git(integ, "rev-parse", "--absolute-git-dir"), "index.lock")
+    stale.write_text("")  # git was killed mid-command
     rec = gr.recover()
     assert rec.interrupted == ("multibot/t1",)
+    assert not stale.exists() and "index.lock" in str(rec)
     assert git(integ, "rev-parse", "HEAD") == tip
     assert git(integ, "status", "--porcelain") == ""
     assert gr.merge("t1", "A").status == "merged"
@@ -242,9 +246,9 @@ def test_cleanup_keeps_unmerged_and_dirty_work(repo: Path, home: Path) -> None:
     (w2 / "b.txt").write_text("edited after the merge\n")
     (w3 / "build.log").write_text("ignored files do not count\n")
 
-    result = gr.cleanup([w1, w2, w3])
-    assert result.removed == (w3.resolve(),)
-    reasons = dict(result.refused)
+    refused = gr.cleanup([w1, w2, w3])
+    reasons = {r.path: r.reason for r in refused}
+    assert set(reasons) == {w1.resolve(), w2.resolve()}
     assert "not merged" in reasons[w1.resolve()]
     assert "uncommitted changes: b.txt" in reasons[w2.resolve()]
     assert w1.exists() and w2.exists() and not w3.exists()
@@ -254,8 +258,8 @@ def test_cleanup_keeps_unmerged_and_dirty_work(repo: Path, home: Path) -> None:
     gr.delete_branch("multibot/t3")
     assert "multibot/t3" not in gr.task_branches()
 
-    forced = gr.cleanup([w1, w2], force=True)
-    assert set(forced.removed) == {w1.resolve(), w2.resolve()}
+    assert gr.cleanup([w1, w2], force=True) == []
+    assert not w1.exists() and not w2.exists()
     assert not gr.is_merged("multibot/t1")  # the worktree went, its commits did not
     assert "a.txt" in git(repo, "ls-tree", "--name-only", "multibot/t1")
 
@@ -264,7 +268,7 @@ def test_stale_worktree_is_pruned_and_recreated(repo: Path, home: Path) -> None:
     gr = make(repo, home)
     do_task(gr, home / "w1", "t1", {"a.txt": "x\n"})
     subprocess.run(["rm", "-rf", str(home / "w1")], check=True)  # the person deleted it
-    assert gr.ensure_worktree(home / "w1") is True
+    assert gr.ensure_worktree(home / "w1").is_dir()
     assert gr.start_task(home / "w1", "t1") == "multibot/t1"
     assert (home / "w1" / "a.txt").read_text() == "x\n"
 
@@ -277,7 +281,7 @@ def test_failing_setup_hook_is_an_error_and_leaves_no_worktree(repo: Path, home:
     assert "exit 7" in str(err.value)
     assert not (home / "w1").exists()
     gr.setup_hook = "true"
-    assert gr.ensure_worktree(home / "w1") is True
+    assert gr.ensure_worktree(home / "w1").is_dir()
 
 
 @pytest.mark.parametrize("bad", ["../evil", "Upper", "-rf", "a b", "t1;rm", "", "_x", "a" * 64])
@@ -450,3 +454,39 @@ def test_workers_start_and_commit_at_the_same_time(repo: Path, home: Path) -> No
     for n in range(4):
         assert len(gr.changed_files(f"multibot/t{n}")) == 3
         assert gr.merge(f"t{n}", f"task {n}").status == "merged"
+
+
+def test_worker_side_functions_need_only_the_worktree_folder(repo: Path, home: Path) -> None:
+    gr = make(repo, home)
+    wt = gr.ensure_worktree(home / "w1")
+    with pytest.raises(GitError, match="detached HEAD"):
+        worktrees.commit_all(wt, "no branch yet")
+    gr.start_task(wt, "t1")
+    (wt / "a.txt").write_text("x\n")
+    assert worktrees.has_uncommitted(wt)
+    sha = worktrees.commit_all(wt, "work")
+    assert sha == worktrees.head_commit(wt) == gr.head_commit(wt)
+    assert worktrees.changed_files(wt, "multibot/integration") == ["a.txt"]
+    assert "+x" in gr.diff("multibot/t1")
+    with pytest.raises(InvalidId):
+        worktrees.changed_files(wt, "--output=/tmp/x")
+
+
+def test_resolved_conflict_without_diff_is_still_committed(repo: Path, home: Path) -> None:
+    gr = make(repo, home)
+    do_task(gr, home / "w1", "t1", {"app.txt": "from t1\n"})
+    do_task(gr, home / "w2", "t2", {"app.txt": "from t2\n"})
+    assert gr.merge("t1", "one").status == "merged"
+    assert gr.merge("t2", "two").status == "conflict"
+    # The conflict task: merge integration into t2's branch and keep t2's side.
+    w2 = home / "w2"
+    merge = ["git", *USER, "merge", "multibot/integration"]
+    done = subprocess.run(merge, cwd=w2, capture_output=True)
+    assert b"CONFLICT" in done.stdout, done.stderr
+    git(w2, "checkout", "--ours", "app.txt")
+    sha = worktrees.commit_all(w2, "resolve")
+    assert sha is not None
+    assert len(git(w2, "rev-list", "--parents", "-n", "1", sha).split()) == 3
+    out = gr.merge("t2", "two")
+    assert out.status == "merged"
+    assert git(repo, "show", "multibot/integration:app.txt") == "from t2"

@@ -90,7 +90,6 @@ class ShellAgent(Agent):
                 tail = "\n".join(self._tail)
                 self._finish(False, f"command failed (exit {code}): {self._current}\n{tail}", "exit")
             else:
-                self._tail.clear()
                 self._next()
         else:
             self._check_timeout(child)

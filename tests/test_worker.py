@@ -1,0 +1,259 @@
+"""The worker process with the shell backend, driven through its inbox like the master does."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from multibot import mailbox, protocol
+from multibot.layout import MASTER_ID, Home
+from multibot.worktrees import GitRepo
+from tests.helpers import wait_until
+
+
+class Rig:
+    """A home, a repository, a fake master inbox and one real worker process."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.home = Home(tmp / "home")
+        repo = tmp / "repo"
+        repo.mkdir()
+        git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run([*git, "init", "-q", "-b", "main"], cwd=repo, check=True)
+        (repo / "README.md").write_text("hi\n")
+        subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
+        subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
+        self.git = GitRepo(repo, self.home.integration_worktree)
+        self.git.ensure_integration()
+        mailbox.create_inbox(self.home, MASTER_ID)
+        mailbox.create_inbox(self.home, "w1")
+        self.master = mailbox.Receiver(self.home, MASTER_ID, rescan_s=0.2)
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.got: list[protocol.Envelope] = []
+
+    def start_worker(self, generation: int = 1) -> subprocess.Popen[bytes]:
+        argv = [
+            sys.executable,
+            "-m",
+            "multibot",
+            "--home",
+            str(self.home.root),
+            "worker",
+            "--id",
+            "w1",
+            "--backend",
+            "shell",
+            "--generation",
+            str(generation),
+        ]
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.procs.append(proc)
+        return proc
+
+    def assign(self, task_id: str, commands: list[str]) -> protocol.Envelope:
+        worktree = self.home.worktree("w1")
+        self.git.ensure_worktree(worktree)
+        branch = self.git.start_task(worktree, task_id)
+        payload = protocol.TaskAssignment(
+            title=task_id,
+            description=f"do {task_id}",
+            branch=branch,
+            working_directory=str(worktree),
+            commands=commands,
+        )
+        return self.send(payload, task_id=task_id)
+
+    def send(self, payload: protocol.Payload, task_id: str | None = None) -> protocol.Envelope:
+        m = protocol.make(payload, sender=MASTER_ID, recipient="w1", task_id=task_id)
+        mailbox.send(self.home, m)
+        return m
+
+    def expect(self, of: type, timeout: float = 20.0, **match: object) -> protocol.Envelope:
+        """Wait for a message whose payload is of type `of` (and matches fields); return it."""
+
+        def found() -> protocol.Envelope | None:
+            for m in self.master.fetch():
+                self.master.done(m)
+                self.got.append(m)
+            for m in self.got:
+                if isinstance(m.payload, of) and all(
+                    getattr(m.payload, k, getattr(m, k, None)) == v for k, v in match.items()
+                ):
+                    self.got.remove(m)
+                    return m
+            return None
+
+        return wait_until(found, timeout)
+
+    def close(self) -> None:
+        self.master.close()
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            if p.stdout:
+                p.stdout.close()
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[Rig]:
+    r = Rig(tmp_path)
+    yield r
+    r.close()
+    # An agent the test suspended must not outlive it.
+    pid_file = tmp_path / "home" / "worktrees" / "w1" / "agent.pid"
+    if pid_file.exists():
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def git_show(rig: Rig, rev: str, path: str) -> str:
+    return subprocess.run(
+        ["git", "show", f"{rev}:{path}"],
+        cwd=rig.git.root,
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
+def test_a_task_runs_commits_and_reports(rig: Rig) -> None:
+    rig.start_worker()
+    rig.assign("t1", ["echo hello > out.txt", "multibot report progress 'half way'"])
+    started = rig.expect(protocol.StatusUpdate, kind="started")
+    assert started.task_id == "t1" and started.generation == 1
+    assert rig.expect(protocol.StatusUpdate, progress="half way").sender == "w1"
+    done = rig.expect(protocol.TaskComplete)
+    p = done.payload
+    assert isinstance(p, protocol.TaskComplete)
+    assert p.files_changed == ["out.txt"] and p.commit
+    assert git_show(rig, p.commit, "out.txt") == "hello\n"
+    state = json.loads(rig.home.worker_state("w1").read_text())
+    assert state["status"] == "idle" and state["current_task"] is None
+
+
+def test_a_question_is_answered_through_the_bus(rig: Rig) -> None:
+    rig.start_worker()
+    rig.assign("t2", ["multibot ask 'which port?' --timeout 30 > port.txt"])
+    q = rig.expect(protocol.Question)
+    assert isinstance(q.payload, protocol.Question) and q.payload.question == "which port?"
+    assert q.sender == "w1" and q.task_id == "t2" and q.reply_to
+    mailbox.reply(rig.home, q, protocol.Answer(answer="8080"), sender=MASTER_ID)
+    done = rig.expect(protocol.TaskComplete)
+    assert isinstance(done.payload, protocol.TaskComplete)
+    assert git_show(rig, done.payload.commit or "", "port.txt").strip() == "8080"
+    memory = json.loads(rig.home.worker_memory("w1").read_text())
+    assert any("8080" in n for n in memory["notes"])
+
+
+def test_a_context_update_reaches_the_running_task(rig: Rig) -> None:
+    rig.start_worker()
+    rig.assign(
+        "t3",
+        [
+            'until grep -q "use tabs" "$MULTIBOT_CONTEXT_FILE"; do sleep 0.05; done',
+            'cp "$MULTIBOT_CONTEXT_FILE" seen.txt',
+        ],
+    )
+    rig.expect(protocol.StatusUpdate, kind="started")
+    rig.send(protocol.ContextUpdate(kind="discovery", text="use tabs", source="w2"), "t3")
+    done = rig.expect(protocol.TaskComplete)
+    assert isinstance(done.payload, protocol.TaskComplete)
+    assert "use tabs" in git_show(rig, done.payload.commit or "", "seen.txt")
+
+
+def test_status_request_is_answered_without_disturbing_the_task(rig: Rig) -> None:
+    rig.start_worker()
+    rig.assign("t4", ["sleep 1", "echo ok > ok.txt"])
+    rig.expect(protocol.StatusUpdate, kind="started")
+    req = rig.send(protocol.StatusRequest())
+    reply = rig.expect(protocol.StatusUpdate, kind="status")
+    assert reply.correlation_id == req.id
+    assert isinstance(reply.payload, protocol.StatusUpdate) and reply.payload.status == "working"
+    rig.expect(protocol.TaskComplete)
+
+
+def test_a_failing_command_is_an_error_message(rig: Rig) -> None:
+    rig.start_worker()
+    rig.assign("t5", ["echo about to fail", "exit 7"])
+    err = rig.expect(protocol.ErrorReport)
+    assert isinstance(err.payload, protocol.ErrorReport)
+    assert "exit 7" in err.payload.message and "about to fail" in err.payload.message
+
+
+def proc_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_pause_by_hand_edit_stops_and_continues_the_agent(rig: Rig) -> None:
+    rig.start_worker()
+    counter = rig.home.worktree("w1") / "count.txt"
+    rig.assign(
+        "t6",
+        [
+            "echo $$ > agent.pid; for i in $(seq 1 40); do echo $i > count.txt; "
+            "sleep 0.05; done; rm agent.pid"
+        ],
+    )
+    rig.expect(protocol.StatusUpdate, kind="started")
+    pid = int(
+        wait_until(
+            lambda: (
+                (rig.home.worktree("w1") / "agent.pid").exists()
+                and (rig.home.worktree("w1") / "agent.pid").read_text().strip()
+            )
+        )
+    )
+    state_path = rig.home.worker_state("w1")
+    data = json.loads(state_path.read_text())
+    data["paused"] = True
+    state_path.write_text(json.dumps(data, indent=2))  # a person's edit, in place
+    wait_until(lambda: proc_state(pid) == "T", 5)
+    frozen = counter.read_text()
+    # While stopped, the counter cannot move: check it over a few worker ticks.
+    wait_until(lambda: json.loads(state_path.read_text())["status"] == "paused", 5)
+    assert counter.read_text() == frozen and proc_state(pid) == "T"
+    data = json.loads(state_path.read_text())
+    data["paused"] = False
+    state_path.write_text(json.dumps(data, indent=2))
+    wait_until(lambda: proc_state(pid) != "T", 5)
+    done = rig.expect(protocol.TaskComplete, timeout=30)
+    assert isinstance(done.payload, protocol.TaskComplete)
+    assert git_show(rig, done.payload.commit or "", "count.txt").strip() == "40"
+
+
+def test_terminate_commits_work_in_progress_and_reports(rig: Rig) -> None:
+    proc = rig.start_worker()
+    rig.assign("t7", ["echo draft > draft.txt; sleep 30"])
+    rig.expect(protocol.StatusUpdate, kind="started")
+    wait_until(lambda: (rig.home.worktree("w1") / "draft.txt").exists())
+    rig.send(protocol.Terminate(reason="test"))
+    err = rig.expect(protocol.ErrorReport, kind="terminated")
+    assert isinstance(err.payload, protocol.ErrorReport) and "committed" in err.payload.message
+    assert proc.wait(timeout=10) == 0
+    assert git_show(rig, "multibot/t7", "draft.txt") == "draft\n"
+
+
+def test_an_older_generation_cannot_come_back(rig: Rig) -> None:
+    new = rig.start_worker(generation=2)
+    wait_until(
+        lambda: (
+            rig.home.worker_state("w1").exists()
+            and json.loads(rig.home.worker_state("w1").read_text())["generation"] == 2
+        )
+    )
+    old = rig.start_worker(generation=1)
+    assert old.wait(timeout=20) == 3  # EXIT_REPLACED: it writes nothing and leaves
+    assert json.loads(rig.home.worker_state("w1").read_text())["generation"] == 2
+    assert new.poll() is None
