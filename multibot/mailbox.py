@@ -117,6 +117,8 @@ def broadcast(home: Home, message: Envelope, *, fsync: bool = True) -> list[Path
     if message.recipient != BROADCAST:
         raise ValueError(f"broadcast() needs recipient '*', not {message.recipient!r}")
     data, paths = protocol.encode(message), []
+    # a SendError stops here; copies already delivered stay, and a resent id is dropped by
+    # every receiver that handled it
     for owner in list_inboxes(home):
         if owner == message.sender or owner.startswith(EPHEMERAL_PREFIX):
             continue
@@ -260,6 +262,7 @@ class Receiver:
         self._log_fd = os.open(
             self.paths.handled_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
         )
+        self._tmp_max_age_s = tmp_max_age_s
         _clean_tmp(self.paths.tmp, tmp_max_age_s, clock())
         # claimed before a crash and never recorded as handled: deliver again, first
         self._backlog = [n for n in _names(self.paths.cur) if _id_of(n) not in self._handled]
@@ -316,7 +319,10 @@ class Receiver:
         return message_id in self._handled
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the doorbell rings or the rescan interval passes; True if it rang."""
+        """Block until the doorbell rings or the rescan interval passes; True if it rang.
+
+        First recreates a deleted new/ and restarts a dead or stale observer.
+        """
         self._check_watch()
         limit = self.rescan_s if timeout is None else max(0.0, min(timeout, self.rescan_s))
         rung = self._bell.wait(limit)
@@ -331,8 +337,13 @@ class Receiver:
         rejected_max_age_s: float | None = None,
         now: float | None = None,
     ) -> int:
-        """Delete the oldest handled files in cur/ beyond the limits; return how many went."""
+        """Delete the oldest handled files in cur/ beyond the limits; return how many went.
+
+        Unhandled files are never deleted. The ledger keeps only the ids whose files remain,
+        so a resend of a pruned id would be handled again: prune well past any resend window.
+        """
         now = self._clock() if now is None else now
+        _clean_tmp(self.paths.tmp, self._tmp_max_age_s, now)
         handled = [n for n in _names(self.paths.cur) if _id_of(n) in self._handled]
         drop = set(handled[: max(0, len(handled) - max_count)] if max_count is not None else [])
         if max_age_s is not None:
@@ -396,7 +407,8 @@ class Receiver:
         sender = _sender_of(raw)
         note = {"file": target.name, "reason": reason, "time": self._clock(), "sender": sender}
         sidecar = target.with_name(target.name + ".reason.json")
-        atomic_write(sidecar, json.dumps(note, indent=2).encode(), fsync=self._durable)
+        with contextlib.suppress(OSError):  # the file is set aside already; go on regardless
+            atomic_write(sidecar, json.dumps(note, indent=2).encode(), fsync=self._durable)
         if sender is None or sender == self.owner:
             return None
         error = protocol.ErrorReport(
@@ -485,7 +497,8 @@ def _make_observer() -> BaseObserver:
 def _read(path: Path) -> tuple[bytes, str | None]:
     """Return a claimed file's bytes and what makes it unreadable, if anything."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # a symlink must not read elsewhere
+        # no symlink may make us read elsewhere; a FIFO must not block the loop
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -524,7 +537,7 @@ def _valid_id(value: str) -> bool:
 def _sender_of(raw: bytes) -> str | None:
     try:
         value = json.loads(raw).get("sender")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         found = _SENDER.search(raw[:_HEAD])
         value = found.group(1).decode() if found else None
     return value if isinstance(value, str) and _valid_id(value) else None

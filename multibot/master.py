@@ -108,7 +108,7 @@ class Master:
         self.out = out or sys.stdout
         self.clock, self.mono = clock, monotonic
         self.sys_file = StateFile(home.system_state, SystemState, default=SystemState)
-        self.plan_file = StateFile(home.plan, Plan, default=None)
+        self.plan_file = StateFile(home.plan, Plan, default=Plan)
         self.context_file = StateFile(home.context, SharedContext, default=SharedContext)
         self.sys = SystemState()
         self.plan = Plan()
@@ -143,8 +143,11 @@ class Master:
         if note:
             self.event("merge-recovered", str(note))
 
-    def start_new(self, plan: Plan, goal: str, run_id: str) -> None:
-        """Begin a new run with a validated plan."""
+    def start_new(
+        self, plan: Plan, goal: str, run_id: str, *, opus_session: str | None = None,
+        opus_cost_usd: float = 0.0,
+    ) -> None:
+        """Begin a new run with a validated plan (and the Opus session that made it)."""
         for path in (self.home.state_dir, self.home.tasks_dir, self.home.workers_dir):
             path.mkdir(parents=True, exist_ok=True)
         mailbox.create_inbox(self.home, MASTER_ID)
@@ -156,7 +159,9 @@ class Master:
             backend=self.backend,
             master_pid=os.getpid(),
             phase="awaiting_approval" if self.config.approve_plan else "running",
+            opus_session=opus_session,
         )
+        self.sys.metrics.totals.cost_usd = opus_cost_usd  # planning is part of the run's spend
         self.sys.git.repo, self.sys.git.integration_branch = str(self.repo), self.git.integration
         self.sys.git.base = self.config.base_branch or "HEAD"
         self.sys_file.update(lambda _: self.sys.model_copy(deep=True))
@@ -226,7 +231,7 @@ class Master:
                 self.questions[path.stem] = q
 
     def add_task(self, rec: TaskRecord) -> None:
-        f = StateFile(self.home.task(rec.id), TaskRecord, default=None)
+        f = StateFile(self.home.task(rec.id), TaskRecord, default=lambda: rec)
         self.tasks[rec.id], self.task_files[rec.id] = rec, f
         f.update(lambda _: rec)
         if rec.id not in self.order:
@@ -345,7 +350,7 @@ class Master:
             id=qid, message_id=m.id, worker=m.sender, task_id=m.task_id,
             question=p.question, context=p.context, reply_to=m.reply_to,
         )
-        f = StateFile(self.home.question(qid), QuestionRecord, default=None)
+        f = StateFile(self.home.question(qid), QuestionRecord, default=lambda: q)
         self.home.questions_dir.mkdir(parents=True, exist_ok=True)
         f.update(lambda _: q)
         self.questions[qid] = f

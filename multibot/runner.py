@@ -116,16 +116,19 @@ def _run_master(
         if existing is not None:
             dest = archive_run(home, existing.run_id)
             master.show(f"earlier run archived in {dest}")
+        opus_session, opus_cost = None, 0.0
         if plan_file is not None:
             plan = load_plan_file(plan_file)
         elif goal:
             from multibot.opus import plan_with_opus
 
-            plan = plan_with_opus(home, config, repo, goal, out=master.out)
+            plan, opus_session, opus_cost = plan_with_opus(home, config, repo, goal, out=master.out)
         else:
             raise MultibotError("give --goal TEXT (Opus plans it) or --plan FILE")
         run_id = time.strftime("%Y%m%d-%H%M%S")
-        master.start_new(plan, goal or plan.goal, run_id)
+        master.start_new(
+            plan, goal or plan.goal, run_id, opus_session=opus_session, opus_cost_usd=opus_cost
+        )
     try:
         return master.run()
     finally:

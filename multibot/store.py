@@ -79,7 +79,7 @@ def parse(path: Path, raw: bytes, model: type[M]) -> M:
         errors = e.errors()
         loc = errors[0]["loc"]
         more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        field = ".".join(str(p) for p in loc) or None
+        field = ".".join(str(p) for p in loc) if loc else None
         at = _line_of(text, loc) if loc else 1  # no location: the document as a whole
         raise StateError(path, errors[0]["msg"] + more, at, None, field) from e
 

@@ -392,18 +392,20 @@ def test_bad_files_set_aside_sender_told_and_flow_goes_on(home: Home) -> None:
         "d-recipient.json": json.dumps(_envelope_dict(recipient="carol")).encode(),
         "e-oversized.json": b'{"sender": "bob", "x": "' + b"y" * 1_100_000 + b'"}',
         "f-anonymous.json": b"not json at all",
+        "f-deep.json": b"[" * 100_000 + b"]" * 100_000,
     }
     for name, raw in bad.items():
         (new / name).write_bytes(raw)
     os.symlink("/etc/hostname", new / "g-symlink.json")
     (new / "h-folder.json").mkdir()
+    os.mkfifo(new / "i-fifo.json")  # opening it for reading must not block the loop
     with mailbox.Receiver(home, "master", watch=False) as rx:
         assert rx.fetch() == []
         good = note("w1", "master", "still flowing")
         mailbox.send(home, good)
         assert rx.fetch() == [good]
     rejected = home.inbox("master").rejected
-    names = [*bad, "g-symlink.json", "h-folder.json"]
+    names = [*bad, "g-symlink.json", "h-folder.json", "i-fifo.json"]
     assert files(rejected) == sorted([*names, *(f"{n}.reason.json" for n in names)])
     reasons = {n: json.loads((rejected / f"{n}.reason.json").read_text()) for n in names}
     assert "payload.CONTEXT_UPDATE.text" in reasons["b-schema.json"]["reason"]
