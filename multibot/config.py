@@ -37,31 +37,37 @@ class MasterConfig(_Config):
     verify_attempts: int = Field(3, ge=1, description="Tries of a task whose verify fails.")
     review: bool = Field(False, description="Have Opus review each diff before merging.")
     verify: str | None = Field(None, description="Project check run after every merge.")
-    integration_branch: str = "multibot/integration"
+    integration_branch: str = Field(
+        "multibot/integration", description="Where finished tasks are merged."
+    )
     base_branch: str | None = Field(None, description="Branch to start from; None = HEAD.")
     approve_plan: bool = Field(False, description="Wait for the person to approve the plan.")
     budget_usd: float | None = Field(None, ge=0, description="Stop assigning past this spend.")
     task_budget_usd: float | None = Field(None, ge=0, description="Per-task spend limit.")
     task_timeout_minutes: float = Field(60.0, gt=0, description="A task running longer stops.")
-    planner_model: str = "opus"
+    planner_model: str = Field("opus", description="Model that plans, answers and reviews.")
     planner_attempts: int = Field(3, ge=1, description="Tries to get a valid plan from Opus.")
     idle_worker_timeout: float = Field(30.0, ge=0, description="Stop a worker idle this long.")
-    max_panes_per_window: int = Field(6, ge=1, le=20)
+    max_panes_per_window: int = Field(6, ge=1, le=20, description="Worker panes per window.")
     tick: float = Field(0.05, gt=0, le=5, description="Master loop period, seconds.")
     rescan_interval: float = Field(1.0, gt=0, description="Inbox rescan without events.")
     worktree_setup: str | None = Field(None, description="Shell command run in new worktrees.")
     tmux_socket: str = Field("multibot", description="tmux -L socket of the session.")
-    tmux_session: str = "multibot"
-    claude_bin: str = "claude"
+    tmux_session: str = Field("multibot", description="tmux session name.")
+    claude_bin: str = Field("claude", description="The claude binary the planner runs.")
 
 
 class WorkerTemplate(_Config):
     """config/worker-template.json: how workers run their agent."""
 
-    backend: Literal["claude", "shell"] = "claude"
-    model: Literal["haiku", "sonnet", "opus"] = "sonnet"
-    permission_mode: str = "acceptEdits"
-    allowed_tools: tuple[str, ...] = (
+    backend: Literal["claude", "shell"] = Field("claude", description="What runs a task.")
+    model: Literal["haiku", "sonnet", "opus"] = Field(
+        "sonnet", description="Model when a task names none."
+    )
+    permission_mode: str = Field("acceptEdits", description="claude --permission-mode.")
+    allowed_tools: tuple[str, ...] = Field(
+        description="claude --allowedTools.",
+        default=(
         "Bash",
         "Read",
         "Write",
@@ -70,11 +76,12 @@ class WorkerTemplate(_Config):
         "Glob",
         "Grep",
         "TodoWrite",
+        ),
     )
-    disallowed_tools: tuple[str, ...] = ()
-    extra_args: tuple[str, ...] = ()
-    capabilities: tuple[str, ...] = ()
-    claude_bin: str = "claude"
+    disallowed_tools: tuple[str, ...] = Field((), description="claude --disallowedTools.")
+    extra_args: tuple[str, ...] = Field((), description="More arguments for claude.")
+    capabilities: tuple[str, ...] = Field((), description="What workers offer tasks that need it.")
+    claude_bin: str = Field("claude", description="The claude binary workers run.")
     tick: float = Field(0.05, gt=0, le=5, description="Worker loop period, seconds.")
 
 
@@ -110,3 +117,12 @@ def load_worker(home: Home) -> WorkerTemplate:
     cfg = _load(home.worker_template, WorkerTemplate)
     assert isinstance(cfg, WorkerTemplate)
     return cfg
+
+
+def settings_table(model: type[_Config]) -> str:
+    """Return a Markdown table of a config model's settings, defaults and meanings (for docs)."""
+    rows = ["| setting | default | meaning |", "| --- | --- | --- |"]
+    for name, f in model.model_fields.items():
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        rows.append(f"| `{name}` | `{json.dumps(default)}` | {f.description or ''} |")
+    return "\n".join(rows)

@@ -419,7 +419,8 @@ def run_call(
     try:
         if register is not None and not register(proc):
             _kill_group(proc)
-            proc.communicate(timeout=10)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.communicate(timeout=10)
             return OpusReply(ok=False, text="stopped: the advisor is closing")
         try:
             out, err = proc.communicate(prompt, timeout=timeout_s)
