@@ -2,10 +2,11 @@
 
 How Claude Code 2.1.328 behaves here (checked against the real binary and a fake API):
 
-- With ``--input-format stream-json`` every user line we write on stdin is a *command*. With
-  ``--replay-user-messages`` and a ``uuid`` on our line, the CLI reports its life on stdout:
-  ``command_lifecycle`` lines with ``state`` queued, started, then completed (cancelled when
-  the turn failed), and echoes the line back with ``isReplay: true``.
+- With ``--input-format stream-json`` every user line we write on stdin is a *command*. When
+  the line carries a ``uuid``, the CLI reports its life on stdout: ``command_lifecycle`` lines
+  with ``state`` queued, started, then completed (cancelled when the turn failed).
+  ``--replay-user-messages`` also echoes the line back (``isReplay: true``) when the model
+  takes it in, which the pane shows.
 - A line written while a turn runs (e.g. during a tool call) is NOT a turn of its own: it is
   queued, then merged into the running turn and shown to the model with the next request
   (after the current tool result, as "The user sent a new message while you were working").
@@ -26,6 +27,11 @@ resumed, so this task's spend is the sum of each result's ``model_usage_since_la
 transcript lives under ``<config>/projects/``); elsewhere it fails with "No conversation found",
 and then this backend starts a fresh session with the same prompt. The config dir may be empty
 or missing: the CLI creates what it needs in ``-p`` mode.
+
+stderr is read apart from stdout: merged, a stderr write could split a JSON line longer than
+the pipe buffer. Its last lines only go into the summary of a process that ended without a
+result. The timeout counts running time only (not time suspended); the budget is enforced by
+the CLI (``--max-budget-usd``) and again here from the results' cost.
 """
 
 from __future__ import annotations
