@@ -285,7 +285,7 @@ def cmd_report(a: argparse.Namespace, home: Home) -> int:
     wid, task, gen = _agent_identity()
     text = " ".join(a.text)
     status = {"blocked": "blocked"}.get(a.kind, "working")
-    payload = protocol.StatusUpdate(status=status, kind=a.kind, progress=text)  # type: ignore[arg-type]
+    payload = protocol.StatusUpdate(status=status, kind=a.kind, progress=text)
     mailbox.send(
         home, protocol.make(payload, sender=wid, recipient=MASTER_ID, generation=gen, task_id=task)
     )

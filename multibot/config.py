@@ -30,8 +30,9 @@ class MasterConfig(_Config):
     restart_backoff_max: float = Field(30.0, ge=0, description="Longest restart delay.")
     max_restarts: int = Field(4, ge=0, description="Restarts before a worker is marked failed.")
     question_policy: Literal["auto", "human", "auto_with_window"] = Field(
-        "auto", description="Who answers workers' questions: Opus, the person, or Opus after a "
-        "window in which the person may answer first."
+        "auto",
+        description="Who answers workers' questions: Opus, the person, or Opus after a "
+        "window in which the person may answer first.",
     )
     override_window: float = Field(30.0, ge=0, description="Seconds for auto_with_window.")
     verify_attempts: int = Field(3, ge=1, description="Tries of a task whose verify fails.")
@@ -68,14 +69,14 @@ class WorkerTemplate(_Config):
     allowed_tools: tuple[str, ...] = Field(
         description="claude --allowedTools.",
         default=(
-        "Bash",
-        "Read",
-        "Write",
-        "Edit",
-        "MultiEdit",
-        "Glob",
-        "Grep",
-        "TodoWrite",
+            "Bash",
+            "Read",
+            "Write",
+            "Edit",
+            "MultiEdit",
+            "Glob",
+            "Grep",
+            "TodoWrite",
         ),
     )
     disallowed_tools: tuple[str, ...] = Field((), description="claude --disallowedTools.")

@@ -420,6 +420,9 @@ class Master:
                 self.advisor.ask(qid, q.question, q.context)
                 del self.pending_window[qid]
         for advice in self.advisor.poll():
+            session = getattr(self.advisor, "session_id", None)
+            if session and session != self.sys.opus_session:
+                self.sys.opus_session = session  # a lost session was replaced: keep the new one
             self.sys.metrics.totals.cost_usd += advice.cost_usd
             if advice.kind == "answer":
                 if advice.ok:
@@ -567,15 +570,15 @@ class Master:
         for tid, f in self.task_files.items():
             if not f.changed():
                 continue
-            disk = f.read()
+            edited = f.read()
             problem = f.problem()
             if problem:
                 self.report_problem(problem)
                 continue
             rec = self.tasks[tid]
-            if (disk.hold, disk.cancel, disk.task.priority) != (rec.hold, rec.cancel, rec.task.priority):
-                rec.hold, rec.cancel = disk.hold, disk.cancel
-                rec.task = rec.task.model_copy(update={"priority": disk.task.priority})
+            if (edited.hold, edited.cancel, edited.task.priority) != (rec.hold, rec.cancel, rec.task.priority):
+                rec.hold, rec.cancel = edited.hold, edited.cancel
+                rec.task = rec.task.model_copy(update={"priority": edited.task.priority})
                 self.event("task-edited", f"{tid}: hold={rec.hold} cancel={rec.cancel} "
                            f"priority={rec.task.priority}", task=tid)
                 if rec.cancel and rec.status not in ("merged", "cancelled"):

@@ -48,9 +48,9 @@ def overlaps(a: Sequence[str], b: Sequence[str]) -> bool:
                 return True
             # Two globs: compare their literal prefixes (conservative).
             px, py = x.split("*")[0].split("?")[0], y.split("*")[0].split("?")[0]
-            if ("*" in x or "?" in x) and ("*" in y or "?" in y):
-                if px.startswith(py) or py.startswith(px):
-                    return True
+            both_globs = ("*" in x or "?" in x) and ("*" in y or "?" in y)
+            if both_globs and (px.startswith(py) or py.startswith(px)):
+                return True
     return False
 
 

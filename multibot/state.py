@@ -53,7 +53,9 @@ class PlanTask(Record):
     dependencies: list[str] = []
     priority: int = Field(0, description="Higher runs first (editable).")
     owns: list[str] = Field([], description="Files or globs this task may change.")
-    model: Model = Field("sonnet", description="haiku for simple, sonnet for normal, opus for hard.")
+    model: Model = Field(
+        "sonnet", description="haiku for simple, sonnet for normal, opus for hard."
+    )
     verify: str | None = Field(None, description="Shell command run in the worktree when done.")
     estimate_minutes: float = 10.0
     commands: list[str] = Field([], description="Shell backend: commands to run in order.")
@@ -207,9 +209,7 @@ class TaskIndex(Record):
     failed: list[str] = []
 
 
-Phase = Literal[
-    "starting", "planning", "awaiting_approval", "running", "done", "failed", "stopped"
-]
+Phase = Literal["starting", "planning", "awaiting_approval", "running", "done", "failed", "stopped"]
 
 
 class SystemState(StateFileModel):

@@ -385,7 +385,7 @@ class Worker:
                 outcome.error_kind or "", "agent"
             )
             report = protocol.ErrorReport(
-                kind=kind,  # type: ignore[arg-type]
+                kind=kind,
                 message=outcome.summary[-2000:],
                 recoverable=kind != "budget",
                 detail=outcome.error_kind or "",
@@ -414,8 +414,8 @@ class Worker:
     # -- output -----------------------------------------------------------------------------
     def _status_update(self, kind: str, progress: str = "") -> protocol.StatusUpdate:
         return protocol.StatusUpdate(
-            status=self.status,  # type: ignore[arg-type]
-            kind=kind,  # type: ignore[arg-type]
+            status=self.status,
+            kind=kind,
             progress=progress,
             current_tool=self.current_tool,
             turns=self.turns,

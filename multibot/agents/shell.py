@@ -88,7 +88,9 @@ class ShellAgent(Agent):
             if code != 0:
                 self._child = None
                 tail = "\n".join(self._tail)
-                self._finish(False, f"command failed (exit {code}): {self._current}\n{tail}", "exit")
+                self._finish(
+                    False, f"command failed (exit {code}): {self._current}\n{tail}", "exit"
+                )
             else:
                 self._next()
         else:
