@@ -84,11 +84,15 @@ def cmd_dashboard(a: argparse.Namespace, home: Home) -> int:
 
     try:
         while True:
-            text = render(snapshot(home))
+            ok = True
+            try:
+                text = render(snapshot(home))
+            except Exception as exc:  # the status pane must outlive any one bad read
+                ok, text = False, f"status unavailable for now ({type(exc).__name__}: {exc})"
             sys.stdout.write("\x1b[H\x1b[2J" + text + "\n")
             sys.stdout.flush()
             if a.once:
-                return 0
+                return 0 if ok else 1
             time.sleep(a.interval)  # a refresh period, not synchronisation
     except KeyboardInterrupt:
         return 0
@@ -360,7 +364,7 @@ def cmd_merge(a: argparse.Namespace, home: Home) -> int:
 def cmd_cleanup(a: argparse.Namespace, home: Home) -> int:
     from multibot.runner import cleanup
 
-    return cleanup(home, force=a.force)
+    return cleanup(home, force=a.force, stop=a.stop)
 
 
 @command("setup-worktrees")
@@ -403,7 +407,10 @@ def cmd_session(a: argparse.Namespace, home: Home) -> int:
 def cmd_follow(a: argparse.Namespace, home: Home) -> int:
     from multibot.runner import follow
 
-    return follow(home, timeout=a.timeout)
+    try:
+        return follow(home, timeout=a.timeout, socket=a.socket, session=a.session)
+    except KeyboardInterrupt:
+        return 130
 
 
 # == the parser ===============================================================================
@@ -475,6 +482,9 @@ def parser() -> argparse.ArgumentParser:
     mg.add_argument("--into", required=True)
     cl = sub.add_parser("cleanup", help="remove merged worktrees, prune stale ones")
     cl.add_argument("--force", action="store_true", help="also delete unmerged work")
+    cl.add_argument(
+        "--stop", action="store_true", help="first stop the run: its tmux session and processes"
+    )
     sw = sub.add_parser("setup-worktrees", help="create worktrees for N workers ahead of time")
     sw.add_argument("--repo", required=True)
     sw.add_argument("count", type=int)
@@ -487,6 +497,8 @@ def parser() -> argparse.ArgumentParser:
     ss.add_argument("master_args", nargs=argparse.REMAINDER)
     fo = sub.add_parser("follow", help="print the master's log until the run ends")
     fo.add_argument("--timeout", type=float, default=None)
+    fo.add_argument("--socket", help="tmux socket of the run's session (to see its master exit)")
+    fo.add_argument("--session", help="tmux session of the run")
     return p
 
 

@@ -6,9 +6,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from multibot.errors import MultibotError
 from multibot.layout import Home
 
 PLAN = Path(__file__).resolve().parent.parent / "examples" / "demo" / "plan.json"
+# What a demo home holds after a run: prepare() deletes a home only if it holds nothing else.
+DEMO_ENTRIES = frozenset({"sample-repo", "config", "state", "communication", "worktrees"})
 DEMO_CONFIG = """{
   "_comment": "Settings for the offline demo; see docs/configuration.md for every setting.",
   "max_workers": 3,
@@ -22,7 +25,14 @@ DEMO_CONFIG = """{
 def prepare(home: Home) -> tuple[Path, Path]:
     """Create a fresh demo home with a sample repository; return (repo, plan file)."""
     if home.root.exists():
-        shutil.rmtree(home.root)  # the demo home holds only demo data
+        # An earlier demo is wiped; anything else (`--home .` by mistake) is refused.
+        alien = sorted(p.name for p in home.root.iterdir() if p.name not in DEMO_ENTRIES)
+        if alien:
+            raise MultibotError(
+                f"{home.root} is not a demo home (it holds {', '.join(alien[:5])}); the demo "
+                "starts by deleting its home, so give it a new or empty folder"
+            )
+        shutil.rmtree(home.root)
     repo = home.root / "sample-repo"
     (repo / "calc").mkdir(parents=True)
     (repo / "calc" / "__init__.py").write_text('"""A tiny calculator, grown by multibot."""\n')

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, EventQueue, ObservedWatch
 
 from multibot import protocol
 from multibot.atomic import atomic_write, fsync_dir, unique_name, write_durable
@@ -65,6 +65,7 @@ TMP_MAX_AGE_S = 600.0
 _TMP_WRITER = re.compile(r"\.P(\d+)Q\d+\.(.+)$")  # pid and host inside atomic.unique_name()
 _SENDER = re.compile(rb'"sender"\s*:\s*"([a-z0-9][a-z0-9_-]{0,62})"')
 _HEAD = 65536
+Bell = threading.Event
 
 
 # -- inboxes --------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ class Receiver:
     ) -> None:
         self.home, self.owner = home, check_id(owner, "inbox id")
         self.paths = create_inbox(home, owner)
-        self._new, self._cur = self.paths.new, self.paths.cur
+        self._new, self._cur = str(self.paths.new), str(self.paths.cur)  # str: hot path
         self.rescan_s, self._durable, self._watch, self._clock = rescan_s, durable, watch, clock
         self._bell = threading.Event()
         self._observer: BaseObserver | None = None
@@ -283,20 +284,19 @@ class Receiver:
 
     def fetch(self) -> list[Envelope]:
         """Claim everything waiting, in order; return the valid messages not yet handled."""
-        paths = [self._cur / n for n in self._backlog]
-        self._backlog = []
+        claimed, self._backlog = self._backlog, []
         try:
             waiting = _names(self._new)
         except FileNotFoundError:
             create_inbox(self.home, self.owner)
             waiting = []
         for name in waiting:
-            claimed = self._claim(name)
-            if claimed is not None:
-                paths.append(claimed)
+            as_name = self._claim(name)
+            if as_name is not None:
+                claimed.append(as_name)
         out = []
-        for path in paths:
-            message = self._load(path)
+        for name in claimed:
+            message = self._load(name)
             if message is not None and message.id not in self._handled:
                 out.append(message)
         return out
@@ -368,40 +368,41 @@ class Receiver:
 
     # -- internals --------------------------------------------------------------------
 
-    def _claim(self, name: str) -> Path | None:
-        target = self._cur / name
-        if os.path.lexists(target):  # same name claimed earlier: keep both for audit
-            target = self._cur / f"{name.removesuffix('.json')}_{secrets.token_hex(4)}.json"
+    def _claim(self, name: str) -> str | None:
+        """Move new/name into cur/; return its name there, None if someone else took it."""
+        as_name = name
+        if os.path.lexists(f"{self._cur}/{name}"):  # same name claimed earlier: keep both
+            as_name = f"{name.removesuffix('.json')}_{secrets.token_hex(4)}.json"
         try:
-            os.rename(self._new / name, target)
-        except FileNotFoundError:  # someone else claimed it
+            os.rename(f"{self._new}/{name}", f"{self._cur}/{as_name}")
+        except FileNotFoundError:
             return None
-        return target
+        return as_name
 
-    def _load(self, path: Path) -> Envelope | None:
+    def _load(self, name: str) -> Envelope | None:
         try:
-            raw, problem = _read(path)
+            raw, problem = _read(f"{self._cur}/{name}")
         except FileNotFoundError:
             return None
         message = None
         if problem is None:
             try:
-                message = protocol.decode(raw, path)
+                message = protocol.decode(raw)
             except DecodeError as exc:
                 problem = exc.cause
         if message is not None and message.recipient not in (self.owner, BROADCAST):
             problem = f"addressed to {message.recipient!r}, not {self.owner!r}"
         if problem is not None:
-            self._reject(path, problem, raw)
+            self._reject(name, problem, raw)
             return None
         return message
 
-    def _reject(self, path: Path, reason: str, raw: bytes) -> None:
-        target = self.paths.rejected / path.name
+    def _reject(self, name: str, reason: str, raw: bytes) -> None:
+        target = self.paths.rejected / name
         if os.path.lexists(target):
-            target = target.with_name(f"{path.name}.{secrets.token_hex(4)}")
+            target = target.with_name(f"{name}.{secrets.token_hex(4)}")
         try:
-            os.rename(path, target)
+            os.rename(self.paths.cur / name, target)
         except FileNotFoundError:
             return None
         sender = _sender_of(raw)
@@ -413,7 +414,7 @@ class Receiver:
             return None
         error = protocol.ErrorReport(
             kind="protocol",
-            message=f"message {path.name} rejected by {self.owner}",
+            message=f"message {name} rejected by {self.owner}",
             recoverable=False,
             detail=reason,
         )
@@ -435,14 +436,10 @@ class Receiver:
         if alive and ino == self._watched_ino:
             return
         self._stop_observer()
-        obs = _make_observer()
         try:
-            obs.schedule(_Doorbell(self._bell), str(self.paths.new))
-            obs.start()
+            self._observer, self._watched_ino = _watch(self.paths.new, self._bell), ino
         except OSError:  # folder vanished again: the rescan covers us, retry on the next wait
-            obs.stop()
             return
-        self._observer, self._watched_ino = obs, ino
 
     def _stop_observer(self) -> None:
         obs, self._observer = self._observer, None
@@ -452,29 +449,35 @@ class Receiver:
                 obs.join()
 
 
-class _Doorbell(FileSystemEventHandler):
-    def __init__(self, bell: threading.Event) -> None:
-        self._bell = bell
-
-    def dispatch(self, event: FileSystemEvent) -> None:
-        self._bell.set()
-
-
 if InotifyEmitter is not None:
 
     class _ArrivalEmitter(InotifyEmitter):
-        # watchdog holds each IN_MOVED_FROM back 0.5 s to pair it with a move-to, and that
-        # delays every later event; our own claims move files out of new/, so listen only to
-        # arrivals (create, move-to) and to the folder's own deletion.
+        """Ring the bell on arrivals, straight from the emitter thread.
+
+        Only arrivals (create, move-to) and the folder's own deletion are subscribed: watchdog
+        holds each IN_MOVED_FROM back 0.5 s to pair it with a move-to, which would delay every
+        later event, and our own claims move files out of new/. Ringing here rather than in a
+        handler saves the observer thread's hop and dispatch work on every message.
+        """
+
+        def __init__(
+            self, event_queue: EventQueue, watch: ObservedWatch, *, bell: Bell, **kw: Any
+        ) -> None:
+            super().__init__(event_queue, watch, **kw)
+            self._bell = bell
+
         def get_event_mask_from_filter(self) -> Mask:
             c = InotifyConstants
             return Mask(c.IN_CREATE | c.IN_MOVED_TO | c.IN_DELETE_SELF)
 
+        def queue_event(self, event: FileSystemEvent) -> None:
+            self._bell.set()
+
     class _InboxObserver(BaseObserver):
-        def __init__(self) -> None:
+        def __init__(self, bell: Bell) -> None:
             self._fd = InotifyFD()  # private, so stopping it never affects another Receiver
             self._fd.start()
-            super().__init__(_ArrivalEmitter, inotify_fd=self._fd)
+            super().__init__(_ArrivalEmitter, inotify_fd=self._fd, bell=bell)
 
         def on_thread_stop(self) -> None:
             super().on_thread_stop()
@@ -483,18 +486,36 @@ if InotifyEmitter is not None:
                 self._fd.join()
 
 
-def _make_observer() -> BaseObserver:
-    if InotifyEmitter is not None:
-        return _InboxObserver()
-    from watchdog.observers import Observer  # pragma: no cover
+class _Doorbell(FileSystemEventHandler):
+    def __init__(self, bell: Bell) -> None:
+        self._bell = bell
 
-    return Observer()  # pragma: no cover
+    def dispatch(self, event: FileSystemEvent) -> None:
+        self._bell.set()
+
+
+def _watch(folder: Path, bell: Bell) -> BaseObserver:
+    """Start an observer that rings bell when a file arrives in folder (OSError if it cannot)."""
+    if InotifyEmitter is not None:
+        obs: BaseObserver = _InboxObserver(bell)
+        obs.schedule(FileSystemEventHandler(), str(folder))
+    else:  # pragma: no cover - other platforms
+        from watchdog.observers import Observer
+
+        obs = Observer()
+        obs.schedule(_Doorbell(bell), str(folder))
+    try:
+        obs.start()
+    except BaseException:
+        obs.stop()
+        raise
+    return obs
 
 
 # -- files and names ------------------------------------------------------------------------
 
 
-def _read(path: Path) -> tuple[bytes, str | None]:
+def _read(path: str) -> tuple[bytes, str | None]:
     """Return a claimed file's bytes and what makes it unreadable, if anything."""
     try:
         # no symlink may make us read elsewhere; a FIFO must not block the loop
@@ -503,17 +524,21 @@ def _read(path: Path) -> tuple[bytes, str | None]:
         raise
     except OSError as exc:
         return b"", f"cannot open: {exc}"
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return b"", "not a regular file"
+        if st.st_size > protocol.MAX_MESSAGE_BYTES:
+            why = f"message is {st.st_size} bytes (max {protocol.MAX_MESSAGE_BYTES})"
+            return os.read(fd, _HEAD), why
+        # one read: a regular file is read short only at its end; a writer still appending
+        # (never ours: we link only finished files) gets a cut that fails to decode
+        return os.read(fd, st.st_size + 1), None
+    finally:
         os.close(fd)
-        return b"", "not a regular file"
-    with os.fdopen(fd, "rb") as f:
-        size = os.fstat(fd).st_size
-        if size > protocol.MAX_MESSAGE_BYTES:
-            return f.read(_HEAD), f"message is {size} bytes (max {protocol.MAX_MESSAGE_BYTES})"
-        return f.read(), None
 
 
-def _names(folder: Path) -> list[str]:
+def _names(folder: Path | str) -> list[str]:
     return sorted(n for n in os.listdir(folder) if not n.startswith("."))
 
 

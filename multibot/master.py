@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
-from multibot import mailbox, protocol
+from multibot import mailbox, protocol, worktrees
 from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import GitError, LockTimeout, MultibotError, PlanError, StateError
 from multibot.heartbeat import read_heartbeat
@@ -47,6 +48,26 @@ EXIT_DONE = 0
 EXIT_FAILED = 1
 
 LIVE_WORKER = ("starting", "idle", "working", "blocked", "paused", "error")
+
+
+def stray_agents(home: Home, wid: str, generation: int) -> list[int]:
+    """Return the pids of processes that agents of wid's generations before this one run."""
+    # Every agent process carries the environment agent_env gave it (children inherit it).
+    want = {f"MULTIBOT_HOME={home.root}".encode(), f"MULTIBOT_WORKER_ID={wid}".encode()}
+    found: list[int] = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue  # gone, or not ours
+        if not want <= set(env):
+            continue
+        gen = next((v[20:] for v in env if v.startswith(b"MULTIBOT_GENERATION=")), b"")
+        if gen.isdigit() and int(gen) < generation:
+            found.append(int(entry.name))
+    return found
 
 
 @dataclass
@@ -199,10 +220,28 @@ class Master:
         self.event("master-restarted", f"generation {self.sys.master_generation}, "
                    f"{len(self.tasks)} tasks, {len(self.sys.workers)} workers")
         self.inbox = mailbox.Receiver(self.home, MASTER_ID, rescan_s=self.config.rescan_interval)
-        # Messages first (a TASK_COMPLETE may be waiting), then re-send lost assignments.
+        for rec in list(self.tasks.values()):
+            if rec.status == "verifying":  # killed while checking it: nobody else will
+                self.event("verify-resumed", f"{rec.id} is checked again", task=rec.id)
+                self.verify(rec)
+        # Then messages (a TASK_COMPLETE may be waiting), then re-send lost assignments.
         self.handle_inbox()
+        self.reconcile_workers()
         self.resend_assignments()
         self.flush(force=True)
+
+    def reconcile_workers(self) -> None:
+        """Free workers whose task ended after system-state.json was last written."""
+        # Task files are written at every change, system-state.json a moment later: a worker
+        # may still be recorded on a task that is verifying or merged, and would never be
+        # given work again.
+        for wid, info in self.sys.workers.items():
+            rec = self.tasks.get(info.current_task or "")
+            if info.current_task and (
+                rec is None or rec.worker != wid or rec.status not in ("assigned", "running")
+            ):
+                info.current_task, info.idle_since = None, self.clock()
+                self.dirty = True
 
     def load_tasks_from_plan(self) -> None:
         """Create a task file for every planned task not already known."""
@@ -645,13 +684,16 @@ class Master:
     def launch(self, wid: str, info: WorkerInfo, *, restart: bool) -> None:
         argv = worker_argv(self.home, wid, self.backend, info.generation)
         env = {"MULTIBOT_HOME": str(self.home.root)}
+        restart = restart and bool(info.pane_id)
+        if restart:
+            # First: a frozen incarnation may hold the lock of its state file.
+            self.kill_old_incarnation(wid, info.generation)
         # The worker's state file must not let an older incarnation claim it back.
         sf = StateFile(self.home.worker_state(wid), WorkerState,
                        default=lambda: WorkerState(id=wid))
         with contextlib.suppress(StateError, LockTimeout):
             sf.update(lambda s: s.model_copy(update={"generation": max(s.generation, info.generation)}))
         if restart and info.pane_id:
-            self.kill_old_incarnation(wid)
             info.pane_id = self.launcher.restart(info.pane_id, argv, env)
         else:
             info.pane_id = self.launcher.start(wid, argv, env, self.title(info))
@@ -661,18 +703,24 @@ class Master:
         self.launcher.set_title(info.pane_id, self.title(info))
         self.dirty = True
 
-    def kill_old_incarnation(self, wid: str) -> None:
-        """SIGKILL a frozen or stuck worker process, checking first that the pid is still it."""
+    def kill_old_incarnation(self, wid: str, generation: int) -> None:
+        """SIGKILL a frozen or stuck worker process, and the agents its earlier lives left."""
         hb = read_heartbeat(self.home.heartbeat(wid))
-        if hb is None:
-            return
         try:
-            cmdline = Path(f"/proc/{hb.pid}/cmdline").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{hb.pid}/cmdline").read_bytes().split(b"\0") if hb else []
         except OSError:
-            return
-        if b"worker" in cmdline and wid.encode() in cmdline:
+            cmdline = []
+        if hb is not None and b"worker" in cmdline and wid.encode() in cmdline:
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(hb.pid, 9)
+                os.kill(hb.pid, signal.SIGKILL)
+        # An agent runs in a session of its own, so it outlives a killed worker and would go on
+        # changing the worktree beside the new incarnation's agent.
+        for pid in stray_agents(self.home, wid, generation):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
 
     def title(self, info: WorkerInfo) -> str:
         return f"{info.id} · {info.current_task or '-'} · {info.model or '-'} · {info.status}"
@@ -722,9 +770,10 @@ class Master:
             info.current_task = None
             rec = self.tasks.get(tid or "")
             if rec is not None and rec.status in ("assigned", "running"):
-                rec.worker = None
-                self.set_task(rec, "pending")
-                self.event("task-reassigned", f"{rec.id} goes back to the queue", task=rec.id)
+                # Counted as an attempt: a task that kills every worker must not do so forever.
+                # rec.worker stays: its worktree holds the branch, released on reassignment.
+                self.retry(rec, f"worker {wid} failed after {info.restarts - 1} restarts "
+                           f"({reason}) while on this task")
             return
         delay = backoff(info.restarts, self.config.restart_backoff, self.config.restart_backoff_max)
         info.status, info.next_restart_at = "error", now + delay
@@ -795,6 +844,9 @@ class Master:
         """Prepare the worktree and branch, record the assignment, then send it."""
         assert self.git is not None
         info = self.sys.workers[wid]
+        prev = self.sys.workers.get(rec.worker or "")
+        if new and prev is not None and prev.id != wid and prev.status in ("failed", "stopped"):
+            self.release_worktree(prev)
         worktree = self.git.ensure_worktree(self.home.worktree(wid))
         branch = self.git.start_task(worktree, rec.id)
         if new:
@@ -821,6 +873,24 @@ class Master:
         self.send(wid, payload, task_id=rec.id)
         self.event("assigned", f"{rec.id} → {wid} (attempt {rec.attempts}, {t.model})",
                    task=rec.id, worker=wid)
+
+    def release_worktree(self, info: WorkerInfo) -> None:
+        """Free the task branch a failed or stopped worker's worktree holds, keeping its work."""
+        # git lets a branch be checked out in one worktree only: without this, a task whose
+        # worker failed, or that went back after its worker stopped, could never start again.
+        assert self.git is not None
+        path = self.home.worktree(info.id)
+        if not path.exists():
+            return
+        self.kill_old_incarnation(info.id, info.generation + 1)  # a frozen one may linger
+        try:
+            commit = worktrees.commit_all(path, f"multibot: work left by {info.id}")
+            self.git.cleanup([path], force=True)  # everything is on the branch now
+        except GitError as exc:  # a detached HEAD holds no branch; else the assignment says why
+            self.event("worktree-kept", f"{path}: {exc}", worker=info.id)
+            return
+        self.event("worktree-released", f"{info.id}'s worktree removed; its work is on its "
+                   f"branch{' as ' + commit[:10] if commit else ''}", worker=info.id)
 
     def context_for(self, rec: TaskRecord) -> list[str]:
         """The finished dependencies' summaries and discoveries, and feedback on earlier tries."""

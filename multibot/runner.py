@@ -141,11 +141,25 @@ def _run_master(
             launcher.stop_all()
 
 
-def cleanup(home: Home, force: bool = False) -> int:
-    """Remove merged worktrees and prune stale ones; unmerged work stays unless force."""
+def cleanup(home: Home, force: bool = False, stop: bool = False) -> int:
+    """Remove merged worktrees and prune stale ones; unmerged work stays unless force.
+
+    stop: first end the run's tmux sessions and every process of this home (master, workers,
+    their agents, the status pane). Without it, a live master makes cleanup refuse.
+    """
     from multibot.worktrees import GitRepo
 
+    if stop:
+        stopped = stop_processes(home)
+        if stopped:
+            print(f"stopped {len(stopped)} process(es) of {home.root}")
     s = StateFile(home.system_state, SystemState, default=SystemState).read()
+    if not stop and pid_is_master(s.master_pid):
+        print(
+            f"a master still runs this home (pid {s.master_pid}): stop it first "
+            "(scripts/cleanup.sh, or multibot cleanup --stop)"
+        )
+        return 1
     if not s.git.repo:
         print("no run recorded: nothing to clean")
         return 0
@@ -159,13 +173,110 @@ def cleanup(home: Home, force: bool = False) -> int:
     refusals = repo.cleanup(paths, force=force)
     for r in refusals:
         print(f"kept: {r}")
-    print(f"cleaned {len(paths) - len(refusals)} worktree(s); {len(refusals)} kept"
-          + ("" if force or not refusals else " (use --force to delete unmerged work)"))
+    print(
+        f"cleaned {len(paths) - len(refusals)} worktree(s); {len(refusals)} kept"
+        + ("" if force or not refusals else " (use --force to delete unmerged work)")
+    )
     return 0
 
 
+def _proc_fields(pid: int) -> tuple[list[str], dict[str, str]] | None:
+    """Return a process's command line and initial environment; None if gone or not ours."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    env = dict(kv.decode(errors="replace").split("=", 1) for kv in raw if b"=" in kv)
+    return [c.decode(errors="replace") for c in cmd if c], env
+
+
+def _ancestors() -> set[int]:
+    """Return this process and its ancestors (never to be stopped by cleanup)."""
+    pids: set[int] = set()
+    pid = os.getpid()
+    while pid > 1 and pid not in pids:
+        pids.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            break
+        pid = int(stat.rpartition(")")[2].split()[1])  # the name may hold spaces and ')'
+    return pids
+
+
+def home_processes(home: Home) -> dict[int, dict[str, str]]:
+    """Return the live processes of this home's run (pid -> initial environment).
+
+    A process belongs to the run if its command line is `multibot --home HOME master|worker|
+    dashboard`, or if it inherited MULTIBOT_HOME=HOME together with a worker's identity or the
+    run's tmux session (agents and all they started, shells in the session's panes). Matching
+    the exact home, not a name pattern, never touches another run or anything else of the user.
+    """
+    root, mine = str(home.root), _ancestors()
+    found: dict[int, dict[str, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) in mine:
+            continue
+        fields = _proc_fields(int(entry.name))
+        if fields is None or not fields[0]:  # gone, another user's, or a zombie
+            continue
+        cmd, env = fields
+        ours = env.get("MULTIBOT_HOME") == root and (
+            "MULTIBOT_WORKER_ID" in env or "MULTIBOT_TMUX_SESSION" in env
+        )
+        for i in range(len(cmd) - 2):
+            if cmd[i] == "--home" and cmd[i + 1] == root and any("multibot" in c for c in cmd[:i]):
+                ours = ours or cmd[i + 2] in ("master", "worker", "dashboard")
+        if ours:
+            found[int(entry.name)] = env
+    return found
+
+
+def stop_processes(home: Home, grace: float = 5.0) -> list[int]:
+    """End this home's run: close its tmux sessions, then end every process left; return pids."""
+    import contextlib
+    import signal
+
+    from multibot.errors import TmuxError
+    from multibot.panes import Tmux
+
+    procs = home_processes(home)
+    sessions = {
+        (env.get("MULTIBOT_TMUX_SOCKET") or None, env["MULTIBOT_TMUX_SESSION"])
+        for env in procs.values()
+        if env.get("MULTIBOT_TMUX_SESSION")
+    }
+    for socket, session in sorted(sessions, key=str):
+        try:
+            Tmux(socket, session).kill_session()  # SIGHUP to every pane
+        except (TmuxError, ValueError) as exc:
+            print(f"could not close tmux session {session!r}: {exc}")
+        else:
+            print(f"closed tmux session {session!r} (socket {socket or 'default'})")
+    # What outlives its pane: agents in their own process groups, workers run with --no-tmux.
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        left = home_processes(home)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+                os.kill(pid, signal.SIGCONT)  # a paused (stopped) process acts on it only now
+        deadline = time.monotonic() + wait
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)  # other processes' exits: nothing to block on but polling
+            left = home_processes(home)
+        if not left:
+            break
+    return sorted(procs)
+
+
 def open_session(home: Home, socket: str, session: str, master_args: list[str]) -> int:
-    """Open (or find) the tmux session: the master pane and the live status pane beside it."""
+    """Open (or find) the tmux session: the master pane and the live status pane beside it.
+
+    If the session is there but its master (or status) pane has exited, it is started again
+    in the same pane: the master resumes the unfinished run recorded in state/ (or starts the
+    one master_args describe).
+    """
     import shlex
     import sys
 
@@ -174,9 +285,6 @@ def open_session(home: Home, socket: str, session: str, master_args: list[str]) 
 
     args = [a for a in master_args if a != "--"]
     tmux = Tmux(socket, session)
-    if tmux.has_session():
-        print(f"session {session!r} already runs on tmux socket {socket!r}")
-        return 0
     home.logs_dir.mkdir(parents=True, exist_ok=True)
     py = shlex.quote(sys.executable)
     base = f"{py} -m multibot --home {shlex.quote(str(home.root))}"
@@ -186,14 +294,46 @@ def open_session(home: Home, socket: str, session: str, master_args: list[str]) 
         "MULTIBOT_TMUX_SESSION": session,
     }
     master_cmd = f"{base} master {shlex.join(args)}"
-    tmux.ensure_session(session, master_cmd, cwd=home.root, env=env, title=MASTER_ID)
-    tmux.add_pane("status", f"{base} dashboard", cwd=home.root, env=env, window_name="master")
-    print(f"tmux session {session!r} on socket {socket!r}: tmux -L {socket} attach -t {session}")
+    status_cmd = f"{base} dashboard"
+    attach = f"tmux -L {socket} attach -t {session}"
+    if not tmux.has_session():
+        tmux.ensure_session(session, master_cmd, cwd=home.root, env=env, title=MASTER_ID)
+        tmux.add_pane("status", status_cmd, cwd=home.root, env=env, window_name="master")
+        print(f"tmux session {session!r} on socket {socket!r}: {attach}")
+        return 0
+    panes = {p.title: p for p in tmux.list_panes()}
+    master, status = panes.get(MASTER_ID), panes.get("status")
+    if status is not None and status.dead:
+        tmux.respawn(status.pane_id, status_cmd, cwd=home.root, env=env)
+    if master is None:
+        print(f"session {session!r} has no master pane; close it (scripts/cleanup.sh) and retry")
+        return 1
+    if not master.dead:
+        if args:
+            print(f"the master already runs in session {session!r}; not starting {args}")
+        print(f"session {session!r} already runs on tmux socket {socket!r}: {attach}")
+        return 0
+    s = StateFile(home.system_state, SystemState, default=SystemState).read()
+    if not args and s.phase not in UNFINISHED:
+        print(
+            f"session {session!r}: the master has ended (run {s.run_id or '-'} is "
+            f"{s.phase}); nothing to resume: {attach}"
+        )
+        return 0
+    tmux.respawn(master.pane_id, master_cmd, cwd=home.root, env=env)
+    print(f"restarted the master in session {session!r} on socket {socket!r}: {attach}")
     return 0
 
 
-def follow(home: Home, timeout: float | None = None) -> int:
-    """Print the master's log as it grows until the run ends; 0 only if it succeeded."""
+def follow(
+    home: Home, timeout: float | None = None, socket: str | None = None, session: str | None = None
+) -> int:
+    """Print the master's log as it grows until the run ends; 0 only if it succeeded.
+
+    With the tmux session named, a master that exits before writing any state (a bad argument,
+    a crash at start-up) or a session closed under us ends the wait at once, and the master
+    pane's last lines are shown: they hold the reason.
+    """
     import sys
 
     from multibot.layout import MASTER_ID
@@ -203,6 +343,8 @@ def follow(home: Home, timeout: float | None = None) -> int:
     pos = 0
     sys_file = StateFile(home.system_state, SystemState, default=SystemState)
     seen_master = False
+    gone: str | None = None  # why the master pane is over; one more pass reads its last words
+    next_look = time.monotonic()  # at the master pane: a few tmux calls, so once a second
     while True:
         if log.exists():
             with open(log, encoding="utf-8", errors="replace") as f:
@@ -220,10 +362,43 @@ def follow(home: Home, timeout: float | None = None) -> int:
         if s is not None and s.phase not in UNFINISHED and not alive:
             print(f"\nrun {s.run_id} ended: {s.phase}")
             return 0 if s.phase == "done" else 1
+        if gone is not None:
+            print(f"\n{gone}", file=sys.stderr)
+            return 1
         if s is not None and seen_master and not alive and s.phase in UNFINISHED:
             print(f"\nthe master (pid {s.master_pid}) ended while the run was {s.phase}")
             return 1
+        if session is not None and time.monotonic() >= next_look:
+            next_look = time.monotonic() + 1.0
+            gone = _master_pane_over(socket, session)
+            if gone is not None:
+                continue
         if deadline is not None and time.monotonic() > deadline:
             print(f"\ngave up following after {timeout:g}s", file=sys.stderr)
             return 1
         time.sleep(0.2)  # polling period for a log follower
+
+
+def _master_pane_over(socket: str | None, session: str) -> str | None:
+    """Say why the session's master pane no longer runs (with its last lines), else None."""
+    from multibot.errors import TmuxError
+    from multibot.layout import MASTER_ID
+    from multibot.panes import Tmux
+
+    tmux = Tmux(socket, session)
+    try:
+        if not tmux.has_session():
+            return f"the tmux session {session!r} was closed while the run went on"
+        master = next((p for p in tmux.list_panes() if p.title == MASTER_ID), None)
+        if master is None:
+            return f"the tmux session {session!r} has no master pane any more"
+        if not master.dead:
+            return None
+        status = tmux.exit_status(master.pane_id)
+        screen = tmux.capture(master.pane_id, lines=200).splitlines()
+    except TmuxError as exc:
+        return f"the tmux session {session!r} cannot be read: {exc}"
+    # tmux's own "Pane is dead" line and the empty screen below the output say nothing.
+    said = [line for line in screen if line.strip() and not line.startswith("Pane is dead")]
+    how = "was killed by a signal" if status is None else f"exited with status {status}"
+    return f"the master {how} before the run ended; its pane showed:\n" + "\n".join(said[-20:])

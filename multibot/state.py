@@ -260,6 +260,9 @@ class WorkerState(StateFileModel):
     status: WorkerStatusName = "starting"
     generation: int = 0
     pid: int | None = None
+    agent_pid: int | None = Field(
+        None, description="Process group of the running agent; an orphan if the worker died."
+    )
     backend: str = "shell"
     current_task: CurrentTask | None = None
     session_id: str | None = Field(None, description="Claude session, resumed after restart.")

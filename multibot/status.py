@@ -3,33 +3,42 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel
+
+from multibot.errors import MultibotError
 from multibot.heartbeat import read_heartbeat
 from multibot.layout import Home
 from multibot.state import QuestionRecord, SystemState, TaskRecord, WorkerState
 from multibot.store import StateFile
 
+M = TypeVar("M", bound=BaseModel)
+
 
 def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
     """Read every state file into one plain dict (what `status --json` prints)."""
     now = time.time() if now is None else now
-    sys_file = StateFile(home.system_state, SystemState, default=SystemState)
-    system = sys_file.read()
-    problems = [str(p) for p in [sys_file.problem()] if p]
+    problems: list[str] = []
+    # A broken hand edit with no good copy to fall back on must not break the view (the status
+    # pane would die): it is listed under PROBLEMS and the rest is shown.
+    system = _read(StateFile(home.system_state, SystemState, default=SystemState), problems)
+    if system is None:
+        system = SystemState()
     workers = []
     for wid, info in sorted(system.workers.items(), key=lambda kv: _natural(kv[0])):
-        ws_file = StateFile(home.worker_state(wid), WorkerState, default=lambda: None)  # type: ignore[arg-type,return-value]
-        ws = ws_file.read() if home.worker_state(wid).exists() else None
-        if ws_file.problem():
-            problems.append(str(ws_file.problem()))
+        ws = None
+        if home.worker_state(wid).exists():
+            ws = _read(StateFile(home.worker_state(wid), WorkerState, default=None), problems)
         hb = read_heartbeat(home.heartbeat(wid))
         paused = bool(ws and ws.paused) or system.paused
         status = info.status
         if paused and status not in ("failed", "stopped"):
             status = "paused"
-        elif hb is not None and hb.generation == info.generation and status not in (
-            "failed", "stopped", "error"
+        elif (
+            hb is not None
+            and hb.generation == info.generation
+            and status not in ("failed", "stopped", "error")
         ):
             status = hb.status  # type: ignore[assignment]
         workers.append(
@@ -49,14 +58,9 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
         )
     tasks = []
     for path in sorted(home.tasks_dir.glob("*.json")) if home.tasks_dir.exists() else []:
-        f = StateFile(path, TaskRecord, default=None)
-        try:
-            t = f.read()
-        except Exception as exc:  # a broken task file must not break the status view
-            problems.append(f"{path}: {exc}")
+        t = _read(StateFile(path, TaskRecord, default=None), problems)
+        if t is None:
             continue
-        if f.problem():
-            problems.append(str(f.problem()))
         tasks.append(
             {
                 "id": t.id,
@@ -75,8 +79,8 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
     questions = []
     if home.questions_dir.exists():
         for path in sorted(home.questions_dir.glob("*.json")):
-            q = StateFile(path, QuestionRecord, default=None).read()
-            if q.status == "pending":
+            q = _read(StateFile(path, QuestionRecord, default=None), problems)
+            if q is not None and q.status == "pending":
                 questions.append({"id": q.id, "worker": q.worker, "question": q.question})
     m = system.metrics
     return {
@@ -101,6 +105,18 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
         "integration_branch": system.git.integration_branch,
         "problems": problems,
     }
+
+
+def _read(f: StateFile[M], problems: list[str]) -> M | None:
+    """Return the state in force (None if there is none); note what is wrong in problems."""
+    try:
+        state = f.read()
+    except MultibotError as exc:  # broken, and no last good copy to show instead
+        problems.append(str(exc))
+        return None
+    if f.problem():
+        problems.append(str(f.problem()))
+    return state
 
 
 def _natural(s: str) -> tuple[str, int]:

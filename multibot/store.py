@@ -385,7 +385,9 @@ class StateFile(Generic[M]):
         # Inside a write only .prev exists for an instant; the writer may finish between our
         # two opens (then the file is back), so go round a few times before calling it missing.
         names = (self.path, _prev_of(self.path)) if with_prev else (self.path,)
-        for _ in range(3 if with_prev else 1):
+        for round_ in range(3 if with_prev else 1):
+            if round_:
+                time.sleep(0.001)
             for name in names:
                 try:
                     with open(name, "rb") as f:

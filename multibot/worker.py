@@ -83,6 +83,7 @@ class Worker:
         self.task: protocol.Envelope | None = None
         self.task_started = 0.0
         self.deferred: list[protocol.Envelope] = []
+        self.finished: set[tuple[str, int]] = set()  # (task id, attempt) reported to the master
         self.paused = False
         self.stopping = False
         self.status = "idle"
@@ -91,6 +92,7 @@ class Worker:
         self.current_tool: str | None = None
         self.discoveries_at_start = 0
         self.last_problem = ""
+        self.agent_pid: int | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def _fresh_state(self) -> WorkerState:
@@ -147,6 +149,7 @@ class Worker:
             return
         for event in self.agent.poll():
             self.on_event(event)
+        self._track_agent_pid()
         outcome = self.agent.outcome()
         if outcome is not None:
             self.finish(outcome)
@@ -208,6 +211,10 @@ class Worker:
                 ),
                 task_id=task_id,
             )
+            return
+        if (task_id, a.attempt) in self.finished:
+            # Re-sent by a master that restarted before it read our report: that is on its way.
+            self.show(f"… {task_id} attempt {a.attempt} is done already; not running it again")
             return
         if self.paused:
             self.deferred.append(m)
@@ -271,7 +278,11 @@ class Worker:
             )
             s.git.branch = a.branch
             s.status = "working"
+            s.agent_pid = self.agent_pid
             return s
+
+        child = self.agent.process()
+        self.agent_pid = child.pid if child is not None else None
 
         self._update_state(started)
         self.status = "working"
@@ -294,6 +305,7 @@ class Worker:
             task_id=task_id,
         )
         self.task = None
+        self._track_agent_pid()
         self._set_status("stopped")
 
     def _on_context(self, kind: str, text: str, source: str) -> None:
@@ -398,13 +410,29 @@ class Worker:
             s.cost_usd += outcome.cost_usd
             s.git.last_commit = commit or s.git.last_commit
             s.git.uncommitted_changes = False
+            s.agent_pid = None
             return s
 
         # The state says idle before the master hears of the end, so it never sees it busy.
+        self.agent_pid = None
         self._update_state(idle)
         self.status = "paused" if self.paused else "idle"
+        self.finished.add((task_id, a.attempt))
         self.send(report, task_id=task_id)
         self.show(line)
+
+    def _track_agent_pid(self) -> None:
+        """Keep agent_pid in the state file: the group to kill if this worker dies."""
+        child = self.agent.process()
+        pid = child.pid if child is not None and child.returncode() is None else None
+        if pid != self.agent_pid:
+            self.agent_pid = pid
+
+            def put(s: WorkerState) -> WorkerState:
+                s.agent_pid = pid
+                return s
+
+            self._update_state(put)
 
     def _commit(self, a: protocol.TaskAssignment, message: str) -> str | None:
         from multibot import worktrees

@@ -7,7 +7,9 @@
 #
 # Other options go to `multibot master` (--backend claude|shell, --max-workers N, --approve,
 # --fresh). --home DIR picks the runtime home; --detach never attaches. Without a terminal
-# (scripts, CI) it runs detached, prints the run as it goes, and exits 0 only if it succeeded.
+# (scripts, CI) it runs detached, prints the run as it goes, and exits 0 only if it succeeded;
+# the session is closed at the end (and on Ctrl-C or SIGTERM), so nothing is left running.
+# The tmux socket is $MULTIBOT_TMUX_SOCKET (default "multibot") or --socket NAME.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -30,14 +32,23 @@ command -v tmux >/dev/null || { say "tmux is not installed (apt-get install tmux
 ensure_venv
 mb() { "$PY" -m multibot --home "$home" "$@"; }
 
+# master_alive: the session's master pane still runs (a finished run leaves it dead).
+master_alive() {
+  tmux -L "$socket" list-panes -s -t "=$session" -F '#{@multibot_title}:#{pane_dead}' \
+    2>/dev/null | grep -qx 'master:0'
+}
+
 if [ $demo -eq 1 ]; then
   home="${home:-$ROOT/demo}"
   session="${session:-multibot-demo}"
-  if tmux -L "$socket" has-session -t "$session" 2>/dev/null; then
+  if master_alive; then
     say "the demo is already running"
   else
+    # A finished demo's session (dead master pane, status pane still on) gives way to a new one.
+    tmux -L "$socket" kill-session -t "=$session" 2>/dev/null || true
     say "preparing the sample repository in $home"
-    mapfile -t prepared < <(mb demo-prepare)
+    prepared_out="$(mb demo-prepare)" || exit 2
+    mapfile -t prepared <<<"$prepared_out"
     args=(--repo "${prepared[0]}" --plan "${prepared[1]}" --backend shell "${args[@]}")
   fi
 else
@@ -54,21 +65,43 @@ fi
 mb session --socket "$socket" --session "$session" -- "${args[@]}"
 
 if [ $detach -eq 0 ] && [ -t 0 ] && [ -t 1 ]; then
-  exec tmux -L "$socket" attach -t "$session"
+  if [ -n "${TMUX:-}" ]; then
+    # tmux refuses to attach from inside another session unless TMUX is unset; the prefix
+    # key then goes to your outer tmux: Ctrl-b Ctrl-b d detaches the inner one.
+    say "attaching inside your tmux: detach with Ctrl-b Ctrl-b d"
+    exec env -u TMUX tmux -L "$socket" attach -t "=$session"
+  fi
+  exec tmux -L "$socket" attach -t "=$session"
 fi
 
+close_session() {
+  # Inside tmux with --detach the session stays, to be looked at; otherwise nothing is left.
+  if [ -z "${TMUX:-}" ] || [ $detach -eq 0 ]; then
+    tmux -L "$socket" kill-session -t "=$session" 2>/dev/null || true
+  fi
+}
+follower=""
+interrupted() { [ -z "$follower" ] || kill "$follower" 2>/dev/null; close_session; exit "$1"; }
+trap 'interrupted 130' INT
+trap 'interrupted 143' TERM HUP
 say "running detached; watch it live with: tmux -L $socket attach -t $session"
+# In the background and waited for: bash runs a trap only once its foreground command is
+# done, but `wait` gives way to a signal at once.
+"$PY" -m multibot --home "$home" follow --timeout "$timeout" --socket "$socket" \
+  --session "$session" &
+follower=$!
 set +e
-mb follow --timeout "$timeout"
+wait "$follower"
 rc=$?
 set -e
-if [ -z "${TMUX:-}" ] || [ $detach -eq 0 ]; then
-  tmux -L "$socket" kill-session -t "$session" 2>/dev/null || true
-fi
+trap - INT TERM HUP
+close_session
 if [ $demo -eq 1 ]; then
   repo="$home/sample-repo"
-  say "integration branch: git -C $repo log --oneline multibot/integration"
-  git -C "$repo" log --oneline multibot/integration | head -20 >&2 || true
+  if git -C "$repo" rev-parse -q --verify multibot/integration >/dev/null 2>&1; then
+    say "integration branch: git -C $repo log --oneline multibot/integration"
+    git -C "$repo" log --oneline multibot/integration | head -20 >&2 || true
+  fi
   say "state files: $home/state   timeline: $PY -m multibot --home $home timeline"
 fi
 exit $rc

@@ -470,7 +470,13 @@ def wait_for_requests(
 
 def claude_env(fake: FakeAPI, root: Path) -> dict[str, str]:
     """Environment for a Claude Code child under root: private HOME and config dir, fake API."""
-    home, config = root / "home", root / "claude-config"
-    home.mkdir(parents=True, exist_ok=True)
-    config.mkdir(parents=True, exist_ok=True)
-    return {**fake.env(), "HOME": str(home), "CLAUDE_CONFIG_DIR": str(config)}
+    home, config, scratch = root / "home", root / "claude-config", root / "claude-tmp"
+    for folder in (home, config, scratch):
+        folder.mkdir(parents=True, exist_ok=True)
+    # CLAUDE_CODE_TMPDIR: Claude Code's scratch files stay in the test's folder, not /tmp.
+    return {
+        **fake.env(),
+        "HOME": str(home),
+        "CLAUDE_CONFIG_DIR": str(config),
+        "CLAUDE_CODE_TMPDIR": str(scratch),
+    }

@@ -103,19 +103,19 @@ def edit(path: Path, n: int, tag: str) -> None:
         else:  # read and rewrite through one descriptor, truncating at the end
             while True:
                 try:
-                    f = open(path, "r+b")  # noqa: SIM115
+                    g = open(path, "r+b")  # noqa: SIM115
                 except FileNotFoundError:
                     time.sleep(0.0005)
                     continue
-                with f:
+                with g:
                     try:
-                        data = json.loads(f.read())
+                        data = json.loads(g.read())
                     except ValueError:
                         continue
                     data["notes"].append(note)
-                    f.seek(0)
-                    f.write(_render(data))
-                    f.truncate()
+                    g.seek(0)
+                    g.write(_render(data))
+                    g.truncate()
                 break
         # A person sees their save before making the next one (in an editor, at human
         # speed); without this, a save racing a system write and the next save made without

@@ -345,7 +345,7 @@ def test_new_folder_deleted_and_recreated(home: Home) -> None:
 def test_events_lost_rescan_delivers_within_interval(
     home: Home, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mailbox._Doorbell, "dispatch", lambda self, event: None)
+    monkeypatch.setattr(mailbox._ArrivalEmitter, "queue_event", lambda self, event: None)
     with mailbox.Receiver(home, "master", rescan_s=RESCAN) as rx:
         assert rx.fetch() == []
         mailbox.send(home, note("w1", "master", "silent"))

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict
 from store_child import Counter, inc
 
-from multibot import store
 from multibot.errors import LockTimeout, StateError
 from multibot.layout import backup_of
 from multibot.store import StateFile, dumps, validate_file
@@ -268,7 +267,7 @@ def test_an_editor_creating_the_file_while_it_is_away_wins(
             hand_save(path, edited, "in-place")
         real_link(src, dst)
 
-    monkeypatch.setattr(store.os, "link", link_after_an_editor)
+    monkeypatch.setattr(os, "link", link_after_an_editor)
     assert sf.update(inc) == Counter(version=2, count=2, notes=["created"])
     assert raced
 
@@ -290,6 +289,28 @@ def test_a_late_save_into_the_old_inode_is_taken_in(tmp_path: Path) -> None:
     os.pwrite(fds[0], late, 0)
     os.close(fds[0])
     assert sf.update(inc) == Counter(version=3, count=3, notes=["late"])
+
+
+def test_a_late_save_is_taken_in_by_the_next_read_or_kept_aside(tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    sf = counter_file(path)
+    sf.update(inc)
+    for n in (1, 2):
+        fd = os.open(path, os.O_WRONLY)  # an editor opens the file...
+        sf.update(inc)  # ...the system writes...
+        late = set_notes(dumps(sf.read().model_dump()), [f"late{n}"], version=1 + n)
+        os.pwrite(fd, late, 0)  # ...and the save lands in the inode that is now .bak
+        os.close(fd)
+        if n == 1:
+            assert sf.changed()
+            assert sf.read().notes == ["late1"], "read() takes it in (writing it)"
+            assert Counter.model_validate_json(path.read_bytes()).notes == ["late1"]
+    sf.close()  # stop watching: a late save not yet taken in is kept, and reported once
+    problem = sf.problem()
+    assert problem is not None and "too late" in str(problem)
+    kept = [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
+    assert len(kept) == 1 and b"late2" in kept[0].read_bytes() and str(kept[0]) in str(problem)
+    assert sf.problem() is None
 
 
 def test_a_reader_during_a_write_sees_the_previous_state(tmp_path: Path) -> None:

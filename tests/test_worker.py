@@ -6,102 +6,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from multibot import mailbox, protocol
-from multibot.layout import MASTER_ID, Home
-from multibot.worktrees import GitRepo
+from multibot.layout import MASTER_ID
 from tests.helpers import wait_until
-
-
-class Rig:
-    """A home, a repository, a fake master inbox and one real worker process."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.home = Home(tmp / "home")
-        repo = tmp / "repo"
-        repo.mkdir()
-        git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-        subprocess.run([*git, "init", "-q", "-b", "main"], cwd=repo, check=True)
-        (repo / "README.md").write_text("hi\n")
-        subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
-        subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
-        self.git = GitRepo(repo, self.home.integration_worktree)
-        self.git.ensure_integration()
-        mailbox.create_inbox(self.home, MASTER_ID)
-        mailbox.create_inbox(self.home, "w1")
-        self.master = mailbox.Receiver(self.home, MASTER_ID, rescan_s=0.2)
-        self.procs: list[subprocess.Popen[bytes]] = []
-        self.got: list[protocol.Envelope] = []
-
-    def start_worker(self, generation: int = 1) -> subprocess.Popen[bytes]:
-        argv = [
-            sys.executable,
-            "-m",
-            "multibot",
-            "--home",
-            str(self.home.root),
-            "worker",
-            "--id",
-            "w1",
-            "--backend",
-            "shell",
-            "--generation",
-            str(generation),
-        ]
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        self.procs.append(proc)
-        return proc
-
-    def assign(self, task_id: str, commands: list[str]) -> protocol.Envelope:
-        worktree = self.home.worktree("w1")
-        self.git.ensure_worktree(worktree)
-        branch = self.git.start_task(worktree, task_id)
-        payload = protocol.TaskAssignment(
-            title=task_id,
-            description=f"do {task_id}",
-            branch=branch,
-            working_directory=str(worktree),
-            commands=commands,
-        )
-        return self.send(payload, task_id=task_id)
-
-    def send(self, payload: protocol.Payload, task_id: str | None = None) -> protocol.Envelope:
-        m = protocol.make(payload, sender=MASTER_ID, recipient="w1", task_id=task_id)
-        mailbox.send(self.home, m)
-        return m
-
-    def expect(self, of: type, timeout: float = 20.0, **match: object) -> protocol.Envelope:
-        """Wait for a message whose payload is of type `of` (and matches fields); return it."""
-
-        def found() -> protocol.Envelope | None:
-            for m in self.master.fetch():
-                self.master.done(m)
-                self.got.append(m)
-            for m in self.got:
-                if isinstance(m.payload, of) and all(
-                    getattr(m.payload, k, getattr(m, k, None)) == v for k, v in match.items()
-                ):
-                    self.got.remove(m)
-                    return m
-            return None
-
-        return wait_until(found, timeout)
-
-    def close(self) -> None:
-        self.master.close()
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            if p.stdout:
-                p.stdout.close()
+from tests.rig import Rig
 
 
 @pytest.fixture

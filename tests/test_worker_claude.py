@@ -1,0 +1,329 @@
+"""The worker process with the Claude backend: the real worker, the real claude, a fake API.
+
+Each test plays the master: it writes the worker template, starts `multibot worker --backend
+claude` as a subprocess, sends it messages through its inbox and reads the master inbox. The
+fake Messages API is the model; it records every request, so a test can check what the model
+saw and in which session.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakeapi import ApiRequest, FakeAPI, Reply, Rule, Script, claude_env, error, text, tool
+
+from multibot import mailbox, protocol
+from multibot.layout import MASTER_ID
+from multibot.master import stray_agents
+from tests.helpers import wait_until
+from tests.rig import Rig
+
+pytestmark = pytest.mark.timeout(120)
+
+TASK_S = 90.0  # how long a scripted task may take end to end (the binary is slow to start)
+
+
+def processes_under(root: Path) -> list[int]:
+    """Live processes whose working directory lies inside root (zombies have none)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cwd == str(root) or cwd.startswith(str(root) + os.sep):
+            found.append(int(entry))
+    return found
+
+
+def kill_under(root: Path) -> None:
+    """SIGKILL every process working inside root, with its process group if that is not ours."""
+    ours = os.getpgrp()
+    for pid in processes_under(root):
+        try:
+            pgid = os.getpgid(pid)
+            if pgid != ours:
+                os.killpg(pgid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def write_template(rig: Rig, claude_bin: str) -> None:
+    rig.home.worker_template.parent.mkdir(parents=True, exist_ok=True)
+    template = {
+        "backend": "claude",
+        "claude_bin": claude_bin,
+        "allowed_tools": ["Bash", "Write", "Read"],
+        "permission_mode": "acceptEdits",
+    }
+    rig.home.worker_template.write_text(json.dumps(template, indent=2))
+
+
+@pytest.fixture
+def make_rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
+    """Build a Rig for the claude backend; at the end no process of the test is left."""
+    made: list[Rig] = []
+
+    def build(claude_bin: str, env: dict[str, str] | None = None) -> Rig:
+        rig = Rig(tmp_path, backend="claude", env=env)
+        write_template(rig, claude_bin)
+        made.append(rig)
+        return rig
+
+    yield build
+    for rig in made:
+        rig.close()
+    kill_under(tmp_path)  # the agents of killed workers, and their tools
+    wait_until(lambda: not processes_under(tmp_path), timeout=10)
+
+
+@pytest.fixture
+def rig(fake_api: FakeAPI, make_rig: Callable[..., Rig], claude_bin: Path, tmp_path: Path) -> Rig:
+    """A rig whose worker runs the real claude against the fake API, offline."""
+    # fake_api comes first so that it is stopped last, after the workers.
+    # Claude Code keeps per-project scratch files under $CLAUDE_CODE_TMPDIR (else /tmp): here.
+    scratch = tmp_path / "claude" / "tmp"
+    scratch.mkdir(parents=True, mode=0o700)
+    env = {**claude_env(fake_api, tmp_path / "claude"), "CLAUDE_CODE_TMPDIR": str(scratch)}
+    return make_rig(str(claude_bin), env)
+
+
+def git_show(rig: Rig, rev: str, path: str) -> str:
+    return subprocess.run(
+        ["git", "show", f"{rev}:{path}"],
+        cwd=rig.git.root,
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
+def worker_state(rig: Rig) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(rig.home.worker_state("w1").read_text())
+    return data
+
+
+def expect(rig: Rig, of: type, timeout: float = TASK_S, **match: object) -> protocol.Envelope:
+    """rig.expect, with what the worker printed in the failure message."""
+    try:
+        return rig.expect(of, timeout, **match)
+    except AssertionError as exc:
+        got = [(m.type, getattr(m.payload, "message", "")) for m in rig.got]
+        raise AssertionError(f"{exc}\nmaster got: {got}\nworker output:\n{rig.output()}") from None
+
+
+def main_requests(fake: FakeAPI) -> list[ApiRequest]:
+    return fake.messages_requests()
+
+
+def test_write_task_commits_and_reports(rig: Rig, fake_api: FakeAPI) -> None:
+    target = rig.home.worktree("w1") / "hello.txt"
+    fake_api.respond = Script(
+        [
+            Rule(
+                "MARK-WRITE",
+                [
+                    tool("Write", {"file_path": str(target), "content": "hello world\n"}),
+                    text("Wrote hello.txt."),
+                ],
+            )
+        ]
+    )
+    rig.start_worker()
+    rig.assign("t1", description="MARK-WRITE: create hello.txt")
+    started = expect(rig, protocol.StatusUpdate, kind="started")
+    assert started.task_id == "t1"
+    done = expect(rig, protocol.TaskComplete)
+    p = done.payload
+    assert isinstance(p, protocol.TaskComplete)
+    assert done.task_id == "t1" and done.generation == 1
+    assert p.summary == "Wrote hello.txt." and p.branch == "multibot/t1"
+    assert p.files_changed == ["hello.txt"] and p.commit
+    assert git_show(rig, p.commit, "hello.txt") == "hello world\n"
+    assert git_show(rig, "multibot/t1", "hello.txt") == "hello world\n"
+    assert p.cost_usd > 0 and p.tokens.input >= 200 and p.tokens.output > 0
+    assert p.turns == 2 and p.duration_s > 0
+    assert p.session_id and all(r.session_id == p.session_id for r in main_requests(fake_api))
+    state = worker_state(rig)
+    assert state["sessions"]["t1"] == p.session_id == state["session_id"]
+    assert state["status"] == "idle" and state["current_task"] is None
+    assert state["agent_pid"] is None  # the agent is gone once the task is over
+
+
+def test_a_question_goes_to_the_master_and_the_answer_to_the_model(
+    rig: Rig, fake_api: FakeAPI
+) -> None:
+    def answered(r: ApiRequest) -> Reply:
+        results = r.tool_results()
+        return text(f"port is {results[-1].strip()}" if results else "no tool result")
+
+    ask = 'multibot ask "which port?" --timeout 30'
+    fake_api.respond = Script(
+        [Rule("MARK-ASK", [tool("Bash", {"command": ask, "description": "ask"}), answered])]
+    )
+    rig.start_worker()
+    rig.assign("t2", description="MARK-ASK: find out the port")
+    q = expect(rig, protocol.Question)
+    assert isinstance(q.payload, protocol.Question) and q.payload.question == "which port?"
+    assert q.sender == "w1" and q.task_id == "t2" and q.reply_to
+    asked = len(main_requests(fake_api))
+    assert not fake_api.saw("PORT-4242")
+    mailbox.reply(rig.home, q, protocol.Answer(answer="PORT-4242"), sender=MASTER_ID)
+    done = expect(rig, protocol.TaskComplete)
+    assert isinstance(done.payload, protocol.TaskComplete)
+    after = main_requests(fake_api)[asked:]
+    assert after and "PORT-4242" in after[0].tool_results()[-1]
+    assert done.payload.summary == "port is PORT-4242"
+    assert all(r.session_id == done.payload.session_id for r in after)
+
+
+def test_a_context_update_reaches_the_model_mid_task(rig: Rig, fake_api: FakeAPI) -> None:
+    fake_api.respond = Script(
+        [
+            Rule(
+                "MARK-CTX",
+                [
+                    tool("Bash", {"command": "sleep 2; echo done", "description": "wait"}),
+                    lambda r: text("SAW-CONTEXT" if r.contains("CTX-9137") else "NO-CONTEXT"),
+                ],
+            ),
+            # Landed between turns, the message is a turn of its own: same answer.
+            Rule("CTX-9137", [text("SAW-CONTEXT")]),
+        ]
+    )
+    rig.start_worker()
+    rig.assign("t3", description="MARK-CTX: wait a little")
+    # The model has asked for the slow command: the task is running.
+    wait_until(lambda: main_requests(fake_api), timeout=TASK_S)
+    rig.send(protocol.ContextUpdate(kind="note", text="use CTX-9137", source="w2"), "t3")
+    done = expect(rig, protocol.TaskComplete)
+    p = done.payload
+    assert isinstance(p, protocol.TaskComplete)
+    assert p.summary == "SAW-CONTEXT", rig.output()
+    informed = [r for r in main_requests(fake_api) if r.contains("CTX-9137")]
+    assert informed and all(r.session_id == p.session_id for r in informed)
+    assert informed[0].at < done.sent_at  # the model had it before the task ended
+    assert not main_requests(fake_api)[0].contains("CTX-9137")
+
+
+def test_a_killed_worker_resumes_the_same_session(
+    rig: Rig, fake_api: FakeAPI, tmp_path: Path
+) -> None:
+    running = tmp_path / "slow.pid"
+
+    def resumed(r: ApiRequest) -> bool:
+        return r.conversation_text().count("MARK-RESUME") >= 2  # the prompt came twice
+
+    fake_api.respond = Script(
+        [
+            Rule(
+                "MARK-RESUME",
+                [
+                    lambda r: (
+                        text("RESUMED-OK")
+                        if resumed(r)
+                        else tool("Bash", {"command": "echo EARLIER-STEP", "description": "a"})
+                    ),
+                    lambda r: (
+                        text("RESUMED-OK")
+                        if resumed(r)
+                        else tool(
+                            "Bash",
+                            {"command": f"echo $$ > {running}; sleep 60", "description": "slow"},
+                        )
+                    ),
+                    text("RESUMED-OK"),
+                ],
+            )
+        ]
+    )
+    first = rig.start_worker(generation=1)
+    assignment = rig.assign("t4", description="MARK-RESUME: a long job")
+    wait_until(lambda: running.exists() and running.read_text().strip(), timeout=TASK_S)
+    state = worker_state(rig)
+    session = state["sessions"]["t4"]
+    agent = state["agent_pid"]
+    assert session and agent
+    before = len(main_requests(fake_api))
+
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    # The worker is gone; its agent lives on in its own process group. Find it as the master
+    # does before a restart (by the environment agents inherit), and kill it likewise.
+    # Claude Code runs its Bash tool in a process group of its own: killing the agent's group
+    # alone would leave the tool's shell behind.
+    strays = stray_agents(rig.home, "w1", 2)
+    assert agent in strays and os.getpgid(agent) == agent
+    assert any(os.getpgid(pid) != agent for pid in strays)
+    for pid in strays:
+        with contextlib.suppress(ProcessLookupError):
+            if os.getpgid(pid) == pid:
+                os.killpg(pid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not processes_under(rig.home.worktree("w1")), timeout=10)
+
+    rig.start_worker(generation=2)
+    rig.send(assignment.payload, task_id="t4")  # the master re-sends after a restart
+    wait_until(lambda: len(main_requests(fake_api)) > before, timeout=TASK_S)
+    again = main_requests(fake_api)[before]
+    assert again.session_id == session
+    assert again.contains("EARLIER-STEP")  # the earlier conversation is there
+    done = expect(rig, protocol.TaskComplete)
+    p = done.payload
+    assert isinstance(p, protocol.TaskComplete)
+    assert done.generation == 2 and p.summary == "RESUMED-OK" and p.session_id == session
+    assert all(r.session_id == session for r in main_requests(fake_api))
+    assert worker_state(rig)["sessions"]["t4"] == session
+    assert "(resuming session)" in rig.home.log("w1").read_text()
+
+
+def test_an_api_error_is_an_error_message_and_the_worker_goes_idle(
+    rig: Rig, fake_api: FakeAPI
+) -> None:
+    fake_api.respond = Script(
+        [Rule("MARK-FAIL", [error(400, "invalid_request_error", "SCRIPTED-BAD-REQUEST")])]
+    )
+    rig.start_worker()
+    rig.assign("t5", description="MARK-FAIL: this breaks")
+    err = expect(rig, protocol.ErrorReport)
+    p = err.payload
+    assert isinstance(p, protocol.ErrorReport)
+    assert err.task_id == "t5" and p.kind == "agent" and p.recoverable
+    assert "400" in p.message and "SCRIPTED-BAD-REQUEST" in p.message
+    state = worker_state(rig)
+    assert state["status"] == "idle" and state["current_task"] is None
+    req = rig.send(protocol.StatusRequest())
+    reply = expect(rig, protocol.StatusUpdate, kind="status")
+    assert reply.correlation_id == req.id
+    assert isinstance(reply.payload, protocol.StatusUpdate) and reply.payload.status == "idle"
+
+
+def test_a_missing_claude_binary_is_a_startup_error_not_a_crash(
+    make_rig: Callable[..., Rig], tmp_path: Path
+) -> None:
+    rig = make_rig(str(tmp_path / "nowhere" / "claude"))
+    proc = rig.start_worker()
+    rig.assign("t6", description="anything")
+    err = expect(rig, protocol.ErrorReport, timeout=30)
+    p = err.payload
+    assert isinstance(p, protocol.ErrorReport)
+    assert err.task_id == "t6" and p.kind == "startup" and not p.recoverable
+    assert "claude binary not found" in p.message and "nowhere" in p.message
+    assert "worker-template.json" in p.message  # it says how to fix it
+    req = rig.send(protocol.StatusRequest())
+    reply = expect(rig, protocol.StatusUpdate, timeout=30, kind="status")
+    assert reply.correlation_id == req.id and proc.poll() is None
+    assert worker_state(rig)["current_task"] is None
