@@ -88,7 +88,15 @@ class ProcessLauncher:
 
     def alive(self, handle: str) -> bool:
         child = self.children.get(handle)
-        return child is not None and child.poll() is None
+        if child is not None:
+            return child.poll() is None
+        # Started by an earlier master of this home (it was restarted): not our child, so
+        # look it up; a zombie has an empty command line.
+        try:
+            cmdline = Path(f"/proc/{int(handle)}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return False
+        return b"worker" in cmdline and str(self.home.root).encode() in cmdline
 
     def pid(self, handle: str) -> int | None:
         child = self.children.get(handle)
@@ -148,6 +156,8 @@ class TmuxLauncher:
             pass
 
     def set_title(self, handle: str, title: str) -> None:
+        if not handle:
+            return  # a worker adopted after a master restart: its pane is not known
         try:
             self.tmux.set_title(handle, title)
         except TmuxError:

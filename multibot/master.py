@@ -213,6 +213,7 @@ class Master:
             self.load_tasks_from_files()
         if self.sys.git.merging:
             self.recover_merge(self.sys.git.merging)
+        self.adopt_workers()
         now = self.mono()
         for wid, info in self.sys.workers.items():
             if info.status in LIVE_WORKER:
@@ -229,6 +230,27 @@ class Master:
         self.reconcile_workers()
         self.resend_assignments()
         self.flush(force=True)
+
+    def adopt_workers(self) -> None:
+        """Catch up with workers started or restarted just before the crash, from their files."""
+        # A launch writes the worker's state file first and system-state.json a moment later:
+        # a worker missing here would be started a second time under the same id.
+        suffix = "-state.json"
+        for path in sorted(self.home.workers_dir.glob(f"*{suffix}")):
+            wid = path.name[: -len(suffix)]
+            try:
+                ws = StateFile(path, WorkerState, default=None).read()
+                known = self.sys.workers.get(wid)
+                info = known or WorkerInfo(id=wid, generation=ws.generation,
+                                           capabilities=list(self.template.capabilities))
+            except (StateError, ValueError):
+                continue
+            if known is None:
+                self.sys.workers[wid] = info
+                self.event("worker-adopted", f"{wid} (generation {ws.generation}) was started "
+                           "just before the restart", worker=wid)
+            elif info.status in LIVE_WORKER and ws.generation > info.generation:
+                info.generation = ws.generation  # restarted just before: watch the new one
 
     def reconcile_workers(self) -> None:
         """Free workers whose task ended after system-state.json was last written."""
@@ -684,7 +706,6 @@ class Master:
     def launch(self, wid: str, info: WorkerInfo, *, restart: bool) -> None:
         argv = worker_argv(self.home, wid, self.backend, info.generation)
         env = {"MULTIBOT_HOME": str(self.home.root)}
-        restart = restart and bool(info.pane_id)
         if restart:
             # First: a frozen incarnation may hold the lock of its state file.
             self.kill_old_incarnation(wid, info.generation)

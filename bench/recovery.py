@@ -1,0 +1,386 @@
+"""Benchmark recovery: a worker killed or frozen mid-task, and the master killed mid-run.
+
+    .venv/bin/python bench/recovery.py [--quick]
+
+Each run starts a real master (shell backend) in a private tmux server, config:
+heartbeat_interval I (0.5 s, and 1.0 s unless --quick), heartbeat_misses 3,
+restart_backoff = restart_backoff_max = 0.2 s (every restart waits the same), max_restarts 20.
+
+Worker scenarios (one worker, tasks `sleep 2` run one after the other):
+* kill: 0.5 s into a task the worker process gets SIGKILL (its pane's shell exits with it).
+* freeze: 0.5 s into a task the worker gets SIGSTOP: the process stays, only its heartbeat
+  stops, which is the case the heartbeat exists for.
+Measured from the signal (the benchmark's time.time() just before os.kill): detection = the
+timeline's "worker-dead" event for that worker; replacement running = the first heartbeat of
+the next generation with a live status (its own time stamp, polled every 10 ms); task done =
+the task's "merged" event (the replacement runs the 2 s task again from the start). Baseline:
+heartbeat_interval x heartbeat_misses, the detection bound the configuration promises.
+
+Master scenario (3 workers, 60 tasks `sleep 0.3`): SIGKILL to the master mid-run; as soon as
+its pane is dead the benchmark starts it again in the same pane (resuming from state/).
+Measured: kill to the timeline's "master-restarted" event (state rebuilt), and to the first
+"assigned" or "merged" event after it (back in control). Baseline: starting a python that
+imports the master's modules, the floor of any restart. Afterwards every task must be merged
+exactly once.
+
+Ends with one line of key=value pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    LIVE,
+    PY,
+    BenchRun,
+    alive,
+    fmt,
+    kv_line,
+    machine,
+    noop_task,
+    pct,
+    print_machine,
+    process_start_cost,
+    sigterm_as_exit,
+    table,
+    wait_for,
+)
+from multibot.state import WorkerState
+from multibot.store import StateFile
+
+MISSES = 3
+BACKOFF = 0.2
+TASK_S = 2.0
+INTO_TASK_S = 0.5
+MASTER_IMPORTS = "import multibot.cli, multibot.runner, multibot.master, multibot.worktrees"
+TARGET_DETECT_INTERVALS = 3.0
+TARGET_REPLACE_S = 5.0
+
+
+@dataclass
+class WorkerCase:
+    how: str  # "kill" | "freeze"
+    interval: float
+    task: str
+    detect_s: float = float("nan")
+    replaced_s: float = float("nan")  # signal -> first beat of the next generation
+    merged_s: float = float("nan")
+    reason: str = ""
+
+    @property
+    def replace_after_detect_s(self) -> float:
+        return self.replaced_s - self.detect_s
+
+    @property
+    def detect_intervals(self) -> float:
+        return self.detect_s / self.interval
+
+
+@dataclass
+class MasterCase:
+    restarted_s: float = float("nan")  # kill -> "master-restarted"
+    control_s: float = float("nan")  # kill -> first assigned/merged after it
+    respawn_s: float = float("nan")  # kill -> the benchmark started it again
+
+
+@dataclass
+class MasterRun:
+    cases: list[MasterCase] = field(default_factory=list)
+    tasks: int = 0
+    merged_once: int = 0
+    merged_twice: int = 0
+    failed: int = 0
+
+
+def worker_cases(interval: float, kills: int, freezes: int) -> list[WorkerCase]:
+    """Run one master with one worker and break it kills + freezes times, a task each."""
+    cases = [WorkerCase("kill", interval, f"k{i}") for i in range(1, kills + 1)]
+    cases += [WorkerCase("freeze", interval, f"f{i}") for i in range(1, freezes + 1)]
+    print(
+        f"\n== worker recovery, heartbeat_interval {interval:g}s: {kills} kill(s), "
+        f"{freezes} freeze(s)",
+        flush=True,
+    )
+    with BenchRun(f"recovery-w{interval:g}") as run:
+        run.configure(
+            {
+                "max_workers": 1,
+                "heartbeat_interval": interval,
+                "heartbeat_misses": MISSES,
+                "restart_backoff": BACKOFF,
+                "restart_backoff_max": BACKOFF,
+                "max_restarts": 20,
+                "idle_worker_timeout": 3600,
+            }
+        )
+        tasks, prev = [], None
+        for c in cases:
+            tasks.append(noop_task(c.task, [prev] if prev else [], [f"sleep {TASK_S:g}"]))
+            prev = c.task
+        run.start_master(run.write_plan(tasks))
+        state = StateFile(run.home.worker_state("w1"), WorkerState, default=None)
+        for c in cases:
+            _break_worker(run, state, c)
+            print(
+                f"   {c.how:6} {c.task}: dead after {c.detect_s:.2f}s, replaced after "
+                f"{c.replaced_s:.2f}s, merged after {c.merged_s:.2f}s",
+                flush=True,
+            )
+        wait_for(run.master_done, 60, 0.1, "the run to finish")
+    return cases
+
+
+def _break_worker(run: BenchRun, state: StateFile[WorkerState], c: WorkerCase) -> None:
+    def on_task() -> tuple[int, int] | None:
+        hb = run.heartbeats().get("w1")
+        if hb is None or hb.status != "working" or not run.home.worker_state("w1").exists():
+            return None
+        s = state.read()
+        if s.current_task is None or s.current_task.task_id != c.task:
+            return None
+        return hb.pid, hb.generation
+
+    pid, gen = wait_for(on_task, 60, 0.02, f"w1 to start {c.task}")
+    time.sleep(INTO_TASK_S)  # mid-task on purpose
+    run.timeline.poll()
+    dead_before = len(run.timeline.find("worker-dead", worker="w1"))
+    t0 = time.time()
+    os.kill(pid, signal.SIGKILL if c.how == "kill" else signal.SIGSTOP)
+
+    replaced: float | None = None
+    deadline = time.monotonic() + 60
+    while replaced is None:
+        hb = run.heartbeats().get("w1")
+        if hb is not None and hb.generation > gen and hb.status in LIVE:
+            replaced = hb.time
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no replacement for w1 after {c.how} of {c.task}")
+        time.sleep(0.01)  # polling the heartbeat file
+
+    def merged() -> float | None:
+        run.timeline.poll()
+        found = run.timeline.find("merged", task=c.task)
+        return found[0]["t"] if found else None
+
+    t_merged = wait_for(merged, 60, 0.05, f"{c.task} to merge")
+    dead = run.timeline.find("worker-dead", worker="w1")[dead_before:]
+    if dead:
+        c.detect_s, c.reason = dead[0]["t"] - t0, dead[0].get("text", "")
+    c.replaced_s, c.merged_s = replaced - t0, t_merged - t0
+    if c.how == "freeze" and alive(pid):
+        os.kill(pid, signal.SIGKILL)  # the master should have; never leave it stopped
+
+
+def master_cases(restarts: int) -> MasterRun:
+    """Run 3 workers through 60 short tasks, killing and restarting the master `restarts` times."""
+    out = MasterRun(tasks=60)
+    print(f"\n== master recovery: {restarts} SIGKILL(s) and restart(s)", flush=True)
+    with BenchRun("recovery-m") as run:
+        run.configure(
+            {
+                "max_workers": 3,
+                "heartbeat_interval": 0.5,
+                "heartbeat_misses": MISSES,
+                "restart_backoff": BACKOFF,
+                "restart_backoff_max": BACKOFF,
+                "idle_worker_timeout": 3600,
+            }
+        )
+        tasks = [noop_task(f"m{i}", [], ["sleep 0.3"]) for i in range(1, out.tasks + 1)]
+        run.start_master(run.write_plan(tasks))
+        for k in range(restarts):
+
+            def merged_enough(k: int = k) -> bool:
+                run.timeline.poll()
+                return len(run.timeline.find("merged")) >= 6 * (k + 1)
+
+            wait_for(merged_enough, 60, 0.05, "tasks to merge before the kill")
+            c = MasterCase()
+            assert run.master_pid is not None
+            restarted_before = len(run.timeline.find("master-restarted"))
+            t0 = time.time()
+            os.kill(run.master_pid, signal.SIGKILL)
+            wait_for(lambda: not alive(run.master_pid or 0), 10, 0.005, "the master to die")
+            wait_for(lambda: run.tmux.is_dead(run.master_pane()), 10, 0.005, "its pane")
+            c.respawn_s = time.time() - t0
+            run.start_master(None)
+
+            def back(before: int = restarted_before) -> tuple[float, float] | None:
+                run.timeline.poll()
+                found = run.timeline.find("master-restarted")[before:]
+                if not found:
+                    return None
+                t_restart = found[0]["t"]
+                acts = [
+                    e["t"]
+                    for e in run.timeline.events
+                    if e["event"] in ("assigned", "merged") and e["t"] >= t_restart
+                ]
+                return (t_restart, min(acts)) if acts else None
+
+            t_restart, t_act = wait_for(back, 60, 0.02, "the master to act again")
+            c.restarted_s, c.control_s = t_restart - t0, t_act - t0
+            out.cases.append(c)
+            print(
+                f"   kill {k + 1}: restarted after {c.restarted_s:.2f}s, in control after "
+                f"{c.control_s:.2f}s",
+                flush=True,
+            )
+        wait_for(run.master_done, 120, 0.1, "the run to finish")
+        run.timeline.poll()
+        counts: dict[str, int] = {}
+        for e in run.timeline.find("merged"):
+            counts[e["task"]] = counts.get(e["task"], 0) + 1
+        out.merged_once = sum(1 for n in counts.values() if n == 1)
+        out.merged_twice = sum(1 for n in counts.values() if n > 1)
+        out.failed = len(run.timeline.find("task-failed"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="interval 0.5 s only, one of each")
+    args = parser.parse_args(argv)
+    print_machine(machine())
+    intervals = (0.5,) if args.quick else (0.5, 1.0)
+    kills, freezes, restarts = (1, 1, 1) if args.quick else (3, 2, 3)
+    cases: list[WorkerCase] = []
+    with sigterm_as_exit():
+        for interval in intervals:
+            cases += worker_cases(interval, kills, freezes)
+        master = master_cases(restarts)
+        floor = process_start_cost([PY, "-c", MASTER_IMPORTS], 3 if args.quick else 5)
+
+    print("\n== worker recovery (seconds after the signal; 'intervals' = detection / interval)")
+    rows = []
+    for interval in intervals:
+        for how in ("kill", "freeze"):
+            cs = [c for c in cases if c.interval == interval and c.how == how]
+            if not cs:
+                continue
+            rows.append(
+                [
+                    f"{how} @ {interval:g}s",
+                    len(cs),
+                    fmt(interval * MISSES, 2),
+                    fmt(pct([c.detect_s for c in cs], 0.5), 2),
+                    fmt(max(c.detect_s for c in cs), 2),
+                    fmt(max(c.detect_intervals for c in cs), 1),
+                    fmt(pct([c.replace_after_detect_s for c in cs], 0.5), 2),
+                    fmt(max(c.replace_after_detect_s for c in cs), 2),
+                    fmt(pct([c.replaced_s for c in cs], 0.5), 2),
+                    fmt(pct([c.merged_s for c in cs], 0.5), 2),
+                    fmt(pct([c.merged_s - TASK_S for c in cs], 0.5), 2),
+                ]
+            )
+    print(
+        table(
+            [
+                "case",
+                "n",
+                "bound I*misses",
+                "detect p50",
+                "detect max",
+                "max intervals",
+                "replace after detect p50",
+                "max",
+                "replaced p50",
+                "merged p50",
+                "merged - task",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"(a task takes {TASK_S:g}s and is run again from its start by the replacement; "
+        f"restart_backoff {BACKOFF:g}s)"
+    )
+    for c in cases:
+        if c.reason:
+            print(f"   {c.how} @ {c.interval:g}s {c.task}: {c.reason}")
+
+    print("\n== master recovery (seconds after SIGKILL)")
+    mrows = [
+        [f"kill {i + 1}", fmt(c.respawn_s, 3), fmt(c.restarted_s, 2), fmt(c.control_s, 2)]
+        for i, c in enumerate(master.cases)
+    ]
+    mrows.append(["baseline: python importing the master's modules", "", fmt(floor, 2), ""])
+    print(table(["", "restart issued", "master-restarted", "first assign/merge"], mrows))
+    print(
+        f"tasks: {master.tasks}, merged once: {master.merged_once}, merged twice: "
+        f"{master.merged_twice}, failed: {master.failed}"
+    )
+
+    kill_detect = max((c.detect_intervals for c in cases if c.how == "kill"), default=float("nan"))
+    freeze_detect = max(
+        (c.detect_intervals for c in cases if c.how == "freeze"), default=float("nan")
+    )
+    replace = max((c.replace_after_detect_s for c in cases), default=float("nan"))
+    targets = [
+        (
+            "dead worker detected (SIGKILL)",
+            f"<= {TARGET_DETECT_INTERVALS:g} intervals",
+            f"{kill_detect:.1f} intervals max",
+            kill_detect <= TARGET_DETECT_INTERVALS,
+        ),
+        (
+            "frozen worker detected (SIGSTOP)",
+            f"<= {TARGET_DETECT_INTERVALS:g} intervals",
+            f"{freeze_detect:.1f} intervals max",
+            freeze_detect <= TARGET_DETECT_INTERVALS,
+        ),
+        (
+            "replaced after detection",
+            f"<= {TARGET_REPLACE_S:g} s",
+            f"{replace:.2f} s max",
+            replace <= TARGET_REPLACE_S,
+        ),
+        (
+            "master kill: nothing lost or done twice",
+            "every task merged once",
+            f"{master.merged_once}/{master.tasks} once, {master.merged_twice} twice",
+            master.merged_once == master.tasks and not master.merged_twice,
+        ),
+    ]
+    print("\n== targets")
+    print(
+        table(
+            ["target", "wanted", "measured", "met"],
+            [[a, b, c, "met" if d else "MISSED"] for a, b, c, d in targets],
+        )
+    )
+
+    k05 = [c for c in cases if c.interval == 0.5 and c.how == "kill"]
+    f05 = [c for c in cases if c.interval == 0.5 and c.how == "freeze"]
+    summary: dict[str, object] = {
+        "kill_detect_s": pct([c.detect_s for c in k05], 0.5),
+        "kill_detect_intervals_max": kill_detect,
+        "freeze_detect_s": pct([c.detect_s for c in f05], 0.5),
+        "freeze_detect_intervals_max": freeze_detect,
+        "detect_bound_s": 0.5 * MISSES,
+        "replace_after_detect_s_max": replace,
+        "kill_task_merged_s": pct([c.merged_s for c in k05], 0.5),
+        "master_restarted_s": pct([c.restarted_s for c in master.cases], 0.5),
+        "master_control_s": pct([c.control_s for c in master.cases], 0.5),
+        "master_start_floor_s": floor,
+        "merged_twice": master.merged_twice,
+        "failed": master.failed,
+        "targets_met": sum(d for *_, d in targets),
+        "targets_missed": sum(not d for *_, d in targets),
+    }
+    print()
+    print(kv_line(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
