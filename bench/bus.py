@@ -12,6 +12,13 @@ The raw baseline has no framework: the sender writes json.dumps to tmp/, syncs (
 renames into new/ and syncs new/; the receiver polls new/ every 0.2 ms, renames each file into
 cur/ and json.loads it. It keeps no ledger and validates nothing.
 
+The "teams" baseline is the agent-teams style of inbox: one JSON array FILE per recipient.
+Each sender takes the file's lock (filelock), reads the array, appends its entry
+({from, text, timestamp, read: false}), writes the whole array back (and syncs it, if fsync)
+and lets go. The receiver polls once a second: under the lock it reads the array, takes the
+entries not yet read and writes the array back with them marked read. A single sender flat out
+(not paced) is also timed for multibot and teams, for the throughput of one sender.
+
 Ends with one line of key=value pairs summarising the durable (fsync) runs.
 """
 
@@ -32,6 +39,8 @@ from dataclasses import dataclass
 from multiprocessing.synchronize import Event
 from pathlib import Path
 
+import filelock
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from multibot import mailbox, protocol
@@ -39,6 +48,7 @@ from multibot.layout import Home
 
 INBOX = "bench"
 PACE_S = 0.001  # gap between sends of the single (latency) sender
+TEAMS_POLL_S = 1.0  # the teams receiver looks at its inbox file once a second
 fork = multiprocessing.get_context("fork")  # senders start at once, no re-import
 
 
@@ -106,6 +116,34 @@ def _raw_sender(root: str, sender: str, count: int, pace: float, fsync: bool, go
             time.sleep(pace)
 
 
+def _teams_file(root: str) -> tuple[Path, filelock.FileLock]:
+    path = Path(root) / "teams" / f"{INBOX}.json"
+    return path, filelock.FileLock(f"{path}.lock")
+
+
+def _write_whole(path: Path, data: bytes, fsync: bool) -> None:
+    # In place, under the lock that every reader takes too: no reader sees half a file.
+    with open(path, "wb") as f:
+        f.write(data)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _teams_sender(root: str, sender: str, count: int, pace: float, fsync: bool, go: Event) -> None:
+    path, lock = _teams_file(root)
+    go.wait()
+    for seq in range(count):
+        t0 = time.monotonic_ns()
+        entry = {"from": sender, "text": f"{sender}:{seq}:{t0}", "timestamp": time.time()}
+        with lock:
+            inbox = json.loads(path.read_bytes() or b"[]")
+            inbox.append({**entry, "read": False})
+            _write_whole(path, json.dumps(inbox).encode(), fsync)
+        if pace:
+            time.sleep(pace)
+
+
 # -- receivers (this process) ---------------------------------------------------------------
 
 
@@ -156,6 +194,25 @@ def _raw_receive(root: str, total: int, fsync: bool, tally: Tally, go: Event) ->
             tally.record(data["text"], time.monotonic_ns())
 
 
+def _teams_receive(root: str, total: int, fsync: bool, tally: Tally, go: Event) -> None:
+    path, lock = _teams_file(root)
+    go.set()
+    deadline = time.monotonic() + 120
+    while sum(tally.seen.values()) < total and time.monotonic() < deadline:
+        with lock:
+            inbox = json.loads(path.read_bytes() or b"[]")
+            now = time.monotonic_ns()
+            new = [entry for entry in inbox if not entry["read"]]
+            for entry in new:
+                entry["read"] = True
+            if new:
+                _write_whole(path, json.dumps(inbox).encode(), fsync)
+        for entry in new:
+            tally.record(entry["text"], now)
+        if sum(tally.seen.values()) < total:
+            time.sleep(TEAMS_POLL_S)
+
+
 # -- one run --------------------------------------------------------------------------------
 
 Sender = Callable[[str, str, int, float, bool, Event], None]
@@ -163,20 +220,26 @@ Receive = Callable[[str, int, bool, Tally, Event], None]
 IMPLS: dict[str, tuple[Sender, Receive]] = {
     "multibot": (_multibot_sender, _multibot_receive),
     "raw": (_raw_sender, _raw_receive),
+    "teams": (_teams_sender, _teams_receive),
 }
 
 
-def run(impl: str, fsync: bool, senders: int, messages: int) -> Result:
-    """Run one configuration in a fresh temporary home and count what arrived."""
+def run(impl: str, fsync: bool, senders: int, messages: int, paced: bool = True) -> Result:
+    """Run one configuration in a fresh temporary home and count what arrived.
+
+    A single sender is paced (one message per PACE_S) unless paced is False.
+    """
     root = tempfile.mkdtemp(prefix="multibot-bench-")
     try:
         home = Home.at(root)
         mailbox.create_inbox(home, INBOX)
         for sub in ("tmp", "new", "cur"):
             (Path(root) / "raw" / sub).mkdir(parents=True)
+        (Path(root) / "teams").mkdir()
+        (Path(root) / "teams" / f"{INBOX}.json").write_bytes(b"[]")
         send, receive = IMPLS[impl]
         each = messages // senders
-        pace = PACE_S if senders == 1 else 0.0
+        pace = PACE_S if senders == 1 and paced else 0.0
         go = fork.Event()
         procs = [
             fork.Process(target=send, args=(root, f"s{k}", each, pace, fsync, go))
@@ -221,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(header))
     for fsync in (True, False):
         for senders in (1, 8):
-            for impl in ("multibot", "raw"):
+            for impl in ("multibot", "raw", "teams"):
                 r = run(impl, fsync, senders, messages)
                 results.append(r)
                 rate = f"{r.rate:8.0f}" if senders > 1 else f"{'(paced)':>8}"
@@ -231,20 +294,50 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
 
+    print("\none sender, flat out (not paced), fsync on:")
+    flat = {impl: run(impl, True, 1, messages, paced=False) for impl in ("multibot", "teams")}
+    for r in flat.values():
+        print(
+            f"{r.impl:9} {'on':5} {r.senders:7d} {r.messages:6d}"
+            f" {r.pct(0.5):8.3f} {r.pct(0.99):8.3f} {r.rate:8.0f} {r.lost:5d} {r.duplicated:4d}",
+            flush=True,
+        )
+
     def pick(impl: str, senders: int) -> Result:
         return next(r for r in results if r.impl == impl and r.fsync and r.senders == senders)
 
     one, eight, raw_one = pick("multibot", 1), pick("multibot", 8), pick("raw", 1)
+    teams_one, teams_eight = pick("teams", 1), pick("teams", 8)
+    ours = [r for r in results if r.impl != "teams"]  # the original keys keep their meaning
+    teams = [r for r in results if r.impl == "teams"] + [flat["teams"]]
     print()
     print(
-        f"messages={sum(r.messages for r in results)}"
-        f" lost={sum(r.lost for r in results)}"
-        f" duplicated={sum(r.duplicated for r in results)}"
+        f"vs agent-teams style inbox file (fsync on): p50 {one.pct(0.5):.3f} ms vs "
+        f"{teams_one.pct(0.5):.1f} ms ({teams_one.pct(0.5) / one.pct(0.5):.0f}x lower); "
+        f"8 senders {eight.rate:.0f} vs {teams_eight.rate:.0f} msgs/s "
+        f"({eight.rate / teams_eight.rate:.1f}x); 1 sender flat out "
+        f"{flat['multibot'].rate:.0f} vs {flat['teams'].rate:.0f} msgs/s"
+    )
+    print()
+    print(
+        f"messages={sum(r.messages for r in ours)}"
+        f" lost={sum(r.lost for r in ours)}"
+        f" duplicated={sum(r.duplicated for r in ours)}"
         f" p50_ms={one.pct(0.5):.3f} p99_ms={one.pct(0.99):.3f}"
         f" msgs_per_s={eight.rate:.0f}"
         f" p50_ratio_vs_raw={one.pct(0.5) / raw_one.pct(0.5):.2f}"
         f" raw_p50_ms={raw_one.pct(0.5):.3f}"
         f" mean_ms={statistics.fmean(one.latencies_ms):.3f}"
+        f" one_sender_msgs_per_s={flat['multibot'].rate:.0f}"
+        f" teams_p50_ms={teams_one.pct(0.5):.3f} teams_p99_ms={teams_one.pct(0.99):.3f}"
+        f" teams_8_p50_ms={teams_eight.pct(0.5):.3f} teams_8_p99_ms={teams_eight.pct(0.99):.3f}"
+        f" teams_msgs_per_s={teams_eight.rate:.0f}"
+        f" teams_one_sender_msgs_per_s={flat['teams'].rate:.0f}"
+        f" teams_lost={sum(r.lost for r in teams)}"
+        f" teams_duplicated={sum(r.duplicated for r in teams)}"
+        f" p50_ratio_vs_teams={one.pct(0.5) / teams_one.pct(0.5):.4f}"
+        f" p99_ratio_vs_teams={one.pct(0.99) / teams_one.pct(0.99):.4f}"
+        f" msgs_per_s_ratio_vs_teams={eight.rate / teams_eight.rate:.2f}"
     )
     return 0
 

@@ -110,6 +110,8 @@ def machine() -> dict[str, str]:
         except OSError:
             return "-"
 
+    commit = version(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = version(["git", "-C", str(ROOT), "status", "--porcelain", "--", "multibot"])
     mem_kb = 0
     with contextlib.suppress(OSError):
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -124,6 +126,7 @@ def machine() -> dict[str, str]:
         "git": version(["git", "--version"]).removeprefix("git version "),
         "tmux": version(["tmux", "-V"]).removeprefix("tmux "),
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "commit": commit + (" + uncommitted changes in multibot/" if dirty else ""),
     }
 
 

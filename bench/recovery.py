@@ -75,6 +75,13 @@ class WorkerCase:
     replaced_s: float = float("nan")  # signal -> first beat of the next generation
     merged_s: float = float("nan")
     reason: str = ""
+    worker: str = "w1"
+    load: int = 1  # workers of the run, all busy
+
+    @property
+    def label(self) -> str:
+        busy = f", {self.load} busy workers" if self.load > 1 else ""
+        return f"{self.how} @ {self.interval:g}s{busy}"
 
     @property
     def replace_after_detect_s(self) -> float:
@@ -127,9 +134,8 @@ def worker_cases(interval: float, kills: int, freezes: int) -> list[WorkerCase]:
             tasks.append(noop_task(c.task, [prev] if prev else [], [f"sleep {TASK_S:g}"]))
             prev = c.task
         run.start_master(run.write_plan(tasks))
-        state = StateFile(run.home.worker_state("w1"), WorkerState, default=None)
         for c in cases:
-            _break_worker(run, state, c)
+            _break_worker(run, c)
             print(
                 f"   {c.how:6} {c.task}: dead after {c.detect_s:.2f}s, replaced after "
                 f"{c.replaced_s:.2f}s, merged after {c.merged_s:.2f}s",
@@ -139,31 +145,77 @@ def worker_cases(interval: float, kills: int, freezes: int) -> list[WorkerCase]:
     return cases
 
 
-def _break_worker(run: BenchRun, state: StateFile[WorkerState], c: WorkerCase) -> None:
-    def on_task() -> tuple[int, int] | None:
-        hb = run.heartbeats().get("w1")
-        if hb is None or hb.status != "working" or not run.home.worker_state("w1").exists():
+def loaded_cases(interval: float, workers: int, hows: list[str]) -> list[WorkerCase]:
+    """Break workers one after another while every worker of the run is busy."""
+    cases = [
+        WorkerCase(h, interval, "", worker=f"w{2 + 3 * i}", load=workers)
+        for i, h in enumerate(hows)
+    ]
+    print(
+        f"\n== worker recovery under load: {workers} workers on `sleep {TASK_S:g}` tasks, "
+        f"heartbeat_interval {interval:g}s: {', '.join(hows)}",
+        flush=True,
+    )
+    with BenchRun(f"recovery-load{workers}") as run:
+        run.configure(
+            {
+                "max_workers": workers,
+                "heartbeat_interval": interval,
+                "heartbeat_misses": MISSES,
+                "restart_backoff": BACKOFF,
+                "restart_backoff_max": BACKOFF,
+                "max_restarts": 20,
+                "idle_worker_timeout": 3600,
+            }
+        )
+        n = workers * 12
+        tasks = [noop_task(f"l{i}", [], [f"sleep {TASK_S:g}"]) for i in range(1, n + 1)]
+        run.start_master(run.write_plan(tasks))
+        wait_for(
+            lambda: sum(hb.status == "working" for hb in run.heartbeats().values()) >= workers,
+            60 + workers * 2,
+            0.05,
+            "every worker to be busy",
+        )
+        for c in cases:
+            _break_worker(run, c)
+            print(
+                f"   {c.how:6} {c.worker} on {c.task}: dead after {c.detect_s:.2f}s, replaced "
+                f"after {c.replaced_s:.2f}s, merged after {c.merged_s:.2f}s",
+                flush=True,
+            )
+    return cases
+
+
+def _break_worker(run: BenchRun, c: WorkerCase) -> None:
+    """Signal c.worker 0.5 s into a task (c.task, or any) and time what the master does."""
+    wid = c.worker
+    state = StateFile(run.home.worker_state(wid), WorkerState, default=None)
+
+    def on_task() -> tuple[int, int, str] | None:
+        hb = run.heartbeats().get(wid)
+        if hb is None or hb.status != "working" or not run.home.worker_state(wid).exists():
             return None
         s = state.read()
-        if s.current_task is None or s.current_task.task_id != c.task:
+        if s.current_task is None or s.current_task.task_id != (c.task or s.current_task.task_id):
             return None
-        return hb.pid, hb.generation
+        return hb.pid, hb.generation, s.current_task.task_id
 
-    pid, gen = wait_for(on_task, 60, 0.02, f"w1 to start {c.task}")
+    pid, gen, c.task = wait_for(on_task, 60, 0.02, f"{wid} to start {c.task or 'a task'}")
     time.sleep(INTO_TASK_S)  # mid-task on purpose
     run.timeline.poll()
-    dead_before = len(run.timeline.find("worker-dead", worker="w1"))
+    dead_before = len(run.timeline.find("worker-dead", worker=wid))
     t0 = time.time()
     os.kill(pid, signal.SIGKILL if c.how == "kill" else signal.SIGSTOP)
 
     replaced: float | None = None
     deadline = time.monotonic() + 60
     while replaced is None:
-        hb = run.heartbeats().get("w1")
+        hb = run.heartbeats().get(wid)
         if hb is not None and hb.generation > gen and hb.status in LIVE:
             replaced = hb.time
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no replacement for w1 after {c.how} of {c.task}")
+            raise TimeoutError(f"no replacement for {wid} after {c.how} of {c.task}")
         time.sleep(0.01)  # polling the heartbeat file
 
     def merged() -> float | None:
@@ -171,8 +223,8 @@ def _break_worker(run: BenchRun, state: StateFile[WorkerState], c: WorkerCase) -
         found = run.timeline.find("merged", task=c.task)
         return found[0]["t"] if found else None
 
-    t_merged = wait_for(merged, 60, 0.05, f"{c.task} to merge")
-    dead = run.timeline.find("worker-dead", worker="w1")[dead_before:]
+    t_merged = wait_for(merged, 90, 0.05, f"{c.task} to merge")
+    dead = run.timeline.find("worker-dead", worker=wid)[dead_before:]
     if dead:
         c.detect_s, c.reason = dead[0]["t"] - t0, dead[0].get("text", "")
     c.replaced_s, c.merged_s = replaced - t0, t_merged - t0
@@ -257,31 +309,31 @@ def main(argv: list[str] | None = None) -> int:
     with sigterm_as_exit():
         for interval in intervals:
             cases += worker_cases(interval, kills, freezes)
+        load_hows = ["kill"] if args.quick else ["kill", "freeze", "kill"]
+        cases += loaded_cases(0.5, 10, load_hows)
         master = master_cases(restarts)
         floor = process_start_cost([PY, "-c", MASTER_IMPORTS], 3 if args.quick else 5)
 
     print("\n== worker recovery (seconds after the signal; 'intervals' = detection / interval)")
     rows = []
-    for interval in intervals:
-        for how in ("kill", "freeze"):
-            cs = [c for c in cases if c.interval == interval and c.how == how]
-            if not cs:
-                continue
-            rows.append(
-                [
-                    f"{how} @ {interval:g}s",
-                    len(cs),
-                    fmt(interval * MISSES, 2),
-                    fmt(pct([c.detect_s for c in cs], 0.5), 2),
-                    fmt(max(c.detect_s for c in cs), 2),
-                    fmt(max(c.detect_intervals for c in cs), 1),
-                    fmt(pct([c.replace_after_detect_s for c in cs], 0.5), 2),
-                    fmt(max(c.replace_after_detect_s for c in cs), 2),
-                    fmt(pct([c.replaced_s for c in cs], 0.5), 2),
-                    fmt(pct([c.merged_s for c in cs], 0.5), 2),
-                    fmt(pct([c.merged_s - TASK_S for c in cs], 0.5), 2),
-                ]
-            )
+    for label in dict.fromkeys(c.label for c in cases):
+        cs = [c for c in cases if c.label == label]
+        interval = cs[0].interval
+        rows.append(
+            [
+                label,
+                len(cs),
+                fmt(interval * MISSES, 2),
+                fmt(pct([c.detect_s for c in cs], 0.5), 2),
+                fmt(max(c.detect_s for c in cs), 2),
+                fmt(max(c.detect_intervals for c in cs), 1),
+                fmt(pct([c.replace_after_detect_s for c in cs], 0.5), 2),
+                fmt(max(c.replace_after_detect_s for c in cs), 2),
+                fmt(pct([c.replaced_s for c in cs], 0.5), 2),
+                fmt(pct([c.merged_s for c in cs], 0.5), 2),
+                fmt(pct([c.merged_s - TASK_S for c in cs], 0.5), 2),
+            ]
+        )
     print(
         table(
             [
@@ -306,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     for c in cases:
         if c.reason:
-            print(f"   {c.how} @ {c.interval:g}s {c.task}: {c.reason}")
+            print(f"   {c.label}, {c.worker} on {c.task}: {c.reason}")
 
     print("\n== master recovery (seconds after SIGKILL)")
     mrows = [
@@ -359,8 +411,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
 
-    k05 = [c for c in cases if c.interval == 0.5 and c.how == "kill"]
-    f05 = [c for c in cases if c.interval == 0.5 and c.how == "freeze"]
+    k05 = [c for c in cases if c.interval == 0.5 and c.how == "kill" and c.load == 1]
+    f05 = [c for c in cases if c.interval == 0.5 and c.how == "freeze" and c.load == 1]
+    loaded = [c for c in cases if c.load > 1]
     summary: dict[str, object] = {
         "kill_detect_s": pct([c.detect_s for c in k05], 0.5),
         "kill_detect_intervals_max": kill_detect,
@@ -369,6 +422,10 @@ def main(argv: list[str] | None = None) -> int:
         "detect_bound_s": 0.5 * MISSES,
         "replace_after_detect_s_max": replace,
         "kill_task_merged_s": pct([c.merged_s for c in k05], 0.5),
+        "load_detect_s_max": max((c.detect_s for c in loaded), default=float("nan")),
+        "load_replace_after_detect_s_max": max(
+            (c.replace_after_detect_s for c in loaded), default=float("nan")
+        ),
         "master_restarted_s": pct([c.restarted_s for c in master.cases], 0.5),
         "master_control_s": pct([c.control_s for c in master.cases], 0.5),
         "master_start_floor_s": floor,

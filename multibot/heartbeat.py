@@ -165,8 +165,13 @@ class HeartbeatTracker:
     for the current one.
     """
 
-    def __init__(self, interval: float, misses: int = 3, tolerance: float = 1.0) -> None:
+    def __init__(
+        self, interval: float, misses: int = 3, tolerance: float = 1.0, startup_grace: float = 0.0
+    ) -> None:
         self.interval, self.misses, self.tolerance = interval, misses, tolerance
+        # A process just started may take longer than a few intervals to beat the first time
+        # (imports on a loaded machine): until its first beat, allow at least this long.
+        self.startup_grace = startup_grace
         self.generation: int | None = None
         self.pid: int | None = None
         self._started: float | None = None
@@ -196,7 +201,7 @@ class HeartbeatTracker:
                 self._key, self._since = key, now
         if self._key is None:
             waited = now - self._started
-            if waited <= limit:
+            if waited <= max(limit, self.startup_grace):
                 return Liveness(State.STARTING, None, f"{why} yet")
             return Liveness(State.MISSING, None, f"{why} after {waited:.1f}s")
         quiet = now - self._since

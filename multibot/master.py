@@ -21,7 +21,7 @@ from typing import TextIO
 from multibot import mailbox, protocol, worktrees
 from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import GitError, LockTimeout, MultibotError, PlanError, StateError
-from multibot.heartbeat import read_heartbeat
+from multibot.heartbeat import HeartbeatTracker, read_heartbeat
 from multibot.launcher import Launcher, worker_argv
 from multibot.layout import MASTER_ID, Home
 from multibot.lifecycle import task_transition
@@ -40,7 +40,7 @@ from multibot.state import (
     WorkerState,
 )
 from multibot.store import StateFile
-from multibot.supervisor import Watch, backoff
+from multibot.supervisor import backoff
 from multibot.timeline import Timeline
 from multibot.worktrees import GitRepo
 
@@ -137,7 +137,8 @@ class Master:
         self.tasks: dict[str, TaskRecord] = {}
         self.task_files: dict[str, StateFile[TaskRecord]] = {}
         self.questions: dict[str, StateFile[QuestionRecord]] = {}
-        self.watches: dict[str, Watch] = {}
+        self.watches: dict[str, HeartbeatTracker] = {}
+        self.titles: dict[str, str] = {}
         self.git: GitRepo | None = None
         self.timeline = Timeline(home.timeline, clock)
         home.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -198,11 +199,10 @@ class Master:
 
     def resume(self) -> None:
         """Rebuild from the state files after a restart; nothing lost, nothing done twice."""
-        self.sys = self.sys_file.read()
         note = self.sys_file.recover()
+        self.sys = self.sys_file.read()
         if note:
             self.event("state-recovered", note)
-            self.sys = self.sys_file.read()
         self.sys.master_generation += 1
         self.sys.master_pid = os.getpid()
         self.repo = Path(self.sys.git.repo or self.repo)
@@ -217,7 +217,7 @@ class Master:
         now = self.mono()
         for wid, info in self.sys.workers.items():
             if info.status in LIVE_WORKER:
-                self.watches[wid] = Watch(info.generation, now)
+                self.watch(wid, info.generation, now)
         self.event("master-restarted", f"generation {self.sys.master_generation}, "
                    f"{len(self.tasks)} tasks, {len(self.sys.workers)} workers")
         self.inbox = mailbox.Receiver(self.home, MASTER_ID, rescan_s=self.config.rescan_interval)
@@ -720,7 +720,7 @@ class Master:
             info.pane_id = self.launcher.start(wid, argv, env, self.title(info))
         info.status, info.pid = "starting", self.launcher.pid(info.pane_id)
         info.next_restart_at = None
-        self.watches[wid] = Watch(info.generation, self.mono())
+        self.watch(wid, info.generation, self.mono())
         self.launcher.set_title(info.pane_id, self.title(info))
         self.dirty = True
 
@@ -743,14 +743,31 @@ class Master:
                 else:
                     os.kill(pid, signal.SIGKILL)
 
+    def refresh_titles(self) -> None:
+        """Show each worker's task, model and status in its pane title, when they changed."""
+        for wid, info in self.sys.workers.items():
+            title = self.title(info)
+            if info.pane_id and self.titles.get(wid) != title:
+                self.titles[wid] = title
+                self.launcher.set_title(info.pane_id, title)
+
     def title(self, info: WorkerInfo) -> str:
         return f"{info.id} · {info.current_task or '-'} · {info.model or '-'} · {info.status}"
+
+    def watch(self, wid: str, generation: int, now: float) -> HeartbeatTracker:
+        """Start judging a worker incarnation by its heartbeats, from now."""
+        c = self.config
+        tracker = HeartbeatTracker(
+            c.heartbeat_interval, c.heartbeat_misses, tolerance=0.0,
+            startup_grace=max(c.heartbeat_interval * c.heartbeat_misses, 20.0),
+        )
+        tracker.expect(generation, now)
+        self.watches[wid] = tracker
+        return tracker
 
     def supervise(self) -> None:
         """Find dead workers, restart them with backoff, fail them after too many restarts."""
         now, mono = self.clock(), self.mono()
-        interval, misses = self.config.heartbeat_interval, self.config.heartbeat_misses
-        grace = max(interval * misses, 20.0)
         for wid, info in list(self.sys.workers.items()):
             if info.status in ("failed", "stopped"):
                 continue
@@ -762,9 +779,9 @@ class Master:
                     self.launch(wid, info, restart=True)
                     self.resend_assignments(only=wid)
                 continue
-            watch = self.watches.setdefault(wid, Watch(info.generation, mono))
+            tracker = self.watches.get(wid) or self.watch(wid, info.generation, mono)
             hb = read_heartbeat(self.home.heartbeat(wid))
-            watch.observe(hb, mono)
+            liveness = tracker.observe(hb, mono)
             if hb is not None and hb.generation == info.generation:
                 info.last_heartbeat = hb.time
                 status = hb.status if hb.status in LIVE_WORKER else info.status
@@ -772,7 +789,7 @@ class Master:
                     info.status = status  # type: ignore[assignment]
                     self.launcher.set_title(info.pane_id or "", self.title(info))
                     self.dirty = True
-            reason = watch.verdict(mono, interval, misses, grace)
+            reason = liveness.reason if liveness.dead else None
             if reason is None and info.pane_id and not self.launcher.alive(info.pane_id):
                 reason = "process exited"
             if reason is not None:
@@ -1054,6 +1071,7 @@ class Master:
         now = self.mono()
         if not (force or (self.dirty and now - self.last_flush > 0.2)):
             return
+        self.refresh_titles()
         mine = self.sys.model_copy(deep=True)
 
         def merge(disk: SystemState) -> SystemState:

@@ -6,7 +6,9 @@ drives the agent and shows what happens. It never decides what to work on: the m
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -30,6 +32,14 @@ EXIT_STARTUP = 2
 EXIT_REPLACED = 3
 
 MAX_NOTES = 200
+
+
+class Stopped(MultibotError):
+    """The process was told to stop by a signal (its pane closed, or kill)."""
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signal.Signals(signum).name)
 
 
 class Replaced(MultibotError):
@@ -121,10 +131,20 @@ class Worker:
         except Replaced as exc:
             self.show(f"not starting: {exc}")
             return EXIT_REPLACED
+        # A closed pane sends SIGHUP, `kill` SIGTERM: stop the agent's whole process group too,
+        # so nothing outlives the worker, and keep the work done so far.
+        signal.signal(signal.SIGTERM, _raise_stopped)
+        signal.signal(signal.SIGHUP, _raise_stopped)
         try:
             while not self.stopping:
                 self.step()
                 self.inbox.wait(self.config.tick)
+        except Stopped as exc:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            self.show(f"stopping on {exc}")
+            with contextlib.suppress(Exception):  # best effort on the way out
+                self._on_terminate(protocol.Terminate(reason=f"worker got {exc}"))
         except Replaced as exc:
             self.show(f"stopping: replaced by a newer incarnation ({exc})")
             if self.agent.process() is not None:
@@ -313,10 +333,9 @@ class Worker:
         self.show(f"✉  {line}")
 
         def remember(mem: ContextMemory) -> ContextMemory:
-            if kind == "discovery":
-                mem.discoveries = [*mem.discoveries, f"{source}: {text}"][-MAX_NOTES:]
-            else:
-                mem.notes = [*mem.notes, line][-MAX_NOTES:]
+            # Other workers' discoveries are notes here: `discoveries` holds this worker's own,
+            # which its TASK_COMPLETE reports.
+            mem.notes = [*mem.notes, line][-MAX_NOTES:]
             return mem
 
         self._update(self.memory, remember)
@@ -502,5 +521,7 @@ class Worker:
         """Print a line to the pane and the worker's log."""
         stamp = time.strftime("%H:%M:%S")
         text = f"{stamp} {line}"
-        print(text, file=self.out, flush=True)
-        self._log.write(text + "\n")
+        with contextlib.suppress(OSError):  # the pane may be gone (SIGHUP): the log still has it
+            print(text, file=self.out, flush=True)
+        if not self._log.closed:
+            self._log.write(text + "\n")

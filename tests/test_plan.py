@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from multibot.lifecycle import BadTransition, task_transition
 from multibot.plan import find_cycle, load_plan_file, topological_order, validate_plan
 from multibot.scheduler import WorkerSlot, overlaps, ready_tasks, schedule
 from multibot.state import PlanTask, TaskRecord
-from multibot.supervisor import Watch, backoff
+from multibot.supervisor import backoff
 
 
 def task(
@@ -141,32 +140,3 @@ def test_lifecycle_refuses_bad_moves() -> None:
 
 def test_backoff_doubles_up_to_the_cap() -> None:
     assert [backoff(n, 1.0, 5.0) for n in range(0, 6)] == [0.0, 1.0, 2.0, 4.0, 5.0, 5.0]
-
-
-def test_watch_judges_on_the_observers_clock() -> None:
-    from multibot.heartbeat import Heartbeat
-
-    def hb(seq: int, t: float, gen: int = 1) -> Heartbeat:
-        return Heartbeat(
-            process_id="w1",
-            pid=1,
-            generation=gen,
-            status="idle",
-            time=t,
-            monotonic=0.0,
-            interval=1.0,
-            seq=seq,
-            host="h",
-        )
-
-    w = Watch(generation=1, started=100.0)
-    assert w.verdict(105.0, 1.0, 3, startup_grace=10) is None
-    assert "no heartbeat" in (w.verdict(111.0, 1.0, 3, startup_grace=10) or "")
-    w.observe(hb(1, t=5_000_000.0), 111.0)  # wall clock far ahead: irrelevant
-    assert w.verdict(113.0, 1.0, 3, 10) is None
-    w.observe(hb(1, t=0.0), 113.5)  # same seq, clock jumped back: no progress, no death yet
-    assert w.verdict(113.9, 1.0, 3, 10) is None
-    assert "stale" in (w.verdict(114.5, 1.0, 3, 10) or "")
-    w.observe(hb(9, t=1.0, gen=0), 114.6)  # an older generation does not count
-    assert w.verdict(114.7, 1.0, 3, 10) is not None
-    _ = json
