@@ -130,7 +130,9 @@ def cmd_timeline(a: argparse.Namespace, home: Home) -> int:
             print(json.dumps(e))
         else:
             stamp = time.strftime("%H:%M:%S", time.localtime(float(e.get("t", 0))))
-            text = e.get("text") or " ".join(f"{k}={v}" for k, v in e.items() if k not in ("t", "event"))
+            text = e.get("text") or " ".join(
+                f"{k}={v}" for k, v in e.items() if k not in ("t", "event")
+            )
             print(f"{stamp}  {e.get('event', '?'):<22} {text}")
     return 0
 
@@ -283,7 +285,7 @@ def _agent_identity() -> tuple[str, str | None, int]:
 
 @command("report")
 def cmd_report(a: argparse.Namespace, home: Home) -> int:
-    from multibot.state import ContextMemory
+    from multibot.state import ContextMemory, Decision
     from multibot.store import StateFile
 
     wid, task, gen = _agent_identity()
@@ -299,9 +301,13 @@ def cmd_report(a: argparse.Namespace, home: Home) -> int:
             return m.model_copy(update={"discoveries": [*m.discoveries, text]})
         if a.kind == "blocked":
             return m.model_copy(update={"blockers": [*m.blockers, text]})
+        if a.kind == "decision":
+            return m.model_copy(
+                update={"decisions": [*m.decisions, Decision(text=text, task_id=task)]}
+            )
         return m
 
-    if a.kind != "progress":
+    if a.kind in ("discovery", "blocked", "decision"):
         StateFile(home.worker_memory(wid), ContextMemory, default=ContextMemory).update(remember)
     print(f"reported {a.kind} to the master")
     return 0
@@ -316,7 +322,10 @@ def cmd_ask(a: argparse.Namespace, home: Home) -> int:
     wid, task, gen = _agent_identity()
     question = " ".join(a.text)
     message = protocol.make(
-        protocol.Question(question=question), sender=wid, recipient=MASTER_ID, generation=gen,
+        protocol.Question(question=question),
+        sender=wid,
+        recipient=MASTER_ID,
+        generation=gen,
         task_id=task,
     )
     try:
@@ -447,7 +456,9 @@ def parser() -> argparse.ArgumentParser:
     tl = sub.add_parser("timeline", help="the run's event timeline")
     tl.add_argument("-n", "--lines", type=int, default=100)
     tl.add_argument("--json", action="store_true")
-    ib = sub.add_parser("inbox", help="what waits in, was handled by, or was rejected from an inbox")
+    ib = sub.add_parser(
+        "inbox", help="what waits in, was handled by, or was rejected from an inbox"
+    )
     ib.add_argument("id")
     ib.add_argument("--json", action="store_true")
     sc = sub.add_parser("schema", help="JSON Schema of every message and state file")
@@ -472,7 +483,11 @@ def parser() -> argparse.ArgumentParser:
     se.add_argument("--json", help="payload fields as a JSON object")
 
     r = sub.add_parser("report", help="(for agents) tell the master something")
-    r.add_argument("kind", choices=["progress", "discovery", "blocked"])
+    r.add_argument(
+        "kind",
+        choices=["progress", "discovery", "blocked", "decision", "follow_up"],
+        help="follow_up asks the master to add a task after this one",
+    )
     r.add_argument("text", nargs="+")
     ak = sub.add_parser("ask", help="(for agents) ask the master and wait for the answer")
     ak.add_argument("text", nargs="+")
@@ -512,4 +527,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(exc))
     except BrokenPipeError:
         return 0
-

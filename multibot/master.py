@@ -47,6 +47,10 @@ from multibot.worktrees import GitRepo
 EXIT_DONE = 0
 EXIT_FAILED = 1
 
+PRUNE_EVERY_S = 300.0
+AUDIT_MAX_AGE_S = 7 * 86400.0
+AUDIT_MAX_COUNT = 20_000
+
 LIVE_WORKER = ("starting", "idle", "working", "blocked", "paused", "error")
 
 
@@ -139,6 +143,7 @@ class Master:
         self.questions: dict[str, StateFile[QuestionRecord]] = {}
         self.watches: dict[str, HeartbeatTracker] = {}
         self.titles: dict[str, str] = {}
+        self.last_prune = 0.0
         self.git: GitRepo | None = None
         self.timeline = Timeline(home.timeline, clock)
         home.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +171,12 @@ class Master:
             self.event("merge-recovered", str(note))
 
     def start_new(
-        self, plan: Plan, goal: str, run_id: str, *, opus_session: str | None = None,
+        self,
+        plan: Plan,
+        goal: str,
+        run_id: str,
+        *,
+        opus_session: str | None = None,
         opus_cost_usd: float = 0.0,
     ) -> None:
         """Begin a new run with a validated plan (and the Opus session that made it)."""
@@ -191,8 +201,10 @@ class Master:
         self.plan_file.update(lambda _: self.plan)
         self.event("run-started", f"run {run_id}: {len(plan.tasks)} tasks", repo=str(self.repo))
         if self.config.approve_plan:
-            self.show(f"plan written to {self.home.plan}: set \"approved\": true to start "
-                      "(or run `multibot approve`)")
+            self.show(
+                f'plan written to {self.home.plan}: set "approved": true to start '
+                "(or run `multibot approve`)"
+            )
         else:
             self.load_tasks_from_plan()
         self.inbox = mailbox.Receiver(self.home, MASTER_ID, rescan_s=self.config.rescan_interval)
@@ -218,8 +230,11 @@ class Master:
         for wid, info in self.sys.workers.items():
             if info.status in LIVE_WORKER:
                 self.watch(wid, info.generation, now)
-        self.event("master-restarted", f"generation {self.sys.master_generation}, "
-                   f"{len(self.tasks)} tasks, {len(self.sys.workers)} workers")
+        self.event(
+            "master-restarted",
+            f"generation {self.sys.master_generation}, "
+            f"{len(self.tasks)} tasks, {len(self.sys.workers)} workers",
+        )
         self.inbox = mailbox.Receiver(self.home, MASTER_ID, rescan_s=self.config.rescan_interval)
         for rec in list(self.tasks.values()):
             if rec.status == "verifying":  # killed while checking it: nobody else will
@@ -241,14 +256,18 @@ class Master:
             try:
                 ws = StateFile(path, WorkerState, default=None).read()
                 known = self.sys.workers.get(wid)
-                info = known or WorkerInfo(id=wid, generation=ws.generation,
-                                           capabilities=list(self.template.capabilities))
+                info = known or WorkerInfo(
+                    id=wid, generation=ws.generation, capabilities=list(self.template.capabilities)
+                )
             except (StateError, ValueError):
                 continue
             if known is None:
                 self.sys.workers[wid] = info
-                self.event("worker-adopted", f"{wid} (generation {ws.generation}) was started "
-                           "just before the restart", worker=wid)
+                self.event(
+                    "worker-adopted",
+                    f"{wid} (generation {ws.generation}) was started just before the restart",
+                    worker=wid,
+                )
             elif info.status in LIVE_WORKER and ws.generation > info.generation:
                 info.generation = ws.generation  # restarted just before: watch the new one
 
@@ -317,6 +336,7 @@ class Master:
     def tick(self) -> None:
         """One turn: messages, edits, supervision, assignments, merges, completion."""
         self.handle_inbox()
+        self.prune_inbox()
         self.read_edits()
         if self.sys.phase == "awaiting_approval":
             self.check_approval()
@@ -339,6 +359,16 @@ class Master:
         self._log.close()
 
     # == messages =============================================================================
+    def prune_inbox(self) -> None:
+        """Now and then, drop handled messages kept for audit past their age or number."""
+        now = self.mono()
+        if now - self.last_prune < PRUNE_EVERY_S or self.inbox is None:
+            return
+        self.last_prune = now
+        removed = self.inbox.prune(max_age_s=AUDIT_MAX_AGE_S, max_count=AUDIT_MAX_COUNT)
+        if removed:
+            self.timeline.add("inbox-pruned", removed=removed)
+
     def handle_inbox(self) -> None:
         assert self.inbox is not None
         for m in self.inbox.fetch():
@@ -352,8 +382,11 @@ class Master:
         """Act on one message from a worker (or from the CLI speaking for one)."""
         info = self.sys.workers.get(m.sender)
         if info is not None and m.generation < info.generation:
-            self.event("stale-message-ignored", f"{m.type} from {m.sender} generation "
-                       f"{m.generation} < {info.generation}", message=m.id)
+            self.event(
+                "stale-message-ignored",
+                f"{m.type} from {m.sender} generation {m.generation} < {info.generation}",
+                message=m.id,
+            )
             return
         self.timeline.add("message", type=m.type, sender=m.sender, task=m.task_id, id=m.id)
         p = m.payload
@@ -380,6 +413,8 @@ class Master:
                 self.set_task(rec, "running")
         elif p.kind == "discovery":
             self.share_discovery(wid, tid, p.progress)
+        elif p.kind == "follow_up" and tid in self.tasks:
+            self.add_follow_up(self.tasks[tid], p.progress)
         elif p.kind == "blocked":
             self.event("worker-blocked", f"{wid} is blocked: {p.progress}", worker=wid, task=tid)
             if info:
@@ -394,7 +429,9 @@ class Master:
         """Record a discovery in the shared context and pass it to the other running workers."""
         self.context_file.update(
             lambda c: c.model_copy(
-                update={"discoveries": [*c.discoveries, Discovery(worker=wid, task_id=tid, text=text)]}
+                update={
+                    "discoveries": [*c.discoveries, Discovery(worker=wid, task_id=tid, text=text)]
+                }
             )
         )
         self.event("discovery", f"{wid}: {text}", worker=wid, task=tid)
@@ -408,8 +445,13 @@ class Master:
         if qid in self.questions or self.home.question(qid).exists():
             return  # redelivered after a restart: already recorded
         q = QuestionRecord(
-            id=qid, message_id=m.id, worker=m.sender, task_id=m.task_id,
-            question=p.question, context=p.context, reply_to=m.reply_to,
+            id=qid,
+            message_id=m.id,
+            worker=m.sender,
+            task_id=m.task_id,
+            question=p.question,
+            context=p.context,
+            reply_to=m.reply_to,
         )
         f = StateFile(self.home.question(qid), QuestionRecord, default=lambda: q)
         self.home.questions_dir.mkdir(parents=True, exist_ok=True)
@@ -424,8 +466,10 @@ class Master:
             self.advisor.ask(qid, p.question, self.question_context(m.sender, p))
         else:
             f.update(lambda r: r.model_copy(update={"escalated": True}))
-            self.show(f"❓ question for you ({qid}) from {m.sender}: {p.question}\n"
-                      f"   answer with: multibot answer {qid} \"...\"  (or edit {f.path})")
+            self.show(
+                f"❓ question for you ({qid}) from {m.sender}: {p.question}\n"
+                f'   answer with: multibot answer {qid} "..."  (or edit {f.path})'
+            )
             if self.config.question_policy == "auto_with_window" and self.advisor.available:
                 q_deadline = self.clock() + self.config.override_window
                 self.pending_window[qid] = q_deadline
@@ -443,8 +487,10 @@ class Master:
         disc = self.context_file.read().discoveries
         if disc:
             lines += ["Discoveries:", *[f"- {d.worker}: {d.text}" for d in disc[-20:]]]
-        lines += ["Workers:", *[f"- {w}: {i.status} on {i.current_task or '-'}"
-                                for w, i in self.sys.workers.items()]]
+        lines += [
+            "Workers:",
+            *[f"- {w}: {i.status} on {i.current_task or '-'}" for w, i in self.sys.workers.items()],
+        ]
         lines += [f"Asked by {wid}. {p.context}"]
         return "\n".join(lines)
 
@@ -467,11 +513,19 @@ class Master:
         )
         with contextlib.suppress(MultibotError):
             mailbox.send(self.home, reply)
-        f.update(lambda r: r.model_copy(update={
-            "status": "delivered", "answer": text, "answered_by": by, "answered_at": now}))
+        f.update(
+            lambda r: r.model_copy(
+                update={
+                    "status": "delivered",
+                    "answer": text,
+                    "answered_by": by,
+                    "answered_at": now,
+                }
+            )
+        )
         self.questions.pop(qid, None)
         self.pending_window.pop(qid, None)
-        self.event("answer", f"{qid} answered by {by}: {text}", question=qid)
+        self.event("answer", f"{qid} answered by {by}: {text}", question=qid, answered_by=by)
 
     def handle_advice(self) -> None:
         now = self.clock()
@@ -490,7 +544,9 @@ class Master:
                     self.answer(advice.key, advice.text, "opus")
                 else:
                     self.event("advisor-failed", f"could not answer {advice.key}: {advice.text}")
-                    self.show(f"❓ {advice.key} needs your answer: multibot answer {advice.key} ...")
+                    self.show(
+                        f"❓ {advice.key} needs your answer: multibot answer {advice.key} ..."
+                    )
             elif advice.kind == "review":
                 self.on_review(advice)
 
@@ -499,15 +555,19 @@ class Master:
         tid = m.task_id or ""
         rec = self.tasks.get(tid)
         if rec is None or rec.worker != m.sender or rec.status not in ("assigned", "running"):
-            self.event("duplicate-ignored", f"TASK_COMPLETE for {tid} from {m.sender} "
-                       f"(task is {rec.status if rec else 'unknown'})")
+            self.event(
+                "duplicate-ignored",
+                f"TASK_COMPLETE for {tid} from {m.sender} "
+                f"(task is {rec.status if rec else 'unknown'})",
+            )
             return
         rec.summary, rec.commit, rec.branch = p.summary, p.commit, p.branch
         rec.files_changed = p.files_changed
         rec.discoveries = [*rec.discoveries, *p.discoveries]
         rec.cost_usd += p.cost_usd
-        rec.tokens = protocol.Tokens(input=rec.tokens.input + p.tokens.input,
-                                     output=rec.tokens.output + p.tokens.output)
+        rec.tokens = protocol.Tokens(
+            input=rec.tokens.input + p.tokens.input, output=rec.tokens.output + p.tokens.output
+        )
         rec.turns += p.turns
         rec.finished_at = self.clock()
         self.add_cost(m.sender, p.cost_usd, p.tokens.input, p.tokens.output, p.turns)
@@ -522,16 +582,26 @@ class Master:
         self.verify(rec)
 
     def add_follow_up(self, parent: TaskRecord, text: str) -> None:
-        n = sum(1 for t in self.tasks.values() if t.origin == f"follow-up of {parent.id}") + 1
+        """Add a task after parent, as its worker asked (once, even if the request comes twice)."""
+        siblings = [t for t in self.tasks.values() if t.origin == f"follow-up of {parent.id}"]
+        if any(t.task.description == text for t in siblings):
+            return
+        n = len(siblings) + 1
         tid = f"{parent.id}-f{n}"[:63]
-        task = PlanTask(id=tid, title=text[:80], description=text,
-                        dependencies=[parent.id], model=parent.task.model)
+        task = PlanTask(
+            id=tid,
+            title=text[:80],
+            description=text,
+            dependencies=[parent.id],
+            model=parent.task.model,
+        )
         problems = graph_problems([*(t.task for t in self.tasks.values()), task])
         if problems:
             self.event("follow-up-refused", "; ".join(problems))
             return
-        self.add_task(TaskRecord(task=task, origin=f"follow-up of {parent.id}",
-                                 ready_at=self.clock()))
+        self.add_task(
+            TaskRecord(task=task, origin=f"follow-up of {parent.id}", ready_at=self.clock())
+        )
         self.sys.metrics.tasks_total = len(self.tasks)
         self.event("follow-up-added", f"{tid} after {parent.id}: {text}")
 
@@ -549,8 +619,11 @@ class Master:
             return
         self.event("verified", f"{rec.id} verified", task=rec.id)
         if self.config.review and self.advisor.available and self.git is not None:
-            self.advisor.review(rec.id, f"{rec.task.title}\n{rec.task.description}",
-                                self.git.diff(rec.branch or f"multibot/{rec.id}")[:60_000])
+            self.advisor.review(
+                rec.id,
+                f"{rec.task.title}\n{rec.task.description}",
+                self.git.diff(rec.branch or f"multibot/{rec.id}")[:60_000],
+            )
             return
         self.set_task(rec, "verified")
 
@@ -570,14 +643,22 @@ class Master:
             return None
         outside = [f for f in rec.files_changed if not overlaps([f], rec.task.owns)]
         if outside:
-            return (f"you changed files outside your claim ({', '.join(rec.task.owns)}): "
-                    f"{', '.join(outside)}. Revert those changes.")
+            return (
+                f"you changed files outside your claim ({', '.join(rec.task.owns)}): "
+                f"{', '.join(outside)}. Revert those changes."
+            )
         return None
 
     def run_check(self, command: str, cwd: Path) -> tuple[bool, str]:
         try:
-            done = subprocess.run(command, shell=True, cwd=cwd, capture_output=True, text=True,
-                                  timeout=self.config.task_timeout_minutes * 60)
+            done = subprocess.run(
+                command,
+                shell=True,
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=self.config.task_timeout_minutes * 60,
+            )
         except subprocess.TimeoutExpired as exc:
             return False, f"timed out: {exc}"
         return done.returncode == 0, (done.stdout + done.stderr)
@@ -588,8 +669,11 @@ class Master:
         rec.last_error = feedback
         if rec.attempts >= self.config.verify_attempts:
             self.set_task(rec, "failed")
-            self.event("task-failed", f"{rec.id} failed after {rec.attempts} attempts: "
-                       f"{feedback[:300]}", task=rec.id)
+            self.event(
+                "task-failed",
+                f"{rec.id} failed after {rec.attempts} attempts: {feedback[:300]}",
+                task=rec.id,
+            )
             return
         self.event("task-retry", f"{rec.id} goes back: {feedback[:300]}", task=rec.id)
         self.set_task(rec, "pending")
@@ -598,8 +682,12 @@ class Master:
         tid = m.task_id or ""
         rec = self.tasks.get(tid)
         info = self.sys.workers.get(m.sender)
-        self.event("worker-error", f"{m.sender} on {tid or '-'}: {p.kind}: {p.message[:300]}",
-                   worker=m.sender, task=tid)
+        self.event(
+            "worker-error",
+            f"{m.sender} on {tid or '-'}: {p.kind}: {p.message[:300]}",
+            worker=m.sender,
+            task=tid,
+        )
         if p.kind == "startup" and info is not None:
             info.status, info.failure_reason = "failed", p.message
             info.current_task = None
@@ -627,7 +715,9 @@ class Master:
                 self.report_problem(problem)
             if disk.paused != self.sys.paused:
                 self.sys.paused = disk.paused
-                self.event("paused" if disk.paused else "resumed", "by the person (system-state.json)")
+                self.event(
+                    "paused" if disk.paused else "resumed", "by the person (system-state.json)"
+                )
         for tid, f in self.task_files.items():
             if not f.changed():
                 continue
@@ -637,11 +727,18 @@ class Master:
                 self.report_problem(problem)
                 continue
             rec = self.tasks[tid]
-            if (edited.hold, edited.cancel, edited.task.priority) != (rec.hold, rec.cancel, rec.task.priority):
+            if (edited.hold, edited.cancel, edited.task.priority) != (
+                rec.hold,
+                rec.cancel,
+                rec.task.priority,
+            ):
                 rec.hold, rec.cancel = edited.hold, edited.cancel
                 rec.task = rec.task.model_copy(update={"priority": edited.task.priority})
-                self.event("task-edited", f"{tid}: hold={rec.hold} cancel={rec.cancel} "
-                           f"priority={rec.task.priority}", task=tid)
+                self.event(
+                    "task-edited",
+                    f"{tid}: hold={rec.hold} cancel={rec.cancel} priority={rec.task.priority}",
+                    task=tid,
+                )
                 if rec.cancel and rec.status not in ("merged", "cancelled"):
                     self.cancel(rec)
         for qid, qf in list(self.questions.items()):
@@ -710,10 +807,13 @@ class Master:
             # First: a frozen incarnation may hold the lock of its state file.
             self.kill_old_incarnation(wid, info.generation)
         # The worker's state file must not let an older incarnation claim it back.
-        sf = StateFile(self.home.worker_state(wid), WorkerState,
-                       default=lambda: WorkerState(id=wid))
+        sf = StateFile(
+            self.home.worker_state(wid), WorkerState, default=lambda: WorkerState(id=wid)
+        )
         with contextlib.suppress(StateError, LockTimeout):
-            sf.update(lambda s: s.model_copy(update={"generation": max(s.generation, info.generation)}))
+            sf.update(
+                lambda s: s.model_copy(update={"generation": max(s.generation, info.generation)})
+            )
         if restart and info.pane_id:
             info.pane_id = self.launcher.restart(info.pane_id, argv, env)
         else:
@@ -758,7 +858,9 @@ class Master:
         """Start judging a worker incarnation by its heartbeats, from now."""
         c = self.config
         tracker = HeartbeatTracker(
-            c.heartbeat_interval, c.heartbeat_misses, tolerance=0.0,
+            c.heartbeat_interval,
+            c.heartbeat_misses,
+            tolerance=0.0,
             startup_grace=max(c.heartbeat_interval * c.heartbeat_misses, 20.0),
         )
         tracker.expect(generation, now)
@@ -774,8 +876,12 @@ class Master:
             if info.status == "error":
                 if info.next_restart_at is not None and now >= info.next_restart_at:
                     info.generation += 1
-                    self.event("worker-restart", f"{wid} restarting as generation "
-                               f"{info.generation} (restart {info.restarts})", worker=wid)
+                    self.event(
+                        "worker-restart",
+                        f"{wid} restarting as generation "
+                        f"{info.generation} (restart {info.restarts})",
+                        worker=wid,
+                    )
                     self.launch(wid, info, restart=True)
                     self.resend_assignments(only=wid)
                 continue
@@ -801,8 +907,11 @@ class Master:
         info.failure_reason = reason
         if info.restarts > self.config.max_restarts:
             info.status = "failed"
-            self.event("worker-failed", f"{wid} failed after {info.restarts - 1} restarts: "
-                       f"{reason}", worker=wid)
+            self.event(
+                "worker-failed",
+                f"{wid} failed after {info.restarts - 1} restarts: {reason}",
+                worker=wid,
+            )
             self.launcher.set_title(info.pane_id or "", self.title(info))
             tid = info.current_task
             info.current_task = None
@@ -810,13 +919,15 @@ class Master:
             if rec is not None and rec.status in ("assigned", "running"):
                 # Counted as an attempt: a task that kills every worker must not do so forever.
                 # rec.worker stays: its worktree holds the branch, released on reassignment.
-                self.retry(rec, f"worker {wid} failed after {info.restarts - 1} restarts "
-                           f"({reason}) while on this task")
+                self.retry(
+                    rec,
+                    f"worker {wid} failed after {info.restarts - 1} restarts "
+                    f"({reason}) while on this task",
+                )
             return
         delay = backoff(info.restarts, self.config.restart_backoff, self.config.restart_backoff_max)
         info.status, info.next_restart_at = "error", now + delay
-        self.event("worker-dead", f"{wid} is dead ({reason}); restart in {delay:.1f}s",
-                   worker=wid)
+        self.event("worker-dead", f"{wid} is dead ({reason}); restart in {delay:.1f}s", worker=wid)
         self.dirty = True
 
     def resend_assignments(self, only: str | None = None) -> None:
@@ -840,10 +951,15 @@ class Master:
         if pending:
             return
         for wid, info in self.live_workers().items():
-            if info.status == "idle" and info.current_task is None and info.idle_since and \
-                    now - info.idle_since > self.config.idle_worker_timeout:
-                self.event("worker-stopped", f"{wid} idle for {now - info.idle_since:.0f}s",
-                           worker=wid)
+            if (
+                info.status == "idle"
+                and info.current_task is None
+                and info.idle_since
+                and now - info.idle_since > self.config.idle_worker_timeout
+            ):
+                self.event(
+                    "worker-stopped", f"{wid} idle for {now - info.idle_since:.0f}s", worker=wid
+                )
                 self.stop_worker(wid, info)
 
     def stop_worker(self, wid: str, info: WorkerInfo) -> None:
@@ -860,8 +976,14 @@ class Master:
             for w, i in live.items()
             if i.status in ("idle", "starting") and i.current_task is None
         ]
-        plan = schedule(self.tasks, idle, len(live), self.config.max_workers,
-                        frozenset(self.template.capabilities), self.order)
+        plan = schedule(
+            self.tasks,
+            idle,
+            len(live),
+            self.config.max_workers,
+            frozenset(self.template.capabilities),
+            self.order,
+        )
         for a in plan:
             wid = a.worker_id or self.spawn_worker()
             try:
@@ -898,19 +1020,33 @@ class Master:
             info.status = "working"
         self.launcher.set_title(info.pane_id or "", self.title(info))
         t = rec.task
-        budget = protocol.Budget(max_usd=self.config.task_budget_usd,
-                                 max_minutes=self.config.task_timeout_minutes)
+        budget = protocol.Budget(
+            max_usd=self.config.task_budget_usd, max_minutes=self.config.task_timeout_minutes
+        )
         payload = protocol.TaskAssignment(
-            title=t.title, description=t.description, branch=branch,
-            working_directory=str(worktree), context=self.context_for(rec),
-            dependencies=t.dependencies, priority=t.priority,
-            estimated_duration=t.estimate_minutes * 60, model=t.model, owns=t.owns,
-            verify=t.verify, budget=budget, commands=t.commands, attempt=rec.attempts,
+            title=t.title,
+            description=t.description,
+            branch=branch,
+            working_directory=str(worktree),
+            context=self.context_for(rec),
+            dependencies=t.dependencies,
+            priority=t.priority,
+            estimated_duration=t.estimate_minutes * 60,
+            model=t.model,
+            owns=t.owns,
+            verify=t.verify,
+            budget=budget,
+            commands=t.commands,
+            attempt=rec.attempts,
             base_branch=self.git.integration,
         )
         self.send(wid, payload, task_id=rec.id)
-        self.event("assigned", f"{rec.id} → {wid} (attempt {rec.attempts}, {t.model})",
-                   task=rec.id, worker=wid)
+        self.event(
+            "assigned",
+            f"{rec.id} → {wid} (attempt {rec.attempts}, {t.model})",
+            task=rec.id,
+            worker=wid,
+        )
 
     def release_worktree(self, info: WorkerInfo) -> None:
         """Free the task branch a failed or stopped worker's worktree holds, keeping its work."""
@@ -927,8 +1063,12 @@ class Master:
         except GitError as exc:  # a detached HEAD holds no branch; else the assignment says why
             self.event("worktree-kept", f"{path}: {exc}", worker=info.id)
             return
-        self.event("worktree-released", f"{info.id}'s worktree removed; its work is on its "
-                   f"branch{' as ' + commit[:10] if commit else ''}", worker=info.id)
+        self.event(
+            "worktree-released",
+            f"{info.id}'s worktree removed; its work is on its "
+            f"branch{' as ' + commit[:10] if commit else ''}",
+            worker=info.id,
+        )
 
     def context_for(self, rec: TaskRecord) -> list[str]:
         """The finished dependencies' summaries and discoveries, and feedback on earlier tries."""
@@ -956,7 +1096,9 @@ class Master:
             rec = self.tasks.get(tid)
             if rec is None or rec.status != "verified":
                 continue
-            if any(self.tasks[d].status != "merged" for d in rec.task.dependencies if d in self.tasks):
+            if any(
+                self.tasks[d].status != "merged" for d in rec.task.dependencies if d in self.tasks
+            ):
                 continue
             self.merge(rec)
             return
@@ -974,8 +1116,11 @@ class Master:
             self.set_task(rec, "merged")
             self.sys.git.last_merge_commit = outcome.commit or self.sys.git.last_merge_commit
             self.sys.metrics.tasks_merged += 1
-            self.event("merged", f"{rec.id} merged into {self.git.integration}"
-                       f" ({(outcome.commit or '')[:10]})", task=rec.id)
+            self.event(
+                "merged",
+                f"{rec.id} merged into {self.git.integration} ({(outcome.commit or '')[:10]})",
+                task=rec.id,
+            )
         elif outcome.status == "conflict":
             files = ", ".join(c[0] for c in outcome.conflicts)
             sides = "\n".join(
@@ -983,12 +1128,18 @@ class Master:
                 f"--- {c.path} on {branch}:\n{(c.theirs or '(deleted)')[:1500]}"
                 for c in outcome.conflicts[:10]
             )
-            self.retry(rec, f"merging {branch} into {self.git.integration} conflicts in {files}. "
-                       f"Merge {self.git.integration} into your branch, resolve the conflicts "
-                       f"and commit.\n{sides}")
+            self.retry(
+                rec,
+                f"merging {branch} into {self.git.integration} conflicts in {files}. "
+                f"Merge {self.git.integration} into your branch, resolve the conflicts "
+                f"and commit.\n{sides}",
+            )
         else:
-            self.retry(rec, f"the project check failed after merging {rec.id}, so the merge was "
-                       f"undone:\n{outcome.output[-3000:]}")
+            self.retry(
+                rec,
+                f"the project check failed after merging {rec.id}, so the merge was "
+                f"undone:\n{outcome.output[-3000:]}",
+            )
         self.flush(force=True)
 
     def recover_merge(self, tid: str) -> None:
@@ -1004,8 +1155,9 @@ class Master:
 
     # == bookkeeping ==========================================================================
     def check_done(self) -> None:
-        if not self.tasks or any(t.status not in ("merged", "failed", "cancelled")
-                                 for t in self.tasks.values()):
+        if not self.tasks or any(
+            t.status not in ("merged", "failed", "cancelled") for t in self.tasks.values()
+        ):
             return
         failed = [t.id for t in self.tasks.values() if t.status == "failed"]
         self.sys.phase = "failed" if failed else "done"
@@ -1015,9 +1167,12 @@ class Master:
             self.stop_worker(wid, info)
         tot = self.sys.metrics.totals
         took = self.sys.metrics.finished_at - self.sys.metrics.started_at
-        self.event("run-finished", f"{self.sys.phase}: {self.sys.metrics.tasks_merged} merged, "
-                   f"{len(failed)} failed in {took:.1f}s; cost ${tot.cost_usd:.4f}, "
-                   f"{tot.input_tokens} in / {tot.output_tokens} out tokens")
+        self.event(
+            "run-finished",
+            f"{self.sys.phase}: {self.sys.metrics.tasks_merged} merged, "
+            f"{len(failed)} failed in {took:.1f}s; cost ${tot.cost_usd:.4f}, "
+            f"{tot.input_tokens} in / {tot.output_tokens} out tokens",
+        )
         self.exit_code = EXIT_FAILED if failed else EXIT_DONE
         self.finished = True
 
@@ -1026,8 +1181,10 @@ class Master:
         if b is not None and self.sys.metrics.totals.cost_usd >= b:
             if "budget" not in self.reported:
                 self.reported.add("budget")
-                self.event("budget-reached", f"spent ${self.sys.metrics.totals.cost_usd:.4f} of "
-                           f"${b:.2f}: no new tasks")
+                self.event(
+                    "budget-reached",
+                    f"spent ${self.sys.metrics.totals.cost_usd:.4f} of ${b:.2f}: no new tasks",
+                )
             return True
         return False
 
@@ -1046,22 +1203,33 @@ class Master:
         mine = rec.model_copy(deep=True)
 
         def merge(disk: TaskRecord) -> TaskRecord:
-            return mine.model_copy(update={
-                "version": disk.version, "hold": disk.hold, "cancel": disk.cancel or mine.cancel,
-                "task": mine.task.model_copy(update={"priority": disk.task.priority}),
-            })
+            return mine.model_copy(
+                update={
+                    "version": disk.version,
+                    "hold": disk.hold,
+                    "cancel": disk.cancel or mine.cancel,
+                    "task": mine.task.model_copy(update={"priority": disk.task.priority}),
+                }
+            )
 
         written = self.task_files[rec.id].update(merge)
         rec.version, rec.hold, rec.cancel, rec.task = (
-            written.version, written.hold, written.cancel, written.task)
+            written.version,
+            written.hold,
+            written.cancel,
+            written.task,
+        )
         self.tasks[rec.id] = rec
         self.dirty = True
         self.refresh_index()
 
     def refresh_index(self) -> None:
         idx = self.sys.tasks
-        idx.active = [t for t, r in self.tasks.items() if r.status in
-                      ("assigned", "running", "verifying", "verified")]
+        idx.active = [
+            t
+            for t, r in self.tasks.items()
+            if r.status in ("assigned", "running", "verifying", "verified")
+        ]
         idx.pending = [t for t, r in self.tasks.items() if r.status == "pending"]
         idx.completed = [t for t, r in self.tasks.items() if r.status in ("merged", "cancelled")]
         idx.failed = [t for t, r in self.tasks.items() if r.status == "failed"]
@@ -1085,8 +1253,13 @@ class Master:
             self.report_problem(exc) if isinstance(exc, StateError) else None
 
     def send(self, wid: str, payload: protocol.Payload, task_id: str | None = None) -> None:
-        message = protocol.make(payload, sender=MASTER_ID, recipient=wid,
-                                generation=self.sys.master_generation, task_id=task_id)
+        message = protocol.make(
+            payload,
+            sender=MASTER_ID,
+            recipient=wid,
+            generation=self.sys.master_generation,
+            task_id=task_id,
+        )
         try:
             mailbox.send(self.home, message)
         except MultibotError as exc:

@@ -11,6 +11,8 @@ commands (run them with your Bash tool; they already know which worker you are):
   multibot report progress "TEXT"    short progress note, whenever you finish a step
   multibot report discovery "TEXT"   something other workers should know (an API, a gotcha)
   multibot report blocked "TEXT"     you cannot go on without help
+  multibot report decision "TEXT"    a choice you made that later work should respect
+  multibot report follow_up "TEXT"   a task that should be done after yours (the master adds it)
   multibot ask "QUESTION"            ask the master; waits for the answer and prints it
 Messages from the master (answers, feedback, discoveries of other workers) may arrive while you
 work, as new user messages: read them and take them into account."""

@@ -96,7 +96,9 @@ class StatusUpdate(Frozen):
     type: Literal["STATUS_UPDATE"] = "STATUS_UPDATE"
     status: WorkerStatus
     progress: str = ""
-    kind: Literal["progress", "discovery", "blocked", "status", "started"] = "progress"
+    kind: Literal[
+        "progress", "discovery", "blocked", "decision", "follow_up", "status", "started"
+    ] = "progress"
     current_tool: str | None = None
     turns: int = 0
     cost_usd: float = 0.0

@@ -46,7 +46,9 @@ def archive_run(home: Home, run_id: str) -> Path:
 def make_launcher(home: Home, use_tmux: bool, per_window: int) -> Launcher:
     session = os.environ.get("MULTIBOT_TMUX_SESSION")
     if use_tmux and session:
-        return TmuxLauncher(home, os.environ.get("MULTIBOT_TMUX_SOCKET") or None, session, per_window)
+        return TmuxLauncher(
+            home, os.environ.get("MULTIBOT_TMUX_SOCKET") or None, session, per_window
+        )
     return ProcessLauncher(home)
 
 
@@ -103,8 +105,13 @@ def _run_master(
     backend = backend or (existing.backend if resuming and existing else template.backend)
     launcher = make_launcher(home, use_tmux, config.max_panes_per_window)
     master = Master(
-        home, config, repo=repo or Path("."), backend=backend, launcher=launcher,
-        worker_template=template, advisor=make_advisor(home, backend),
+        home,
+        config,
+        repo=repo or Path("."),
+        backend=backend,
+        launcher=launcher,
+        worker_template=template,
+        advisor=make_advisor(home, backend),
     )
     if resuming:
         assert existing is not None

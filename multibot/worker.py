@@ -254,8 +254,8 @@ class Worker:
             **worktrees.identity_env(Path(a.working_directory)),
             **agent_env(self.home, self.id, task_id, self.generation),
         }
-        prompt = a.description if self.backend == "shell" else task_prompt(
-            self.id, task_id, a, memory
+        prompt = (
+            a.description if self.backend == "shell" else task_prompt(self.id, task_id, a, memory)
         )
         spec = AgentSpec(
             task_id=task_id,

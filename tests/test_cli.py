@@ -1,0 +1,127 @@
+"""The command line: each subcommand does its one edit or report, with clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from multibot import mailbox
+from multibot.cli import main
+from multibot.layout import MASTER_ID, Home
+from multibot.state import Plan, PlanTask, QuestionRecord, SystemState, WorkerState
+from multibot.store import StateFile
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Home:
+    return Home(tmp_path)
+
+
+def run(home: Home, *args: str) -> int:
+    return main(["--home", str(home.root), *args])
+
+
+def test_schema_writes_every_message_and_state_schema(home: Home, tmp_path: Path) -> None:
+    out = tmp_path / "schemas"
+    assert run(home, "schema", "--out", str(out)) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert "message.schema.json" in names and "system-state.schema.json" in names
+    message = json.loads((out / "message.schema.json").read_text())
+    assert "TASK_ASSIGNMENT" in json.dumps(message)
+
+
+def test_state_validate_names_file_line_and_field(home: Home, capsys) -> None:  # type: ignore[no-untyped-def]
+    StateFile(home.system_state, SystemState, default=SystemState).update(lambda s: s)
+    assert run(home, "state", "validate") == 0
+    home.worker_state("w1").parent.mkdir(parents=True, exist_ok=True)
+    home.worker_state("w1").write_text('{\n  "id": "w1",\n  "paused": "yes please"\n}\n')
+    home.system_state.write_text('{\n  "paused": true,\n}\n')
+    assert run(home, "state", "validate") == 1
+    out = capsys.readouterr().out
+    assert f"{home.system_state}:3:" in out
+    assert "w1-state.json" in out and "paused" in out
+
+
+def test_pause_and_resume_edit_the_files(home: Home) -> None:
+    StateFile(home.worker_state("w1"), WorkerState, default=lambda: WorkerState(id="w1")).update(
+        lambda s: s
+    )
+    assert run(home, "pause", "w1") == 0
+    assert json.loads(home.worker_state("w1").read_text())["paused"] is True
+    assert run(home, "resume", "w1") == 0
+    assert json.loads(home.worker_state("w1").read_text())["paused"] is False
+    assert run(home, "pause", "all") == 0
+    assert json.loads(home.system_state.read_text())["paused"] is True
+    assert run(home, "pause", "w9") == 2  # no such worker: an error, not a new file
+    assert not home.worker_state("w9").exists()
+
+
+def test_answer_and_approve(home: Home) -> None:
+    q = QuestionRecord(id="q-1", message_id="m", worker="w1", question="colour?")
+    home.questions_dir.mkdir(parents=True)
+    StateFile(home.question("q-1"), QuestionRecord, default=lambda: q).update(lambda r: r)
+    assert run(home, "answer", "q-1", "blue") == 0
+    assert json.loads(home.question("q-1").read_text())["answer"] == "blue"
+    assert run(home, "answer", "q-404", "x") == 2
+    assert run(home, "approve") == 2  # no plan yet
+    plan = Plan(tasks=[PlanTask(id="a", title="a", description="a")])
+    StateFile(home.plan, Plan, default=lambda: plan).update(lambda p: p)
+    assert run(home, "approve") == 0
+    assert json.loads(home.plan.read_text())["approved"] is True
+
+
+def test_send_and_inbox(home: Home, capsys) -> None:  # type: ignore[no-untyped-def]
+    mailbox.create_inbox(home, "w1")
+    assert (
+        run(
+            home,
+            "send",
+            "--to",
+            "w1",
+            "--type",
+            "CONTEXT_UPDATE",
+            "--json",
+            '{"kind": "note"}',
+            "--text",
+            "hello",
+        )
+        == 0
+    )
+    assert run(home, "send", "--to", "nobody", "--type", "STATUS_REQUEST") == 2
+    assert not (home.inboxes_dir / "nobody").exists()
+    capsys.readouterr()
+    assert run(home, "inbox", "w1", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert len(report["waiting"]) == 1
+
+
+def test_report_needs_a_worker_identity(home: Home, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.delenv("MULTIBOT_WORKER_ID", raising=False)
+    assert run(home, "report", "progress", "hi") == 2
+    assert "MULTIBOT_WORKER_ID" in capsys.readouterr().err
+
+
+def test_report_decision_and_discovery_are_remembered(home: Home, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    mailbox.create_inbox(home, MASTER_ID)
+    monkeypatch.setenv("MULTIBOT_WORKER_ID", "w1")
+    monkeypatch.setenv("MULTIBOT_TASK_ID", "t1")
+    assert run(home, "report", "decision", "use", "sqlite") == 0
+    assert run(home, "report", "discovery", "the API is v2") == 0
+    assert run(home, "report", "follow_up", "add an index") == 0
+    memory = json.loads(home.worker_memory("w1").read_text())
+    assert memory["decisions"][0]["text"] == "use sqlite"
+    assert memory["discoveries"] == ["the API is v2"]
+    rx = mailbox.Receiver(home, MASTER_ID, watch=False)
+    kinds = [m.payload.kind for m in rx.fetch()]  # type: ignore[union-attr]
+    rx.close()
+    assert kinds == ["decision", "discovery", "follow_up"]
+
+
+def test_bad_config_is_a_clear_error(home: Home, capsys) -> None:  # type: ignore[no-untyped-def]
+    home.config_dir.mkdir(parents=True)
+    home.master_config.write_text('{"max_workers": 0}')
+    assert run(home, "master", "--repo", str(home.root), "--plan", "x.json") == 2
+    err = capsys.readouterr().err
+    assert "master-config.json" in err and "max_workers" in err
