@@ -108,6 +108,7 @@ class ScaleResult:
     bulk_done: int = 0  # merged in the bulk phase
     bulk_verified: int = 0  # finished by their workers and verified in the bulk phase
     bulk_s: float = float("nan")
+    verified_s: float = float("nan")
     assign_to_start_ms: list[float] = field(default_factory=list)
     chain_ready_to_assigned_ms: list[float] = field(default_factory=list)
     chain_ready_to_started_ms: list[float] = field(default_factory=list)
@@ -121,7 +122,7 @@ class ScaleResult:
 
     @property
     def verified_per_min(self) -> float:
-        return self.bulk_verified / self.bulk_s * 60 if self.bulk_s > 0 else float("nan")
+        return self.bulk_verified / self.verified_s * 60 if self.verified_s > 0 else float("nan")
 
 
 class CpuMeter:
@@ -213,10 +214,7 @@ def run_scale(
         print(f"   all {n} workers beating {res.beating_s:.1f}s after launch", flush=True)
 
         def merged() -> dict[str, float]:
-            run.timeline.poll()
-            if run.master_done():
-                raise RuntimeError("the master ended before the run was over")
-            return {e["task"]: e["t"] for e in run.timeline.find("merged")}
+            return _merged(run)
 
         warm = [f"warm-{i}" for i in range(1, n + 1)]
         wait_for(lambda: all(t in merged() for t in warm), 120 + 2 * n, 0.1, "warm-ups merged")
@@ -249,50 +247,79 @@ def run_scale(
 
         # 3. chains (they start when the gate is merged), then 4. bulk
         run.set_hold("gate", False)
-        tails = [f"chain-{k}-{chain_len}" for k in range(1, chains + 1)] if chains else ["gate"]
-        wait_for(
-            lambda: all(t in merged() for t in tails),
-            60 + 3 * chains * chain_len,
-            0.05,
-            "the chains to merge",
-        )
-        busy_from = meter.read()
-        ready = max(merged()[t] for t in tails)
-        wanted = [f"bulk-{i}" for i in range(1, bulk + 1)]
-        while True:
-            done = merged()
-            if all(t in done for t in wanted) or time.time() >= ready + window_s:
-                break
-            time.sleep(0.1)  # polling the timeline file
-        res.busy = CpuMeter.between(busy_from, meter.read())
-        verified = {e["task"]: e["t"] for e in run.timeline.find("verified")}
-        res.bulk_verified = sum(
-            1 for t in wanted if t in verified and verified[t] <= ready + window_s
-        )
-        ends = sorted(done[t] for t in wanted if t in done)
-        if len(ends) == bulk:
-            res.bulk_done, res.bulk_s = bulk, ends[-1] - ready
-        else:  # time-boxed: what merged within the window
-            res.bulk_done = sum(1 for t in ends if t <= ready + window_s)
-            res.bulk_s = window_s
-            res.notes.append(
-                f"throughput time-boxed: {res.bulk_done} of {bulk} bulk tasks "
-                f"merged in the {window_s:g}s window"
-            )
-            if profile is not None:  # a profile is written only when the master returns
-                os.kill(run.master_pid, signal.SIGINT)
-        if len(ends) == bulk or profile is not None:
-            wait_for(run.master_done, 60, 0.1, "the master to end")
+        if bulk == 0 and chains == 0:  # start-up and idle only: the gate ends the run
+            wait_for(run.master_done, 60 + n, 0.1, "the master to end the run")
+        else:
+            _busy(run, res, meter, chains, chain_len, bulk, window_s, profile)
         run.timeline.poll()
         _analyse(run, res, chains, chain_len, bulk)
-        print(
-            f"   {res.bulk_done} tasks merged ({res.tasks_per_min:.0f}/min), "
-            f"{res.bulk_verified} verified ({res.verified_per_min:.0f}/min)",
-            flush=True,
-        )
+        if bulk:
+            print(
+                f"   {res.bulk_done} tasks merged ({res.tasks_per_min:.0f}/min), "
+                f"{res.bulk_verified} verified ({res.verified_per_min:.0f}/min)",
+                flush=True,
+            )
     if run.leftovers:
         res.notes.append(f"processes left after cleanup: {run.leftovers}")
     return res
+
+
+def _merged(run: BenchRun) -> dict[str, float]:
+    """Return the merge time of every task merged so far (from the timeline)."""
+    ended = run.master_done()
+    run.timeline.poll()
+    done = {e["task"]: e["t"] for e in run.timeline.find("merged")}
+    if ended and not run.timeline.find("run-finished"):
+        raise RuntimeError("the master ended before the run was over")
+    return done
+
+
+def _busy(
+    run: BenchRun,
+    res: ScaleResult,
+    meter: CpuMeter,
+    chains: int,
+    chain_len: int,
+    bulk: int,
+    window_s: float,
+    profile: Path | None,
+) -> None:
+    """Wait for the chains, then for the bulk tasks (at most window_s); read CPU meanwhile."""
+    tails = [f"chain-{k}-{chain_len}" for k in range(1, chains + 1)] if chains else ["gate"]
+    wait_for(
+        lambda: all(t in _merged(run) for t in tails),
+        60 + 3 * chains * chain_len,
+        0.05,
+        "the chains to merge",
+    )
+    busy_from = meter.read()
+    ready = max(_merged(run)[t] for t in tails)
+    wanted = [f"bulk-{i}" for i in range(1, bulk + 1)]
+    while True:
+        done = _merged(run)
+        if all(t in done for t in wanted) or time.time() >= ready + window_s:
+            break
+        time.sleep(0.1)  # polling the timeline file
+    res.busy = CpuMeter.between(busy_from, meter.read())
+    verified = sorted(e["t"] for e in run.timeline.find("verified") if e["task"] in wanted)
+    ends = sorted(done[t] for t in wanted if t in done)
+    if len(ends) == bulk:
+        res.bulk_done, res.bulk_s = bulk, ends[-1] - ready
+        res.bulk_verified, res.verified_s = len(verified), verified[-1] - ready
+        wait_for(run.master_done, 60, 0.1, "the master to end the run")
+        return
+    # time-boxed: what was merged (and verified) within the window
+    res.bulk_done = sum(1 for t in ends if t <= ready + window_s)
+    res.bulk_verified = sum(1 for t in verified if t <= ready + window_s)
+    res.bulk_s = res.verified_s = window_s
+    res.notes.append(
+        f"throughput time-boxed: {res.bulk_done} of {bulk} bulk tasks merged in the "
+        f"{window_s:g}s window"
+    )
+    if profile is not None:  # a profile is written only when the master returns
+        assert run.master_pid is not None
+        os.kill(run.master_pid, signal.SIGINT)
+        wait_for(run.master_done, 60, 0.1, "the master to end")
 
 
 def _parent_name(pid: int) -> str:
@@ -519,7 +546,7 @@ def report(results: list[ScaleResult], main: ScaleResult, base: Baselines) -> di
         [
             "multibot: run and verified (not yet merged)",
             main.bulk_verified,
-            fmt(main.bulk_s, 2),
+            fmt(main.verified_s, 2),
             fmt(main.verified_per_min, 0),
             "",
             "",
@@ -641,6 +668,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one run of 10 workers (< 1 min)")
     parser.add_argument("--tasks", type=int, default=None, help="bulk tasks of the 20-worker run")
     parser.add_argument(
+        "--workers", default="10,25,50", help="worker counts of the start-up and idle runs"
+    )
+    parser.add_argument(
+        "--window", type=float, default=150.0, help="longest bulk phase, seconds (time-box)"
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         default=None,
@@ -655,13 +688,14 @@ def main(argv: list[str] | None = None) -> int:
     results: list[ScaleResult] = []
     with sigterm_as_exit():
         if args.quick:
-            main_run = run_scale(10, args.tasks or 400, 2, 6, 4.0, 15.0, profile)
+            main_run = run_scale(10, args.tasks or 30, 2, 5, 4.0, 25.0, profile)
             results.append(main_run)
         else:
-            for n in (10, 25, 50):
-                results.append(run_scale(n, 10 * n, 0, 0, 6.0, 8.0))
-            main_run = run_scale(20, args.tasks or 600, 3, 10, 6.0, 45.0, profile)
-            results.insert(1, main_run)
+            for n in (int(x) for x in args.workers.split(",")):
+                results.append(run_scale(n, 0, 0, 0, 6.0, 0.0))
+            main_run = run_scale(20, args.tasks or 150, 3, 8, 6.0, args.window, profile)
+            results.append(main_run)
+            results.sort(key=lambda r: r.workers)
         base = baselines(main_run.workers, args.quick)
     summary = report(results, main_run, base)
     if profile:

@@ -84,6 +84,7 @@ class Advice:
     text: str
     approved: bool = True
     cost_usd: float = 0.0
+    tokens: tuple[int, int] = (0, 0)  # input, output
 
 
 class Advisor:
@@ -538,7 +539,10 @@ class Master:
             session = getattr(self.advisor, "session_id", None)
             if session and session != self.sys.opus_session:
                 self.sys.opus_session = session  # a lost session was replaced: keep the new one
-            self.sys.metrics.totals.cost_usd += advice.cost_usd
+            totals = self.sys.metrics.totals
+            totals.cost_usd += advice.cost_usd
+            totals.input_tokens += advice.tokens[0]
+            totals.output_tokens += advice.tokens[1]
             if advice.kind == "answer":
                 if advice.ok:
                     self.answer(advice.key, advice.text, "opus")

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
 from multibot.agents.claude import child_env, resolve_bin
+from multibot.agents.stream import result_tokens
 from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import AgentError, MultibotError, PlanError
 from multibot.layout import Home
@@ -260,6 +261,7 @@ class OpusReply:
     cost_usd: float = 0.0
     total_cost_usd: float | None = None  # the session's cumulative spend, if reported
     session_missing: bool = False
+    tokens: tuple[int, int] = (0, 0)  # input (with cache), output: this call only
 
 
 def opus_argv(
@@ -361,6 +363,7 @@ def parse_reply(stdout: str, stderr: str, code: int | None, before: float | None
         "session_id": sid if isinstance(sid, str) else None,
         "cost_usd": call_cost(result, before),
         "total_cost_usd": float(total) if isinstance(total, int | float) else None,
+        "tokens": result_tokens(result),
     }
     if result.get("is_error"):
         errors = result.get("errors")
@@ -742,9 +745,7 @@ class OpusAdvisor(Advisor):
         except AgentError as exc:
             return Advice(job.kind, job.key, ok=False, text=str(exc), approved=False)
         self.session_id = opus.session_id
-        fail = Advice(
-            job.kind, job.key, ok=False, text=reply.text, approved=False, cost_usd=reply.cost_usd
-        )
+        fail = Advice(job.kind, job.key, False, reply.text, False, reply.cost_usd, reply.tokens)
         if not reply.ok:
             return fail
         data = reply.data or {}
@@ -753,7 +754,9 @@ class OpusAdvisor(Advisor):
             if not isinstance(answer, str) or not answer.strip():
                 fail.text = f"opus gave no answer: {reply.text[:500]}"
                 return fail
-            return Advice("answer", job.key, ok=True, text=answer.strip(), cost_usd=reply.cost_usd)
+            return Advice(
+                "answer", job.key, True, answer.strip(), True, reply.cost_usd, reply.tokens
+            )
         approved, feedback = data.get("approved"), data.get("feedback")
         if not isinstance(approved, bool) or not isinstance(feedback, str):
             fail.text = f"opus gave no review: {reply.text[:500]}"
@@ -765,6 +768,7 @@ class OpusAdvisor(Advisor):
             text=feedback.strip(),
             approved=approved,
             cost_usd=reply.cost_usd,
+            tokens=reply.tokens,
         )
 
     @staticmethod

@@ -227,8 +227,14 @@ def test_valid_plan_then_advisor_continues_its_session(env: Env) -> None:
     advisor.ask("q-1", "QMARK-1 which port?", "CTXMARK-1 worker w1 on hello")
     [advice] = collect(advisor, 1)
     assert advice == Advice(
-        "answer", "q-1", ok=True, text="Use port 8080.", cost_usd=advice.cost_usd
+        "answer",
+        "q-1",
+        ok=True,
+        text="Use port 8080.",
+        cost_usd=advice.cost_usd,
+        tokens=advice.tokens,
     )
+    assert advice.tokens[0] > 0 and advice.tokens[1] > 0  # this call's usage, from the API
     assert advice.cost_usd == pytest.approx(cost)  # this call's share, not the session's total
     asked = env.main()[-1]
     assert asked.contains("QMARK-1 which port?") and asked.contains("CTXMARK-1")

@@ -289,7 +289,8 @@ def test_goal_to_merged_branches_with_claude_everywhere(run: Run) -> None:
         assert rec["cost_usd"] > 0 and rec["tokens"]["input"] > 0, tid
         assert rec["files_changed"] == [f"{tid}.txt"], tid
     assert totals["cost_usd"] > sum(rec["cost_usd"] for rec in tasks.values())  # + Opus's share
-    assert totals["input_tokens"] == sum(rec["tokens"]["input"] for rec in tasks.values())
+    # Run totals are the tasks' tokens plus Opus's answer (the fake API reports its usage).
+    assert totals["input_tokens"] > sum(rec["tokens"]["input"] for rec in tasks.values())
 
     # Opus planned and answered in one session: the planner's.
     opus = [r for r in run.fake.messages_requests() if r.has_tool("StructuredOutput")]
