@@ -53,7 +53,9 @@ class ShellAgent(Agent):
         env = {**os.environ, **self._spec.env}
         self._child = ChildProcess(["bash", "-c", self._current], cwd=self._spec.cwd, env=env)
         self._ran += 1
-        self._pending.append(AgentEvent("tool", f"$ {self._current}", {"name": "Bash"}))
+        shown = " ".join(self._current.split())
+        shown = shown if len(shown) <= 160 else shown[:157] + "..."
+        self._pending.append(AgentEvent("tool", f"$ {shown}", {"name": "Bash"}))
 
     def _finish(self, ok: bool, summary: str, error_kind: str | None = None) -> None:
         self._outcome = AgentOutcome(
