@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import TextIO
 
 from multibot import mailbox, protocol, worktrees
+from multibot.checks import Checks
 from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import GitError, LockTimeout, MultibotError, PlanError, StateError
 from multibot.heartbeat import HeartbeatTracker, read_heartbeat
@@ -42,7 +42,7 @@ from multibot.state import (
 from multibot.store import StateFile
 from multibot.supervisor import backoff
 from multibot.timeline import Timeline
-from multibot.worktrees import GitRepo
+from multibot.worktrees import GitRepo, MergeOutcome, run_shell
 
 EXIT_DONE = 0
 EXIT_FAILED = 1
@@ -144,6 +144,7 @@ class Master:
         self.questions: dict[str, StateFile[QuestionRecord]] = {}
         self.watches: dict[str, HeartbeatTracker] = {}
         self.titles: dict[str, str] = {}
+        self.checks = Checks()
         self.last_prune = 0.0
         self.git: GitRepo | None = None
         self.timeline = Timeline(home.timeline, clock)
@@ -343,6 +344,7 @@ class Master:
             self.check_approval()
         self.supervise()
         self.handle_advice()
+        self.handle_checks()
         if self.sys.phase == "running":
             if not self.sys.paused and not self.over_budget():
                 self.assign_ready()
@@ -352,6 +354,7 @@ class Master:
         self.flush()
 
     def close(self) -> None:
+        self.checks.close()
         self.flush(force=True)
         self.advisor.close()
         if self.inbox is not None:
@@ -610,17 +613,29 @@ class Master:
         self.event("follow-up-added", f"{tid} after {parent.id}: {text}")
 
     def verify(self, rec: TaskRecord) -> None:
-        """Run the task's verify command in its worktree; then review, or send feedback."""
+        """Check a finished task: its claim, then its verify command (in the background)."""
         problem = self.drift(rec)
-        output = ""
-        ok = problem is None
-        if ok and rec.task.verify and rec.worker:
-            ok, output = self.run_check(rec.task.verify, self.home.worktree(rec.worker))
-            if not ok:
-                problem = f"verify `{rec.task.verify}` failed:\n{output[-3000:]}"
         if problem is not None:
             self.retry(rec, problem)
             return
+        if rec.task.verify and rec.worker:
+            command, cwd = rec.task.verify, self.home.worktree(rec.worker)
+            timeout = self.config.task_timeout_minutes * 60
+            self.checks.submit(("verify", rec.id), lambda: run_shell(command, cwd, timeout))
+            return
+        self.verified(rec)
+
+    def on_verify(self, rec: TaskRecord, code: int, output: str) -> None:
+        """Take in a verify command's result."""
+        if rec.status != "verifying":
+            return  # cancelled (or otherwise moved on) while the check ran
+        if code != 0:
+            self.retry(rec, f"verify `{rec.task.verify}` failed (exit {code}):\n{output[-3000:]}")
+            return
+        self.verified(rec)
+
+    def verified(self, rec: TaskRecord) -> None:
+        """A task passed its checks: review it if asked, else queue it for merging."""
         self.event("verified", f"{rec.id} verified", task=rec.id)
         if self.config.review and self.advisor.available and self.git is not None:
             self.advisor.review(
@@ -630,6 +645,29 @@ class Master:
             )
             return
         self.set_task(rec, "verified")
+
+    def handle_checks(self) -> None:
+        """Take in the verify commands and merges finished in the background."""
+        for done in self.checks.poll():
+            assert isinstance(done.key, tuple)
+            kind, tid = str(done.key[0]), str(done.key[1])
+            rec = self.tasks.get(tid)
+            if rec is None:
+                continue
+            if kind == "verify":
+                if done.error is not None:
+                    self.on_verify(rec, -1, f"the check could not run: {done.error}")
+                else:
+                    code, output = done.value
+                    self.on_verify(rec, code, output)
+            elif kind == "merge":
+                self.sys.git.merging = None
+                if done.error is not None:
+                    self.event("merge-failed", f"{tid}: {done.error}", task=tid)
+                    self.retry(rec, f"merging failed: {done.error}")
+                else:
+                    self.on_merged(rec, done.value)
+                self.flush(force=True)
 
     def on_review(self, advice: Advice) -> None:
         rec = self.tasks.get(advice.key)
@@ -652,20 +690,6 @@ class Master:
                 f"{', '.join(outside)}. Revert those changes."
             )
         return None
-
-    def run_check(self, command: str, cwd: Path) -> tuple[bool, str]:
-        try:
-            done = subprocess.run(
-                command,
-                shell=True,
-                cwd=cwd,
-                capture_output=True,
-                text=True,
-                timeout=self.config.task_timeout_minutes * 60,
-            )
-        except subprocess.TimeoutExpired as exc:
-            return False, f"timed out: {exc}"
-        return done.returncode == 0, (done.stdout + done.stderr)
 
     def retry(self, rec: TaskRecord, feedback: str) -> None:
         """Send a task back with feedback (a new attempt), or fail it when attempts run out."""
@@ -1093,8 +1117,8 @@ class Master:
 
     # == merging ==============================================================================
     def merge_next(self) -> None:
-        """Merge one verified task whose dependencies are merged, in plan order."""
-        if self.git is None:
+        """Start merging one verified task whose dependencies are merged, in plan order."""
+        if self.git is None or self.checks.busy("merge"):
             return
         for tid in self.order:
             rec = self.tasks.get(tid)
@@ -1108,13 +1132,20 @@ class Master:
             return
 
     def merge(self, rec: TaskRecord) -> None:
-        assert self.git is not None
+        """Record that rec is being merged (for crash recovery), then merge it in the background."""
+        git = self.git
+        assert git is not None
         branch = rec.branch or f"multibot/{rec.id}"
         self.sys.git.merging = rec.id
         self.flush(force=True)
         verify = self.plan.verify or self.config.verify
-        outcome = self.git.merge(rec.id, rec.task.title, branch, verify)
-        self.sys.git.merging = None
+        title = rec.task.title
+        self.checks.submit(("merge", rec.id), lambda: git.merge(rec.id, title, branch, verify))
+
+    def on_merged(self, rec: TaskRecord, outcome: MergeOutcome) -> None:
+        """Take in a merge's outcome: merged, or sent back with the conflict or check output."""
+        assert self.git is not None
+        branch = outcome.branch
         if outcome.status in ("merged", "nothing"):
             rec.merge_commit = outcome.commit
             self.set_task(rec, "merged")
@@ -1126,7 +1157,7 @@ class Master:
                 task=rec.id,
             )
         elif outcome.status == "conflict":
-            files = ", ".join(c[0] for c in outcome.conflicts)
+            files = ", ".join(c.path for c in outcome.conflicts)
             sides = "\n".join(
                 f"--- {c.path} on {self.git.integration}:\n{(c.ours or '(deleted)')[:1500]}\n"
                 f"--- {c.path} on {branch}:\n{(c.theirs or '(deleted)')[:1500]}"
@@ -1144,7 +1175,6 @@ class Master:
                 f"the project check failed after merging {rec.id}, so the merge was "
                 f"undone:\n{outcome.output[-3000:]}",
             )
-        self.flush(force=True)
 
     def recover_merge(self, tid: str) -> None:
         assert self.git is not None

@@ -1,0 +1,37 @@
+"""The master's background jobs: one at a time, results and errors reported, keys unique."""
+
+from __future__ import annotations
+
+import threading
+
+from multibot.checks import Checks, Done
+from tests.helpers import wait_until
+
+
+def test_jobs_run_in_order_and_report_values_and_errors() -> None:
+    checks = Checks()
+    gate = threading.Event()
+    order: list[str] = []
+
+    def slow() -> str:
+        gate.wait(10)
+        order.append("slow")
+        return "ok"
+
+    def boom() -> None:
+        order.append("boom")
+        raise RuntimeError("no disk")
+
+    assert checks.submit(("verify", "a"), slow)
+    assert not checks.submit(("verify", "a"), slow)  # same key while pending: refused
+    assert checks.submit(("merge", "b"), boom)
+    assert checks.busy("merge") and checks.pending(("verify", "a"))
+    assert checks.poll() == []  # nothing finished while the first job waits
+    gate.set()
+    results: list[Done] = []
+    wait_until(lambda: results.extend(checks.poll()) or len(results) == 2)
+    assert order == ["slow", "boom"]
+    assert results[0] == Done(("verify", "a"), value="ok")
+    assert isinstance(results[1].error, RuntimeError)
+    assert not checks.busy("merge") and not checks.pending(("verify", "a"))
+    checks.close()
