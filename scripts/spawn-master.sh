@@ -23,6 +23,10 @@ while [ $# -gt 0 ]; do
     --socket) socket="$2"; shift ;;
     --session) session="$2"; shift ;;
     -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    # The master runs in its pane with the home as its folder: make paths absolute first.
+    --repo|--plan)
+      [ $# -ge 2 ] || { say "$1 needs a path"; exit 2; }
+      args+=("$1" "$(realpath -m -- "$2")"); shift ;;
     *) args+=("$1") ;;
   esac
   shift
