@@ -86,7 +86,9 @@ def kv_line(values: dict[str, object]) -> str:
     return " ".join(out)
 
 
-def wait_for(pred: Callable[[], T], timeout: float, interval: float = 0.05, what: str = "") -> T:
+def wait_for(
+    pred: Callable[[], T | None], timeout: float, interval: float = 0.05, what: str = ""
+) -> T:
     """Poll pred until it returns something truthy; return it, or raise TimeoutError."""
     deadline = time.monotonic() + timeout
     while True:
@@ -360,6 +362,10 @@ class BenchRun:
             stop_processes(self.home, grace=3.0)
         with contextlib.suppress(Exception):
             self.tmux.kill_server()
+        # tmux leaves its socket file behind when its server is killed.
+        tmpdir = Path(os.environ.get("TMUX_TMPDIR") or "/tmp") / f"tmux-{os.getuid()}"
+        with contextlib.suppress(OSError):
+            (tmpdir / self.socket).unlink()
         with contextlib.suppress(Exception):
             self.leftovers = sorted(home_processes(self.home))
         if os.environ.get("MULTIBOT_BENCH_KEEP"):  # for a post-mortem of the run's files

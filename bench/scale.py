@@ -1,12 +1,14 @@
 """Benchmark scale: N shell-backend workers in a private tmux server running no-op tasks.
 
-    .venv/bin/python bench/scale.py [--quick] [--tasks M] [--profile DIR]
+    .venv/bin/python bench/scale.py [--quick] [--workers 10,25,50] [--tasks M] [--window S]
+                                    [--profile DIR]
 
 Each run starts a real master (`python -m multibot master --backend shell`) in a private tmux
 server, with max_workers N, idle_worker_timeout 3600 s, heartbeat_interval 1 s, no verify.
 Every task is a no-op: no commands (the shell agent succeeds with "nothing to run") and no
 owned files, so what is measured is multibot's own coordination: bus, state files, git
-branch/worktree/merge handling, tmux, supervision. The plan of one run, in phases:
+branch/worktree/merge handling, tmux, supervision. The default is one run per --workers count
+(phases 1 and 2) and one run of 20 workers (all phases); --quick is one run of 10 workers.
 
 1. start-up: N tasks warm-1..warm-N with no dependencies, so the master starts N workers at
    once. Measured: from launching the master to the last "worker-started" timeline event
@@ -18,23 +20,25 @@ branch/worktree/merge handling, tmux, supervision. The plan of one run, in phase
    (its own, and with its reaped git/tmux children), of the tmux server and of all workers is
    read from /proc/<pid>/stat over idle_s seconds; resident memory (VmRSS, and Pss) of every
    worker process (pids from their heartbeats) is read from /proc/<pid>/status.
-3. latency (the 20-worker run only): the gate is released; K chains of L tasks each
-   (chain-k-j depends on chain-k-(j-1); chain-k-1 on the gate). K < N, so a worker is always
-   free and nothing queues. For each task: ready = the timeline "merged" event of its
-   dependency; assigned = its "assigned" event; started = sent_at of the worker's own
-   STATUS_UPDATE kind "started" (read back from the master's inbox cur/), stamped right after
-   the worker started the agent. (TaskRecord.ready_at is not used: the master sets it at plan
-   load for every task, dependencies or not.)
-4. throughput: M tasks bulk-i, each depending on every chain's last task (or on the gate), so
-   all become ready at one instant, the merge of the last of those; tasks/min = M / (last
-   bulk merge - that instant). CPU is read over this phase as "busy".
+3. latency: the gate is released; K chains of L tasks each (chain-k-j depends on
+   chain-k-(j-1); chain-k-1 on the gate). K < N, so a worker is always free and nothing
+   queues. For each task: ready = the timeline "merged" event of its dependency; assigned =
+   its "assigned" event; started = sent_at of the worker's own STATUS_UPDATE kind "started"
+   (read back from the master's inbox cur/), stamped right after the worker started the agent.
+   (TaskRecord.ready_at is not used: the master sets it at plan load for every task,
+   dependencies or not.)
+4. throughput: M tasks bulk-i, each depending on every chain's last task, so all become ready
+   at one instant, the merge of the last of those; merged/min = M / (last bulk merge - that
+   instant), and run-and-verified/min likewise from the "verified" events. The phase stops
+   after --window seconds at most: then what merged within the window counts. CPU is read
+   over this phase as "busy".
 
 Baselines in the same run: starting a bare `python -c pass`; starting a python that imports
 what a worker imports; the resident memory of both; a plain fan-out of no-op tasks to N
 persistent processes over pipes (the coordination floor without files, git or tmux); and the
 git floor: the 3 git commands a branch-per-task flow needs at least per task, run in sequence.
 
-Ends with one line of key=value pairs.
+Ends with one line of key=value pairs. docs/benchmarks.md explains the figures.
 """
 
 from __future__ import annotations
@@ -177,11 +181,13 @@ def run_scale(
 ) -> ScaleResult:
     """Run one master with n workers through the phases above; return what was measured."""
     res = ScaleResult(workers=n, bulk=bulk, window_s=window_s)
-    print(
-        f"\n== {n} workers: {n} warm-up, {chains}x{chain_len} chained, {bulk} bulk tasks "
-        f"(bulk phase at most {window_s:g}s)",
-        flush=True,
-    )
+    what = f"{n} warm-up tasks, start-up and idle only"
+    if bulk or chains:
+        what = (
+            f"{n} warm-up, {chains}x{chain_len} chained, {bulk} bulk tasks (bulk phase at "
+            f"most {window_s:g}s)"
+        )
+    print(f"\n== {n} workers: {what}", flush=True)
     with BenchRun(f"scale{n}") as run:
         run.configure(
             {
@@ -383,12 +389,12 @@ def fanout(workers: int, tasks: int, chain: int) -> tuple[float, list[float]]:
                 c.send(todo.pop())
                 busy += 1
         while busy:
-            for c in wait(conns):
-                assert isinstance(c, Connection)
-                c.recv()
+            for ready_conn in wait(conns):
+                assert isinstance(ready_conn, Connection)
+                ready_conn.recv()
                 busy -= 1
                 if todo:
-                    c.send(todo.pop())
+                    ready_conn.send(todo.pop())
                     busy += 1
         rate = tasks / (time.perf_counter() - t0) * 60
         latencies = []
@@ -534,7 +540,7 @@ def report(results: list[ScaleResult], main: ScaleResult, base: Baselines) -> di
         )
 
     print(f"\n== throughput and latency ({main.workers} workers, no-op tasks)")
-    tput = [
+    tput: list[list[object]] = [
         [
             "multibot: merged",
             main.bulk_done,
@@ -615,7 +621,7 @@ def report(results: list[ScaleResult], main: ScaleResult, base: Baselines) -> di
             rss_max <= TARGET_RSS_MB,
         ),
     ]
-    verdict = {True: "met", False: "MISSED", None: "not run (--quick)"}
+    verdict = {True: "met", False: "MISSED", None: "not run"}
     print("\n== targets")
     print(
         table(
@@ -668,7 +674,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one run of 10 workers (< 1 min)")
     parser.add_argument("--tasks", type=int, default=None, help="bulk tasks of the 20-worker run")
     parser.add_argument(
-        "--workers", default="10,25,50", help="worker counts of the start-up and idle runs"
+        "--workers",
+        default="10,25,50",
+        help="worker counts of the start-up and idle runs ('' for none)",
     )
     parser.add_argument(
         "--window", type=float, default=150.0, help="longest bulk phase, seconds (time-box)"
@@ -691,7 +699,7 @@ def main(argv: list[str] | None = None) -> int:
             main_run = run_scale(10, args.tasks or 30, 2, 5, 4.0, 25.0, profile)
             results.append(main_run)
         else:
-            for n in (int(x) for x in args.workers.split(",")):
+            for n in (int(x) for x in args.workers.split(",") if x.strip()):
                 results.append(run_scale(n, 0, 0, 0, 6.0, 0.0))
             main_run = run_scale(20, args.tasks or 150, 3, 8, 6.0, args.window, profile)
             results.append(main_run)
