@@ -52,6 +52,9 @@ class Launcher(Protocol):
     def pid(self, handle: str) -> int | None:
         """Return the process id at handle, if known."""
 
+    def dead(self, handles: Sequence[str]) -> set[str]:
+        """Return which of handles no longer run a process (one look for all of them)."""
+
     def stop(self, handle: str) -> None:
         """Kill the process at handle (and remove its pane)."""
 
@@ -98,6 +101,9 @@ class ProcessLauncher:
             return False
         return b"worker" in cmdline and str(self.home.root).encode() in cmdline
 
+    def dead(self, handles: Sequence[str]) -> set[str]:
+        return {h for h in handles if not self.alive(h)}
+
     def pid(self, handle: str) -> int | None:
         child = self.children.get(handle)
         return child.pid if child else None
@@ -142,6 +148,13 @@ class TmuxLauncher:
             return not self.tmux.is_dead(handle)
         except TmuxError:
             return False
+
+    def dead(self, handles: Sequence[str]) -> set[str]:
+        try:
+            panes = {p.pane_id: p for p in self.tmux.list_panes()}
+        except TmuxError:
+            return set()  # tmux did not answer: judge by heartbeats alone this time
+        return {h for h in handles if h not in panes or panes[h].dead}
 
     def pid(self, handle: str) -> int | None:
         try:

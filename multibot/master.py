@@ -48,6 +48,8 @@ EXIT_DONE = 0
 EXIT_FAILED = 1
 
 PRUNE_EVERY_S = 300.0
+SUPERVISE_EVERY_S = 0.25
+EDITS_EVERY_S = 0.25
 AUDIT_MAX_AGE_S = 7 * 86400.0
 AUDIT_MAX_COUNT = 20_000
 
@@ -146,6 +148,8 @@ class Master:
         self.titles: dict[str, str] = {}
         self.checks = Checks()
         self.last_prune = 0.0
+        self.last_supervise = 0.0
+        self.last_edits = 0.0
         self.git: GitRepo | None = None
         self.timeline = Timeline(home.timeline, clock)
         home.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -225,8 +229,11 @@ class Master:
         self.plan = self.plan_file.read()
         if self.plan.approved:
             self.load_tasks_from_files()
-        if self.sys.git.merging:
-            self.recover_merge(self.sys.git.merging)
+        # A merge may have landed just before the crash: git says which verified tasks are in.
+        for rec in list(self.tasks.values()):
+            if rec.status == "verified":
+                self.recover_merge(rec.id)
+        self.sys.git.merging = None
         self.adopt_workers()
         now = self.mono()
         for wid, info in self.sys.workers.items():
@@ -292,7 +299,7 @@ class Master:
         now = self.clock()
         for t in self.plan.tasks:
             if t.id not in self.tasks:
-                self.add_task(TaskRecord(task=t, ready_at=now))
+                self.add_task(TaskRecord(task=t, ready_at=None if t.dependencies else now))
         self.sys.metrics.tasks_total = len(self.tasks)
         self.dirty = True
 
@@ -667,7 +674,6 @@ class Master:
                     self.retry(rec, f"merging failed: {done.error}")
                 else:
                     self.on_merged(rec, done.value)
-                self.flush(force=True)
 
     def on_review(self, advice: Advice) -> None:
         rec = self.tasks.get(advice.key)
@@ -736,6 +742,11 @@ class Master:
 
     # == the person's edits ===================================================================
     def read_edits(self) -> None:
+        """Take in what the person edited: pause, task hold/cancel/priority, answers."""
+        mono = self.mono()
+        if mono - self.last_edits < EDITS_EVERY_S:
+            return
+        self.last_edits = mono
         if self.sys_file.changed():
             disk = self.sys_file.read()
             problem = self.sys_file.problem()
@@ -898,6 +909,16 @@ class Master:
     def supervise(self) -> None:
         """Find dead workers, restart them with backoff, fail them after too many restarts."""
         now, mono = self.clock(), self.mono()
+        # A few looks a second are plenty against an interval of seconds, and tmux calls cost.
+        if mono - self.last_supervise < min(SUPERVISE_EVERY_S, self.config.heartbeat_interval / 4):
+            return
+        self.last_supervise = mono
+        handles = [
+            i.pane_id
+            for i in self.sys.workers.values()
+            if i.pane_id and i.status not in ("failed", "stopped", "error")
+        ]
+        gone = self.launcher.dead(handles) if handles else set()
         for wid, info in list(self.sys.workers.items()):
             if info.status in ("failed", "stopped"):
                 continue
@@ -924,7 +945,7 @@ class Master:
                     self.launcher.set_title(info.pane_id or "", self.title(info))
                     self.dirty = True
             reason = liveness.reason if liveness.dead else None
-            if reason is None and info.pane_id and not self.launcher.alive(info.pane_id):
+            if reason is None and info.pane_id in gone:
                 reason = "process exited"
             if reason is not None:
                 self.worker_died(wid, info, reason, now)
@@ -1136,8 +1157,9 @@ class Master:
         git = self.git
         assert git is not None
         branch = rec.branch or f"multibot/{rec.id}"
+        # Recorded for the status view; a restart finds a cut merge from git itself (resume).
         self.sys.git.merging = rec.id
-        self.flush(force=True)
+        self.dirty = True
         verify = self.plan.verify or self.config.verify
         title = rec.task.title
         self.checks.submit(("merge", rec.id), lambda: git.merge(rec.id, title, branch, verify))
@@ -1151,6 +1173,13 @@ class Master:
             self.set_task(rec, "merged")
             self.sys.git.last_merge_commit = outcome.commit or self.sys.git.last_merge_commit
             self.sys.metrics.tasks_merged += 1
+            now = self.clock()
+            for other in self.tasks.values():  # dependents become ready now
+                deps = other.task.dependencies
+                if rec.id in deps and all(
+                    self.tasks[d].status == "merged" for d in deps if d in self.tasks
+                ):
+                    other.ready_at = now
             self.event(
                 "merged",
                 f"{rec.id} merged into {self.git.integration} ({(outcome.commit or '')[:10]})",
