@@ -899,7 +899,10 @@ class Master:
         tracker = HeartbeatTracker(
             c.heartbeat_interval,
             c.heartbeat_misses,
-            tolerance=0.0,
+            # Workers beat every third of an interval, so the last beat before a freeze is up
+            # to a third old already: judging at (misses - 1/3) intervals of silence, checked
+            # every SUPERVISE_EVERY_S, keeps detection within `misses` intervals.
+            tolerance=-c.heartbeat_interval / 3,
             startup_grace=max(c.heartbeat_interval * c.heartbeat_misses, 20.0),
         )
         tracker.expect(generation, now)
