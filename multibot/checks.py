@@ -25,7 +25,8 @@ class Done:
 class Checks:
     """A single worker thread for the master's slow jobs."""
 
-    def __init__(self) -> None:
+    def __init__(self, wake: Callable[[], None] | None = None) -> None:
+        self._wake = wake  # called after each job, so the owner's loop takes it in at once
         self._jobs: queue.Queue[tuple[Hashable, Callable[[], Any]] | None] = queue.Queue()
         self._done: queue.Queue[Done] = queue.Queue()
         self._pending: set[Hashable] = set()
@@ -79,3 +80,5 @@ class Checks:
                 self._done.put(Done(key, value=job()))
             except BaseException as exc:  # reported to the master's loop, never lost here
                 self._done.put(Done(key, error=exc))
+            if self._wake is not None:
+                self._wake()

@@ -318,6 +318,10 @@ class Receiver:
         """Return whether message_id is recorded as handled."""
         return message_id in self._handled
 
+    def ring(self) -> None:
+        """Wake a wait() now (e.g. from another thread whose work the owner must take in)."""
+        self._bell.set()
+
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the doorbell rings or the rescan interval passes; True if it rang.
 

@@ -146,7 +146,7 @@ class Master:
         self.questions: dict[str, StateFile[QuestionRecord]] = {}
         self.watches: dict[str, HeartbeatTracker] = {}
         self.titles: dict[str, str] = {}
-        self.checks = Checks()
+        self.checks = Checks(wake=self.wake)
         self.last_prune = 0.0
         self.last_supervise = 0.0
         self.last_edits = 0.0
@@ -359,6 +359,11 @@ class Master:
             self.stop_idle_workers()
             self.check_done()
         self.flush()
+
+    def wake(self) -> None:
+        """Make the loop tick now (called from the checks thread when a job is done)."""
+        if self.inbox is not None:
+            self.inbox.ring()
 
     def close(self) -> None:
         self.checks.close()
