@@ -290,8 +290,11 @@ def master_cases(restarts: int) -> MasterRun:
         wait_for(run.master_done, 120, 0.1, "the run to finish")
         run.timeline.poll()
         counts: dict[str, int] = {}
-        for e in run.timeline.find("merged"):
-            counts[e["task"]] = counts.get(e["task"], 0) + 1
+        # A merge that landed just before a kill is recorded by the next master as
+        # "merge-recovered" (git says it is in): it counts as that task's one merge.
+        for e in [*run.timeline.find("merged"), *run.timeline.find("merge-recovered")]:
+            if e.get("task"):
+                counts[e["task"]] = counts.get(e["task"], 0) + 1
         out.merged_once = sum(1 for n in counts.values() if n == 1)
         out.merged_twice = sum(1 for n in counts.values() if n > 1)
         out.failed = len(run.timeline.find("task-failed"))

@@ -1222,7 +1222,7 @@ class Master:
         if rec.status == "verified" and self.git.is_merged(rec.branch or f"multibot/{tid}"):
             self.set_task(rec, "merged")
             self.sys.metrics.tasks_merged += 1
-            self.event("merge-recovered", f"{tid} was merged before the restart")
+            self.event("merge-recovered", f"{tid} was merged before the restart", task=tid)
 
     # == bookkeeping ==========================================================================
     def check_done(self) -> None:
