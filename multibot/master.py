@@ -1064,8 +1064,8 @@ class Master:
         prev = self.sys.workers.get(rec.worker or "")
         if new and prev is not None and prev.id != wid and prev.status in ("failed", "stopped"):
             self.release_worktree(prev)
-        worktree = self.git.ensure_worktree(self.home.worktree(wid))
-        branch = self.git.start_task(worktree, rec.id)
+        worktree = self.home.worktree(wid)
+        branch = self.git.start_task(worktree, rec.id)  # creates the worktree on first use
         if new:
             rec.attempts += 1
             rec.assigned_at = self.clock()

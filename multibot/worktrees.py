@@ -395,6 +395,9 @@ class GitRepo:
         wt = self.integration_worktree
         with self._locked():
             self._require_branch(branch)
+            if not self._unmerged(self.root, f"refs/heads/{branch}"):
+                # Nothing to bring in (a task that changed nothing): no need to touch anything.
+                return MergeOutcome("nothing", task_id, branch, None, (), "already merged")
             holder = self._holder(self.integration)
             if holder is not None:
                 # Moving a branch checked out somewhere would leave that checkout out of step.
@@ -405,8 +408,6 @@ class GitRepo:
             self._ensure_integration_worktree()
             old = self._integration_tip()
             self._reset_integration(old)
-            if not self._unmerged(self.root, f"refs/heads/{branch}"):
-                return MergeOutcome("nothing", task_id, branch, None, (), "already merged")
             done = False
             try:  # any way out but a verified, recorded merge puts the worktree back at old
                 output, conflicts = self._try_merge(wt, f"refs/heads/{branch}", message)
@@ -616,8 +617,11 @@ class GitRepo:
     def _worktrees(self) -> list[_Worktree]:
         """List live worktrees, after pruning entries whose folder is gone."""
         with self._locked(self._admin):
-            _git(self.root, "worktree", "prune")
             listing = _out(self.root, "worktree", "list", "--porcelain")
+            paths = [ln[9:] for ln in listing.splitlines() if ln.startswith("worktree ")]
+            if not all(Path(p).is_dir() for p in paths):  # prune only when there is a stale one
+                _git(self.root, "worktree", "prune")
+                listing = _out(self.root, "worktree", "list", "--porcelain")
         result = []
         for block in listing.split("\n\n"):
             fields: dict[str, str] = {}
