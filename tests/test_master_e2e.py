@@ -450,7 +450,7 @@ def test_a_killed_master_resumes_without_losing_or_doubling_anything(make_run: A
     release(run, "c-go")
     run.start_master()
     wait_until(hung.exists, 60)
-    assert run.state()["git"]["merging"] == "c"
+    wait_until(lambda: run.state()["git"]["merging"] == "c", 10)  # shown while it runs
     run.kill_master()  # the third time in the middle of a merge
     run.start_master()
 
