@@ -778,3 +778,38 @@ def test_a_killed_master_without_tmux_resumes_its_running_workers(make_run: Any)
     assert run.state()["workers"]["w1"]["generation"] == 1
     assert run.pane_ids() == [run.first_pane]
     wait_until(lambda: not pid_alive(pid), 30)
+
+
+# == 11. a merge conflict goes back as a task, is resolved and merged ========================
+def test_a_merge_conflict_is_handed_back_resolved_and_merged(make_run: Any) -> None:
+    run: Run = make_run(max_workers=2)
+    resolve = (
+        'if grep -q "conflicts in shared.txt" "$MULTIBOT_CONTEXT_FILE"; then '
+        "git merge --no-edit -X ours multibot/integration; "
+        "else echo right > shared.txt; sleep 1; fi"
+    )
+    run.plan(
+        [
+            # Neither claims shared.txt, so both run at once and the second merge conflicts.
+            {
+                "id": "left",
+                "title": "left",
+                "description": "left",
+                "priority": 2,
+                "commands": ["echo left > shared.txt"],
+            },
+            {
+                "id": "right",
+                "title": "right",
+                "description": "right",
+                "priority": 1,
+                "commands": [resolve],
+            },
+        ]
+    )
+    run.start_master()
+    run.assert_done(["left", "right"], run.finish())
+    right = run.task("right")
+    assert right["attempts"] == 2
+    assert any("conflicts in shared.txt" in f for f in right["feedback"])
+    assert run.show("shared.txt") == "right\n"  # the resolution kept the task's side
