@@ -64,6 +64,7 @@ def cmd_worker(a: argparse.Namespace, home: Home) -> int:
         generation=a.generation,
         config=template,
         heartbeat_interval=master.heartbeat_interval,
+        setup_hook=master.worktree_setup,
     )
     return w.run()
 

@@ -1065,7 +1065,7 @@ class Master:
         if new and prev is not None and prev.id != wid and prev.status in ("failed", "stopped"):
             self.release_worktree(prev)
         worktree = self.home.worktree(wid)
-        branch = self.git.start_task(worktree, rec.id)  # creates the worktree on first use
+        branch = self.git.branch_for(rec.id)  # the worker checks it out (see TaskAssignment.repo)
         if new:
             rec.attempts += 1
             rec.assigned_at = self.clock()
@@ -1096,6 +1096,7 @@ class Master:
             commands=t.commands,
             attempt=rec.attempts,
             base_branch=self.git.integration,
+            repo=str(self.git.root),
         )
         self.send(wid, payload, task_id=rec.id)
         self.event(

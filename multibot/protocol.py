@@ -55,6 +55,7 @@ class TaskAssignment(Frozen):
     commands: list[str] = []
     attempt: int = 1
     base_branch: str = "multibot/integration"
+    repo: str = ""
 
     @field_validator("branch")
     @classmethod

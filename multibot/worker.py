@@ -71,6 +71,7 @@ class Worker:
         generation: int = 0,
         config: WorkerTemplate | None = None,
         heartbeat_interval: float = 1.0,
+        setup_hook: str | None = None,
         out: TextIO | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -84,6 +85,7 @@ class Worker:
         self.memory = StateFile(home.worker_memory(self.id), ContextMemory, default=ContextMemory)
         self.system = StateFile(home.system_state, SystemState, default=SystemState)
         self.heartbeat_interval = heartbeat_interval
+        self.setup_hook = setup_hook
         self.heartbeat = HeartbeatWriter(
             home.heartbeat(self.id), self.id, generation, heartbeat_interval
         )
@@ -249,6 +251,8 @@ class Worker:
     def start_task(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
         """Start the agent on an assignment."""
         task_id = m.task_id or "task"
+        if a.repo and not self.prepare_branch(task_id, a):
+            return
         state = self.state.read()
         memory = self.memory.read()
         self.discoveries_at_start = len(memory.discoveries)
@@ -311,6 +315,30 @@ class Worker:
         self._update_state(started)
         self.status = "working"
         self.send(self._status_update("started", f"started {title}"), task_id=task_id)
+
+    def prepare_branch(self, task_id: str, a: protocol.TaskAssignment) -> bool:
+        """Check out the task's branch in this worker's worktree (made on first use)."""
+        from multibot import worktrees
+
+        try:
+            repo = worktrees.GitRepo(
+                Path(a.repo),
+                self.home.integration_worktree,
+                integration_branch=a.base_branch,
+                setup_hook=self.setup_hook,
+            )
+            branch = repo.start_task(Path(a.working_directory), task_id)
+        except MultibotError as exc:
+            self.show(f"✗ cannot prepare {a.branch}: {exc}")
+            self.send(
+                protocol.ErrorReport(kind="git", message=str(exc), recoverable=True),
+                task_id=task_id,
+            )
+            self._set_status("idle")
+            return False
+        if branch != a.branch:
+            self.show(f"! the master named branch {a.branch}, git gave {branch}")
+        return True
 
     def _on_terminate(self, t: protocol.Terminate) -> None:
         self.show(f"■ terminate: {t.reason or 'asked by master'}")

@@ -341,8 +341,10 @@ class GitRepo:
             raise GitError(f"{path} has commits on a detached HEAD that no branch holds")
         if self._branch_exists(branch):
             holder = self._holder(branch)
-            if holder is not None and holder != self.integration_worktree and not _uncommitted(
-                holder
+            if (
+                holder is not None
+                and holder != self.integration_worktree
+                and not _uncommitted(holder)
             ):
                 # The task comes back to a different worker (its last one is busy or gone):
                 # the old worktree lets go of the branch; everything it did is committed on it.
