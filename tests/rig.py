@@ -128,3 +128,14 @@ class Rig:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
             p.wait()
+
+
+def git_show(rig: Rig, rev: str, path: str) -> str:
+    """Return a file as committed at rev in the rig's repository."""
+    return subprocess.run(
+        ["git", "show", f"{rev}:{path}"],
+        cwd=rig.git.root,
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout

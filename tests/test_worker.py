@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 from multibot import mailbox, protocol
 from multibot.layout import MASTER_ID
 from tests.helpers import wait_until
-from tests.rig import Rig
+from tests.rig import Rig, git_show
 
 
 @pytest.fixture
@@ -29,16 +28,6 @@ def rig(tmp_path: Path) -> Iterator[Rig]:
             os.killpg(int(pid_file.read_text()), signal.SIGKILL)
         except (ProcessLookupError, ValueError):
             pass
-
-
-def git_show(rig: Rig, rev: str, path: str) -> str:
-    return subprocess.run(
-        ["git", "show", f"{rev}:{path}"],
-        cwd=rig.git.root,
-        text=True,
-        capture_output=True,
-        check=True,
-    ).stdout
 
 
 def test_a_task_runs_commits_and_reports(rig: Rig) -> None:

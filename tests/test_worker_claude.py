@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from multibot import mailbox, protocol
 from multibot.layout import MASTER_ID
 from multibot.master import stray_agents
 from tests.helpers import wait_until
-from tests.rig import Rig
+from tests.rig import Rig, git_show
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -98,16 +97,6 @@ def rig(fake_api: FakeAPI, make_rig: Callable[..., Rig], claude_bin: Path, tmp_p
     scratch.mkdir(parents=True, mode=0o700)
     env = {**claude_env(fake_api, tmp_path / "claude"), "CLAUDE_CODE_TMPDIR": str(scratch)}
     return make_rig(str(claude_bin), env)
-
-
-def git_show(rig: Rig, rev: str, path: str) -> str:
-    return subprocess.run(
-        ["git", "show", f"{rev}:{path}"],
-        cwd=rig.git.root,
-        text=True,
-        capture_output=True,
-        check=True,
-    ).stdout
 
 
 def worker_state(rig: Rig) -> dict[str, Any]:
