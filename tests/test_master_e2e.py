@@ -784,10 +784,14 @@ def test_a_killed_master_without_tmux_resumes_its_running_workers(make_run: Any)
 # == 11. a merge conflict goes back as a task, is resolved and merged ========================
 def test_a_merge_conflict_is_handed_back_resolved_and_merged(make_run: Any) -> None:
     run: Run = make_run(max_workers=2)
+    left_merged = f"git -C {run.repo} cat-file -e multibot/integration:shared.txt"
     resolve = (
         'if grep -q "conflicts in shared.txt" "$MULTIBOT_CONTEXT_FILE"; then '
         "git merge --no-edit -X ours multibot/integration; "
-        "else echo right > shared.txt; sleep 1; fi"
+        # First attempt: its branch exists already; write only once left is merged, so the
+        # two branches certainly diverge and this one's merge conflicts.
+        f"else touch {run.marks / 'right-started'}; "
+        f"until {left_merged} 2>/dev/null; do sleep 0.05; done; echo right > shared.txt; fi"
     )
     run.plan(
         [
@@ -797,7 +801,8 @@ def test_a_merge_conflict_is_handed_back_resolved_and_merged(make_run: Any) -> N
                 "title": "left",
                 "description": "left",
                 "priority": 2,
-                "commands": ["echo left > shared.txt"],
+                # Only once right's branch exists (its worker has started it).
+                "commands": [wait_for(run, "right-started"), "echo left > shared.txt"],
             },
             {
                 "id": "right",
