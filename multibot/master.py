@@ -13,11 +13,11 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from multibot import mailbox, protocol, worktrees
+from multibot.advisor import Advice, Advisor
 from multibot.checks import Checks
 from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import GitError, LockTimeout, MultibotError, PlanError, StateError
@@ -74,41 +74,6 @@ def stray_agents(home: Home, wid: str, generation: int) -> list[int]:
         if gen.isdigit() and int(gen) < generation:
             found.append(int(entry.name))
     return found
-
-
-@dataclass
-class Advice:
-    """A finished request to the advisor (Opus): an answer to a question, or a review."""
-
-    kind: str  # "answer" | "review"
-    key: str  # question id or task id
-    ok: bool
-    text: str
-    approved: bool = True
-    cost_usd: float = 0.0
-    tokens: tuple[int, int] = (0, 0)  # input, output
-
-
-class Advisor:
-    """Who answers questions and reviews diffs when the plan's FAQ does not: Opus, or nobody.
-
-    The default advisor answers nothing, so questions go to the person.
-    """
-
-    available = False
-
-    def ask(self, key: str, question: str, context: str) -> None:
-        """Start answering a question in the background."""
-
-    def review(self, key: str, task: str, diff: str) -> None:
-        """Start reviewing a diff in the background."""
-
-    def poll(self) -> list[Advice]:
-        """Return the requests finished since the last poll."""
-        return []
-
-    def close(self) -> None:
-        """Stop any background work."""
 
 
 class Master:

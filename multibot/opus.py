@@ -40,12 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
+from multibot.advisor import Advice, Advisor
 from multibot.agents.claude import child_env, resolve_bin
 from multibot.agents.stream import result_tokens
 from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import AgentError, MultibotError, PlanError
 from multibot.layout import Home
-from multibot.master import Advice, Advisor
 from multibot.plan import validate_plan
 from multibot.state import Plan, PlanTask, SystemState
 from multibot.store import StateFile

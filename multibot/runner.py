@@ -7,11 +7,12 @@ import shutil
 import time
 from pathlib import Path
 
+from multibot.advisor import Advisor
 from multibot.config import load_master, load_worker
 from multibot.errors import MultibotError
 from multibot.launcher import Launcher, ProcessLauncher, TmuxLauncher
 from multibot.layout import Home
-from multibot.master import Advisor, Master
+from multibot.master import Master
 from multibot.plan import load_plan_file
 from multibot.state import SystemState
 from multibot.store import StateFile

@@ -15,10 +15,10 @@ import pytest
 from fakeapi import FakeAPI, Reply, Rule, Script, claude_env, error, structured, text, tool
 from helpers import wait_until
 
+from multibot.advisor import Advice
 from multibot.config import MasterConfig
 from multibot.errors import AgentError, PlanError
 from multibot.layout import Home
-from multibot.master import Advice
 from multibot.opus import (
     PLAN_TASK_FIELDS,
     OpusAdvisor,
