@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from multibot import mailbox, protocol
 from multibot.agents import Agent, AgentEvent, AgentOutcome, AgentSpec, make_agent
@@ -26,6 +26,9 @@ from multibot.layout import MASTER_ID, Home
 from multibot.prompts import task_prompt
 from multibot.state import ContextMemory, CurrentTask, SystemState, WorkerState
 from multibot.store import StateFile
+
+if TYPE_CHECKING:  # imported when used: GitPython is slow to import, and workers start often
+    from multibot.worktrees import GitRepo
 
 EXIT_OK = 0
 EXIT_STARTUP = 2
@@ -86,6 +89,7 @@ class Worker:
         self.system = StateFile(home.system_state, SystemState, default=SystemState)
         self.heartbeat_interval = heartbeat_interval
         self.setup_hook = setup_hook
+        self.repos: dict[tuple[str, str], GitRepo] = {}
         self.heartbeat = HeartbeatWriter(
             home.heartbeat(self.id), self.id, generation, heartbeat_interval
         )
@@ -321,12 +325,15 @@ class Worker:
         from multibot import worktrees
 
         try:
-            repo = worktrees.GitRepo(
-                Path(a.repo),
-                self.home.integration_worktree,
-                integration_branch=a.base_branch,
-                setup_hook=self.setup_hook,
-            )
+            key = (a.repo, a.base_branch)
+            repo = self.repos.get(key)
+            if repo is None:  # opening checks the repository: once per worker, not per task
+                repo = self.repos[key] = worktrees.GitRepo(
+                    Path(a.repo),
+                    self.home.integration_worktree,
+                    integration_branch=a.base_branch,
+                    setup_hook=self.setup_hook,
+                )
             branch = repo.start_task(Path(a.working_directory), task_id)
         except MultibotError as exc:
             self.show(f"✗ cannot prepare {a.branch}: {exc}")
