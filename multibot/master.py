@@ -615,11 +615,12 @@ class Master:
         """A task passed its checks: review it if asked, else queue it for merging."""
         self.event("verified", f"{rec.id} verified", task=rec.id)
         if self.config.review and self.advisor.available and self.git is not None:
-            self.advisor.review(
-                rec.id,
-                f"{rec.task.title}\n{rec.task.description}",
-                self.git.diff(rec.branch or f"multibot/{rec.id}")[:60_000],
-            )
+            try:
+                diff = self.git.diff(rec.branch or f"multibot/{rec.id}")
+            except GitError as exc:  # uncaught, it would stop the master (and again on restart)
+                self.retry(rec, f"the branch could not be read for review: {exc}")
+                return
+            self.advisor.review(rec.id, f"{rec.task.title}\n{rec.task.description}", diff)
             return
         self.set_task(rec, "verified")
 
@@ -649,7 +650,12 @@ class Master:
         rec = self.tasks.get(advice.key)
         if rec is None or rec.status != "verifying":
             return
-        if advice.ok and advice.approved:
+        if not advice.ok:
+            # Opus could not review (timeout, API error): not the worker's fault, so no attempt
+            # is spent on it. The checks passed: merge, as when no advisor is available at all.
+            self.event("review-failed", f"{rec.id} merged unreviewed: {advice.text}", task=rec.id)
+            self.set_task(rec, "verified")
+        elif advice.approved:
             self.event("review-approved", f"{rec.id}: {advice.text[:200]}", task=rec.id)
             self.set_task(rec, "verified")
         else:
@@ -763,11 +769,13 @@ class Master:
             self.event("bad-edit", f"{key} (last good state stays in force)")
 
     def cancel(self, rec: TaskRecord) -> None:
+        """Cancel a task; its worker, if on it, stops (work committed) and is not restarted."""
         if rec.worker and rec.status in ("assigned", "running"):
             info = self.sys.workers.get(rec.worker)
-            self.send(rec.worker, protocol.Terminate(reason=f"task {rec.id} cancelled"))
-            if info is not None:
+            if info is not None and info.current_task == rec.id:
                 info.current_task = None
+                self.send(rec.worker, protocol.Terminate(reason=f"task {rec.id} cancelled"))
+                info.status = "stopped"  # it exits: a new worker starts if work needs one
         self.set_task(rec, "cancelled")
 
     def check_approval(self) -> None:

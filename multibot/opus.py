@@ -54,7 +54,7 @@ READ_ONLY_TOOLS = ("Read", "Glob", "Grep")
 PERMISSION_MODE = "dontAsk"  # in -p nobody answers prompts: anything not allowed is denied
 PLAN_TIMEOUT_S = 900.0  # planning may read much of the repository first
 CALL_TIMEOUT_S = 300.0
-MAX_DIFF_CHARS = 200_000
+MAX_DIFF_CHARS = 60_000  # a cut diff says so in the prompt (review_prompt)
 LOG_ID = "opus"  # state/logs/opus.log: every call and its outcome, for a person to read
 # Input, output, cache-read and cache-write token prices relative to input: the same ratios
 # for every current Claude model, so a session's cost can be shared out by weighted tokens.

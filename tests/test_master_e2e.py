@@ -201,9 +201,9 @@ class Run:
         ).stdout
         return Counter(m.group(1) for line in log.splitlines() if (m := MERGE.match(line)))
 
-    def show(self, path: str) -> str:
+    def show(self, path: str, rev: str = "multibot/integration") -> str:
         return subprocess.run(
-            ["git", "show", f"multibot/integration:{path}"],
+            ["git", "show", f"{rev}:{path}"],
             cwd=self.repo,
             capture_output=True,
             text=True,
@@ -819,3 +819,66 @@ def test_a_merge_conflict_is_handed_back_resolved_and_merged(make_run: Any) -> N
     assert right["attempts"] == 2
     assert any("conflicts in shared.txt" in f for f in right["feedback"])
     assert run.show("shared.txt") == "right\n"  # the resolution kept the task's side
+
+
+# == 12. hold, priority and cancel by hand edit ===============================================
+def test_hold_priority_and_cancel_by_hand_edit(make_run: Any) -> None:
+    run: Run = make_run(max_workers=1)
+    run.plan(
+        [
+            {
+                "id": "first",
+                "title": "first",
+                "description": "first",
+                "commands": [wait_for(run, "first-go"), "echo first > first.txt"],
+            },
+            {"id": "low", "title": "low", "description": "low", "commands": ["echo low > low.txt"]},
+            {
+                "id": "high",
+                "title": "high",
+                "description": "high",
+                "commands": ["echo high > high.txt"],
+            },
+            {
+                "id": "held",
+                "title": "held",
+                "description": "held",
+                "commands": ["echo held > held.txt"],
+            },
+            {
+                "id": "doomed",
+                "title": "doomed",
+                "description": "runs until cancelled",
+                "dependencies": ["high"],
+                "commands": ["echo partial > doomed.txt; sleep 300"],
+            },
+        ]
+    )
+    run.start_master()
+    wait_until(
+        lambda: run.home.task("held").exists() and run.task("first")["status"] == "running", 60
+    )
+    hand_edit(run.home.task("held"), lambda d: d.update(hold=True))
+    hand_edit(run.home.task("high"), lambda d: d["task"].update(priority=9))
+    # Taken in by the master (the timeline says so), not just written by us.
+    wait_until(
+        lambda: (
+            run.has_event("task-edited", task="held") and run.has_event("task-edited", task="high")
+        ),
+        10,
+    )
+    release(run, "first-go")
+    wait_until(lambda: run.task("doomed")["status"] == "running", 60)
+    # One worker: the edited priority decided the order; the held task never started.
+    assert run.task("high")["assigned_at"] < run.task("low")["assigned_at"]
+    assert run.task("held")["status"] == "pending" and run.task("held")["attempts"] == 0
+    hand_edit(run.home.task("doomed"), lambda d: d.update(cancel=True))
+    hand_edit(run.home.task("held"), lambda d: d.update(cancel=True))
+    code = run.finish()
+    assert code == 0
+    assert run.state()["phase"] == "done"
+    assert run.task("doomed")["status"] == "cancelled"
+    assert run.task("held")["status"] == "cancelled"
+    assert run.merges() == Counter({"first": 1, "low": 1, "high": 1})
+    # The cancelled task's work in progress was committed on its branch, not lost.
+    assert run.show("doomed.txt", rev="multibot/doomed") == "partial\n"

@@ -321,3 +321,118 @@ def test_goal_to_merged_branches_with_claude_everywhere(run: Run) -> None:
     record = json.loads(run.home.question(question["question"]).read_text())
     assert record["answered_by"] == "opus" and record["status"] == "delivered"
     assert state["metrics"]["questions"] == 1
+
+
+# -- the Opus review path -----------------------------------------------------------------------
+REVIEW_MARK = "[multibot review alpha]"  # opus.review_prompt opens with "[multibot review <task>]"
+REVIEW_PLAN = {
+    "goal": "Build alpha.txt.",
+    "tasks": [
+        {
+            "id": "alpha",
+            "title": "Write alpha",
+            "description": "Create alpha.txt holding ALPHA-CONTENT.",
+            "dependencies": [],
+            "owns": ["alpha.txt"],
+            "model": "haiku",
+            "verify": "grep -q ALPHA alpha.txt",
+            "estimate_minutes": 5,
+            "priority": 0,
+        }
+    ],
+    "verify": None,
+}
+
+
+def last_workdir(r: ApiRequest) -> Path:
+    """The worktree the latest task prompt names (a resumed session holds every attempt's)."""
+    found = WORKDIR.findall(r.conversation_text())
+    assert found, "no working directory in the task prompt"
+    return Path(found[-1])
+
+
+def review(r: ApiRequest) -> Reply:
+    """Reject alpha's first review, approve the later ones (the session holds every review)."""
+    if r.conversation_text().count(REVIEW_MARK) == 1:
+        return structured({"approved": False, "feedback": "REVIEW-FEEDBACK add a trailing newline"})
+    return structured({"approved": True, "feedback": "looks good"})
+
+
+REVIEW_OPUS = Script(
+    [
+        Rule(REVIEW_MARK, [review]),
+        Rule("GOAL-MARKER", [structured(REVIEW_PLAN)]),
+    ]
+)
+REVIEW_WORKERS = Script(
+    [
+        # Attempt 2's prompt holds both markers: at an equal position the first rule wins. The
+        # file exists by then (on the kept branch), and Claude Code writes only files it read.
+        Rule(
+            "REVIEW-FEEDBACK",
+            [
+                lambda r: tool("Read", {"file_path": str(last_workdir(r) / "alpha.txt")}),
+                lambda r: tool(
+                    "Write",
+                    {"file_path": str(last_workdir(r) / "alpha.txt"), "content": "ALPHA-V2\n"},
+                ),
+                text("Rewrote alpha.txt as the review asked."),
+            ],
+        ),
+        Rule("# Task alpha", [alpha_write, text("Wrote alpha.txt with ALPHA-CONTENT.")]),
+    ]
+)
+
+
+def review_model(r: ApiRequest) -> Reply:
+    """Opus (plan, reviews) when the structured-output tool is offered, else the alpha worker."""
+    if not r.is_side and r.has_tool("StructuredOutput"):
+        return REVIEW_OPUS(r)
+    return REVIEW_WORKERS(r)
+
+
+def test_opus_review_sends_a_task_back_then_approves_it(run: Run) -> None:
+    config = json.loads(run.home.master_config.read_text())
+    run.home.master_config.write_text(json.dumps({**config, "review": True}, indent=2))
+    run.fake.respond = review_model
+    master = run.start(master_env(run))
+    try:
+        code = master.wait(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the run did not end in {RUN_TIMEOUT:g}s\n{run.dump()}")
+    assert code == 0, run.dump()
+
+    # The second attempt's work is what got merged.
+    assert run.git("show", "multibot/integration:alpha.txt") == "ALPHA-V2\n"
+    state = run.state()
+    assert state["phase"] == "done"
+    rec = run.task("alpha")
+    assert rec["status"] == "merged" and rec["attempts"] == 2, rec
+    assert any("REVIEW-FEEDBACK" in f for f in rec["feedback"]), rec["feedback"]
+
+    # Opus reviewed twice, in the planner's session: the first diff, then the second.
+    session = state["opus_session"]
+    opus = [r for r in run.fake.messages_requests() if r.has_tool("StructuredOutput")]
+    reviews = [r for r in opus if r.contains(REVIEW_MARK)]
+    planning = [r for r in opus if not r.contains(REVIEW_MARK)]
+    assert planning and reviews
+    assert {r.session_id for r in opus} == {session}
+    assert reviews[0].contains("ALPHA-CONTENT") and not reviews[0].contains("ALPHA-V2")
+    assert reviews[-1].conversation_text().count(REVIEW_MARK) == 2
+    assert reviews[-1].contains("ALPHA-V2")  # the second review saw the second diff
+
+    # The worker's second attempt was told what the review asked for.
+    workers = [r for r in run.fake.messages_requests() if not r.has_tool("StructuredOutput")]
+    second = [r for r in workers if r.contains("# Task alpha") and r.contains("This is attempt 2")]
+    assert second and second[0].contains("REVIEW-FEEDBACK add a trailing newline")
+    assert not any(r.contains("REVIEW-FEEDBACK") for r in workers if r not in second)
+
+    # The timeline: sent back by the review, then approved by it, then merged.
+    events = list(read_timeline(run.home.timeline))
+    retries = [e for e in events if e.get("event") == "task-retry" and e.get("task") == "alpha"]
+    assert len(retries) == 1 and "review" in retries[0]["text"], retries
+    assert "REVIEW-FEEDBACK" in retries[0]["text"]
+    [approved] = [e for e in events if e.get("event") == "review-approved"]
+    assert approved.get("task") == "alpha" and "looks good" in approved["text"]
+    [merged] = [e for e in events if e.get("event") == "merged"]
+    assert events.index(retries[0]) < events.index(approved) < events.index(merged)
