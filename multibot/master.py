@@ -977,7 +977,11 @@ class Master:
 
     def stop_idle_workers(self) -> None:
         now = self.clock()
-        pending = any(t.status == "pending" and not t.hold for t in self.tasks.values())
+        # A task being checked may come back to its worker (whose session knows it): keep them.
+        pending = any(
+            (t.status == "pending" and not t.hold) or t.status == "verifying"
+            for t in self.tasks.values()
+        )
         if pending:
             return
         for wid, info in self.live_workers().items():

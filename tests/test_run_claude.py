@@ -4,6 +4,8 @@
 binary, scripted by the fake Messages API) plans two dependent tasks, workers (child processes)
 run the real binary on them, one worker asks a question that the master hands to Opus in the
 planner's own session, and both branches are merged in dependency order. No tmux needed.
+With `review: true`, Opus (same session) rejects a task's first diff, the task goes back with
+the review's feedback, and its second diff is approved and merged.
 """
 
 from __future__ import annotations
