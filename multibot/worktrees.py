@@ -290,6 +290,8 @@ class GitRepo:
         # Guards the repository's worktree list: concurrent `git worktree add` runs read each
         # other's half-written entries ("failed to read .git/worktrees/w0/commondir").
         self._admin = filelock.FileLock(folder / ".git-worktrees.lock")
+        # The integration worktree's state is unknown until this object has reset it once.
+        self._integration_unclean = True
 
     # -- names ---------------------------------------------------------------------------
     def branch_for(self, task_id: str) -> str:
@@ -416,7 +418,9 @@ class GitRepo:
                 )
             self._ensure_integration_worktree()
             old = self._integration_tip()
-            self._reset_integration(old)
+            if self._integration_unclean:  # first merge here, or a check ran in the worktree
+                self._reset_integration(old)
+            self._integration_unclean = True  # until this merge ends cleanly
             done = False
             try:  # any way out but a verified, recorded merge puts the worktree back at old
                 output, conflicts = self._try_merge(wt, f"refs/heads/{branch}", message)
@@ -435,10 +439,13 @@ class GitRepo:
                 if code != 0:
                     raise GitError(f"{self.integration} moved during the merge of {branch}: {err}")
                 done = True
+                # Without a check nothing but the merge touched the worktree: it is clean at new.
+                self._integration_unclean = bool(verify_cmd)
                 return MergeOutcome("merged", task_id, branch, new, (), output)
             finally:
                 if not done:
                     self._reset_integration(old)
+                    self._integration_unclean = False
 
     def recover(self) -> Recovery:
         """Undo a merge a crash left in the integration worktree; say what was done."""
