@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 from multibot.heartbeat import Heartbeat, read_heartbeat  # noqa: E402
 from multibot.layout import MASTER_ID, Home  # noqa: E402
 from multibot.panes import Tmux  # noqa: E402
-from multibot.runner import home_processes, stop_processes  # noqa: E402
+from multibot.procs import home_processes  # noqa: E402
+from multibot.runner import stop_processes  # noqa: E402
 from multibot.state import SystemState, TaskRecord  # noqa: E402
 from multibot.store import StateFile  # noqa: E402
 

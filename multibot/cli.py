@@ -140,8 +140,7 @@ def cmd_timeline(a: argparse.Namespace, home: Home) -> int:
 
 @command("inbox")
 def cmd_inbox(a: argparse.Namespace, home: Home) -> int:
-    report = mailbox.inbox_report(home, a.id)
-    data = report if isinstance(report, dict) else report.__dict__
+    data = mailbox.inbox_report(home, a.id).to_dict()
     if a.json:
         print(json.dumps(data, indent=2, default=str))
     else:
@@ -347,25 +346,11 @@ def cmd_ask(a: argparse.Namespace, home: Home) -> int:
 
 
 # == git ======================================================================================
-def _git(home: Home) -> Any:
-    from multibot.state import SystemState
-    from multibot.store import StateFile
-    from multibot.worktrees import GitRepo
-
-    s = StateFile(home.system_state, SystemState, default=SystemState).read()
-    if not s.git.repo:
-        raise MultibotError("no run recorded in state/system-state.json: which repository?")
-    return GitRepo(
-        Path(s.git.repo),
-        home.integration_worktree,
-        integration_branch=s.git.integration_branch,
-        setup_hook=None,
-    )
-
-
 @command("merge")
 def cmd_merge(a: argparse.Namespace, home: Home) -> int:
-    repo = _git(home)
+    from multibot.runner import run_repo
+
+    repo = run_repo(home)
     print(repo.merge_into(a.into))
     return 0
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
+from multibot import procs
 from multibot.errors import TmuxError
 from multibot.layout import Home
 
@@ -95,11 +96,7 @@ class ProcessLauncher:
             return child.poll() is None
         # Started by an earlier master of this home (it was restarted): not our child, so
         # look it up; a zombie has an empty command line.
-        try:
-            cmdline = Path(f"/proc/{int(handle)}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            return False
-        return b"worker" in cmdline and str(self.home.root).encode() in cmdline
+        return handle.isdigit() and procs.runs(int(handle), "worker", str(self.home.root))
 
     def dead(self, handles: Sequence[str]) -> set[str]:
         return {h for h in handles if not self.alive(h)}

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from multibot import mailbox, protocol, worktrees
+from multibot import mailbox, procs, protocol, worktrees
 from multibot.advisor import Advice, Advisor
 from multibot.checks import Checks
 from multibot.config import MasterConfig, WorkerTemplate
@@ -28,6 +27,7 @@ from multibot.lifecycle import task_transition
 from multibot.plan import graph_problems, topological_order, validate_plan
 from multibot.scheduler import WorkerSlot, overlaps, schedule
 from multibot.state import (
+    BranchInfo,
     Discovery,
     Plan,
     PlanTask,
@@ -54,26 +54,6 @@ AUDIT_MAX_AGE_S = 7 * 86400.0
 AUDIT_MAX_COUNT = 20_000
 
 LIVE_WORKER = ("starting", "idle", "working", "blocked", "paused", "error")
-
-
-def stray_agents(home: Home, wid: str, generation: int) -> list[int]:
-    """Return the pids of processes that agents of wid's generations before this one run."""
-    # Every agent process carries the environment agent_env gave it (children inherit it).
-    want = {f"MULTIBOT_HOME={home.root}".encode(), f"MULTIBOT_WORKER_ID={wid}".encode()}
-    found: list[int] = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue  # gone, or not ours
-        if not want <= set(env):
-            continue
-        gen = next((v[20:] for v in env if v.startswith(b"MULTIBOT_GENERATION=")), b"")
-        if gen.isdigit() and int(gen) < generation:
-            found.append(int(entry.name))
-    return found
 
 
 class Master:
@@ -844,21 +824,12 @@ class Master:
     def kill_old_incarnation(self, wid: str, generation: int) -> None:
         """SIGKILL a frozen or stuck worker process, and the agents its earlier lives left."""
         hb = read_heartbeat(self.home.heartbeat(wid))
-        try:
-            cmdline = Path(f"/proc/{hb.pid}/cmdline").read_bytes().split(b"\0") if hb else []
-        except OSError:
-            cmdline = []
-        if hb is not None and b"worker" in cmdline and wid.encode() in cmdline:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(hb.pid, signal.SIGKILL)
+        if hb is not None and procs.runs(hb.pid, "worker", wid):  # checked: pids get reused
+            procs.kill(hb.pid)
         # An agent runs in a session of its own, so it outlives a killed worker and would go on
         # changing the worktree beside the new incarnation's agent.
-        for pid in stray_agents(self.home, wid, generation):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                if os.getpgid(pid) == pid:
-                    os.killpg(pid, signal.SIGKILL)
-                else:
-                    os.kill(pid, signal.SIGKILL)
+        for pid in procs.stray_agents(self.home, wid, generation):
+            procs.kill(pid)
 
     def refresh_titles(self) -> None:
         """Show each worker's task, model and status in its pane title, when they changed."""
@@ -1270,9 +1241,24 @@ class Master:
         )
         self.tasks[rec.id] = rec
         self.dirty = True
-        self.refresh_index()
 
     def refresh_index(self) -> None:
+        """Derive the task lists, branches and merge queue of system-state.json from the tasks."""
+        git = self.sys.git
+        git.merge_queue = [
+            t for t in self.order if self.tasks.get(t) and self.tasks[t].status == "verified"
+        ]
+        git.branches = [
+            BranchInfo(
+                name=r.branch,
+                task_id=t,
+                worker=r.worker,
+                last_commit=r.commit,
+                merged=r.status == "merged",
+            )
+            for t, r in self.tasks.items()
+            if r.branch
+        ]
         idx = self.sys.tasks
         idx.active = [
             t
@@ -1289,6 +1275,7 @@ class Master:
         if not (force or (self.dirty and now - self.last_flush > 0.2)):
             return
         self.refresh_titles()
+        self.refresh_index()
         mine = self.sys.model_copy(deep=True)
 
         def merge(disk: SystemState) -> SystemState:

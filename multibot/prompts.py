@@ -54,6 +54,7 @@ def memory_lines(memory: ContextMemory, limit: int = 12) -> list[str]:
     lines: list[str] = []
     if memory.files:
         lines.append("- Files touched: " + ", ".join(memory.files[-limit:]))
+    lines += [f"- Concept: {c}" for c in memory.concepts[-limit:]]
     lines += [f"- Decision: {d.text}" for d in memory.decisions[-limit:]]
     lines += [f"- Discovery: {d}" for d in memory.discoveries[-limit:]]
     lines += [f"- Blocker: {b}" for b in memory.blockers[-limit:]]

@@ -6,7 +6,9 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from multibot import procs
 from multibot.advisor import Advisor
 from multibot.config import load_master, load_worker
 from multibot.errors import MultibotError
@@ -17,18 +19,15 @@ from multibot.plan import load_plan_file
 from multibot.state import SystemState
 from multibot.store import StateFile
 
+if TYPE_CHECKING:
+    from multibot.worktrees import GitRepo
+
 UNFINISHED = ("starting", "planning", "awaiting_approval", "running")
 
 
 def pid_is_master(pid: int | None) -> bool:
     """Return whether pid is a live multibot master (checked by its command line)."""
-    if not pid or pid == os.getpid():
-        return False
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return b"master" in cmd and any(b"multibot" in part for part in cmd)
+    return procs.runs(pid, "master")
 
 
 def archive_run(home: Home, run_id: str) -> Path:
@@ -149,14 +148,24 @@ def _run_master(
             launcher.stop_all()
 
 
+def run_repo(home: Home) -> GitRepo:
+    """Open the repository of the run recorded in this home's system-state.json."""
+    from multibot.worktrees import GitRepo
+
+    s = StateFile(home.system_state, SystemState, default=SystemState).read()
+    if not s.git.repo:
+        raise MultibotError(f"no run recorded in {home.system_state}: which repository?")
+    return GitRepo(
+        Path(s.git.repo), home.integration_worktree, integration_branch=s.git.integration_branch
+    )
+
+
 def cleanup(home: Home, force: bool = False, stop: bool = False) -> int:
     """Remove merged worktrees and prune stale ones; unmerged work stays unless force.
 
     stop: first end the run's tmux sessions and every process of this home (master, workers,
     their agents, the status pane). Without it, a live master makes cleanup refuse.
     """
-    from multibot.worktrees import GitRepo
-
     if stop:
         stopped = stop_processes(home)
         if stopped:
@@ -171,12 +180,7 @@ def cleanup(home: Home, force: bool = False, stop: bool = False) -> int:
     if not s.git.repo:
         print("no run recorded: nothing to clean")
         return 0
-    repo = GitRepo(
-        Path(s.git.repo),
-        home.integration_worktree,
-        integration_branch=s.git.integration_branch,
-        setup_hook=None,
-    )
+    repo = run_repo(home)
     paths = sorted(p for p in home.worktrees_dir.glob("*") if p.is_dir() and p.name[0] != "_")
     refusals = repo.cleanup(paths, force=force)
     for r in refusals:
@@ -188,59 +192,6 @@ def cleanup(home: Home, force: bool = False, stop: bool = False) -> int:
     return 0
 
 
-def _proc_fields(pid: int) -> tuple[list[str], dict[str, str]] | None:
-    """Return a process's command line and initial environment; None if gone or not ours."""
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    env = dict(kv.decode(errors="replace").split("=", 1) for kv in raw if b"=" in kv)
-    return [c.decode(errors="replace") for c in cmd if c], env
-
-
-def _ancestors() -> set[int]:
-    """Return this process and its ancestors (never to be stopped by cleanup)."""
-    pids: set[int] = set()
-    pid = os.getpid()
-    while pid > 1 and pid not in pids:
-        pids.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat.rpartition(")")[2].split()[1])  # the name may hold spaces and ')'
-    return pids
-
-
-def home_processes(home: Home) -> dict[int, dict[str, str]]:
-    """Return the live processes of this home's run (pid -> initial environment).
-
-    A process belongs to the run if its command line is `multibot --home HOME master|worker|
-    dashboard`, or if it inherited MULTIBOT_HOME=HOME together with a worker's identity or the
-    run's tmux session (agents and all they started, shells in the session's panes). Matching
-    the exact home, not a name pattern, never touches another run or anything else of the user.
-    """
-    root, mine = str(home.root), _ancestors()
-    found: dict[int, dict[str, str]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) in mine:
-            continue
-        fields = _proc_fields(int(entry.name))
-        if fields is None or not fields[0]:  # gone, another user's, or a zombie
-            continue
-        cmd, env = fields
-        ours = env.get("MULTIBOT_HOME") == root and (
-            "MULTIBOT_WORKER_ID" in env or "MULTIBOT_TMUX_SESSION" in env
-        )
-        for i in range(len(cmd) - 2):
-            if cmd[i] == "--home" and cmd[i + 1] == root and any("multibot" in c for c in cmd[:i]):
-                ours = ours or cmd[i + 2] in ("master", "worker", "dashboard")
-        if ours:
-            found[int(entry.name)] = env
-    return found
-
-
 def stop_processes(home: Home, grace: float = 5.0) -> list[int]:
     """End this home's run: close its tmux sessions, then end every process left; return pids."""
     import contextlib
@@ -249,10 +200,10 @@ def stop_processes(home: Home, grace: float = 5.0) -> list[int]:
     from multibot.errors import TmuxError
     from multibot.panes import Tmux
 
-    procs = home_processes(home)
+    found = procs.home_processes(home)
     sessions = {
         (env.get("MULTIBOT_TMUX_SOCKET") or None, env["MULTIBOT_TMUX_SESSION"])
-        for env in procs.values()
+        for env in found.values()
         if env.get("MULTIBOT_TMUX_SESSION")
     }
     for socket, session in sorted(sessions, key=str):
@@ -264,7 +215,7 @@ def stop_processes(home: Home, grace: float = 5.0) -> list[int]:
             print(f"closed tmux session {session!r} (socket {socket or 'default'})")
     # What outlives its pane: agents in their own process groups, workers run with --no-tmux.
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        left = home_processes(home)
+        left = procs.home_processes(home)
         for pid in left:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
@@ -272,10 +223,10 @@ def stop_processes(home: Home, grace: float = 5.0) -> list[int]:
         deadline = time.monotonic() + wait
         while left and time.monotonic() < deadline:
             time.sleep(0.1)  # other processes' exits: nothing to block on but polling
-            left = home_processes(home)
+            left = procs.home_processes(home)
         if not left:
             break
-    return sorted(procs)
+    return sorted(found)
 
 
 def open_session(home: Home, socket: str, session: str, master_args: list[str]) -> int:

@@ -249,7 +249,6 @@ class WorkerGit(Record):
 
 class WorkerCommunication(Record):
     last_master_contact: float | None = None
-    pending_questions: list[str] = []
 
 
 class WorkerState(StateFileModel):
@@ -260,9 +259,6 @@ class WorkerState(StateFileModel):
     status: WorkerStatusName = "starting"
     generation: int = 0
     pid: int | None = None
-    agent_pid: int | None = Field(
-        None, description="Process group of the running agent; an orphan if the worker died."
-    )
     backend: str = "shell"
     current_task: CurrentTask | None = None
     session_id: str | None = Field(None, description="Claude session, resumed after restart.")
@@ -272,7 +268,6 @@ class WorkerState(StateFileModel):
     cost_usd: float = 0.0
     git: WorkerGit = WorkerGit()
     communication: WorkerCommunication = WorkerCommunication()
-    last_event: str = ""
 
 
 class Decision(Record):

@@ -89,6 +89,7 @@ class Worker:
         self.system = StateFile(home.system_state, SystemState, default=SystemState)
         self.heartbeat_interval = heartbeat_interval
         self.setup_hook = setup_hook
+        self.master_contact: float | None = None
         self.repos: dict[tuple[str, str], GitRepo] = {}
         self.heartbeat = HeartbeatWriter(
             home.heartbeat(self.id), self.id, generation, heartbeat_interval
@@ -109,7 +110,6 @@ class Worker:
         self.current_tool: str | None = None
         self.discoveries_at_start = 0
         self.last_problem = ""
-        self.agent_pid: int | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def _fresh_state(self) -> WorkerState:
@@ -179,7 +179,6 @@ class Worker:
             return
         for event in self.agent.poll():
             self.on_event(event)
-        self._track_agent_pid()
         outcome = self.agent.outcome()
         if outcome is not None:
             self.finish(outcome)
@@ -216,6 +215,8 @@ class Worker:
     # -- messages ---------------------------------------------------------------------------
     def handle(self, m: protocol.Envelope) -> None:
         """Act on one message from the master."""
+        if m.sender == MASTER_ID:
+            self.master_contact = self.clock()  # written with the next state change
         p = m.payload
         if isinstance(p, protocol.TaskAssignment):
             self._on_assignment(m, p)
@@ -310,11 +311,7 @@ class Worker:
             )
             s.git.branch = a.branch
             s.status = "working"
-            s.agent_pid = self.agent_pid
             return s
-
-        child = self.agent.process()
-        self.agent_pid = child.pid if child is not None else None
 
         self._update_state(started)
         self.status = "working"
@@ -364,7 +361,6 @@ class Worker:
             task_id=task_id,
         )
         self.task = None
-        self._track_agent_pid()
         self._set_status("stopped")
 
     def _on_context(self, kind: str, text: str, source: str) -> None:
@@ -468,29 +464,14 @@ class Worker:
             s.cost_usd += outcome.cost_usd
             s.git.last_commit = commit or s.git.last_commit
             s.git.uncommitted_changes = False
-            s.agent_pid = None
             return s
 
         # The state says idle before the master hears of the end, so it never sees it busy.
-        self.agent_pid = None
         self._update_state(idle)
         self.status = "paused" if self.paused else "idle"
         self.finished.add((task_id, a.attempt))
         self.send(report, task_id=task_id)
         self.show(line)
-
-    def _track_agent_pid(self) -> None:
-        """Keep agent_pid in the state file: the group to kill if this worker dies."""
-        child = self.agent.process()
-        pid = child.pid if child is not None and child.returncode() is None else None
-        if pid != self.agent_pid:
-            self.agent_pid = pid
-
-            def put(s: WorkerState) -> WorkerState:
-                s.agent_pid = pid
-                return s
-
-            self._update_state(put)
 
     def _commit(self, a: protocol.TaskAssignment, message: str) -> str | None:
         from multibot import worktrees
@@ -545,6 +526,7 @@ class Worker:
         def guarded(s: WorkerState) -> WorkerState:
             if s.generation > self.generation:
                 raise Replaced(f"generation {s.generation} is newer than mine")
+            s.communication.last_master_contact = self.master_contact
             return fn(s)
 
         self._update(self.state, guarded)

@@ -68,10 +68,11 @@ PLAN = {
 
 # -- the scripted model -------------------------------------------------------------------------
 def workdir(r: ApiRequest) -> Path:
-    """The task's worktree, as the task prompt names it."""
-    found = WORKDIR.search(r.conversation_text())
+    """The task's worktree, as the latest task prompt names it (a resumed session holds every
+    attempt's prompt)."""
+    found = WORKDIR.findall(r.conversation_text())
     assert found, "no working directory in the task prompt"
-    return Path(found.group(1))
+    return Path(found[-1])
 
 
 def alpha_write(r: ApiRequest) -> Reply:
@@ -346,13 +347,6 @@ REVIEW_PLAN = {
 }
 
 
-def last_workdir(r: ApiRequest) -> Path:
-    """The worktree the latest task prompt names (a resumed session holds every attempt's)."""
-    found = WORKDIR.findall(r.conversation_text())
-    assert found, "no working directory in the task prompt"
-    return Path(found[-1])
-
-
 def review(r: ApiRequest) -> Reply:
     """Reject alpha's first review, approve the later ones (the session holds every review)."""
     if r.conversation_text().count(REVIEW_MARK) == 1:
@@ -373,10 +367,10 @@ REVIEW_WORKERS = Script(
         Rule(
             "REVIEW-FEEDBACK",
             [
-                lambda r: tool("Read", {"file_path": str(last_workdir(r) / "alpha.txt")}),
+                lambda r: tool("Read", {"file_path": str(workdir(r) / "alpha.txt")}),
                 lambda r: tool(
                     "Write",
-                    {"file_path": str(last_workdir(r) / "alpha.txt"), "content": "ALPHA-V2\n"},
+                    {"file_path": str(workdir(r) / "alpha.txt"), "content": "ALPHA-V2\n"},
                 ),
                 text("Rewrote alpha.txt as the review asked."),
             ],
