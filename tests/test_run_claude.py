@@ -174,6 +174,15 @@ class Run:
     fake: FakeAPI
     master: subprocess.Popen[bytes] | None = None
 
+    def run_to_success(self, env: dict[str, str]) -> None:
+        """Run the master to its end; fail the test unless it ends in time with exit 0."""
+        master = self.start(env)
+        try:
+            code = master.wait(timeout=RUN_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the run did not end in {RUN_TIMEOUT:g}s\n{self.dump()}")
+        assert code == 0, self.dump()
+
     def start(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
         argv = [sys.executable, "-m", "multibot", "--home", str(self.home.root), "master"]
         argv += ["--repo", str(self.repo), "--goal", GOAL, "--backend", "claude", "--no-tmux"]
@@ -264,12 +273,7 @@ def master_env(run: Run) -> dict[str, str]:
 
 
 def test_goal_to_merged_branches_with_claude_everywhere(run: Run) -> None:
-    master = run.start(master_env(run))
-    try:
-        code = master.wait(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the run did not end in {RUN_TIMEOUT:g}s\n{run.dump()}")
-    assert code == 0, run.dump()
+    run.run_to_success(master_env(run))
 
     # The integration branch: both files, merged once each, alpha before beta.
     assert run.git("show", "multibot/integration:alpha.txt") == "ALPHA-CONTENT\n"
@@ -391,12 +395,7 @@ def test_opus_review_sends_a_task_back_then_approves_it(run: Run) -> None:
     config = json.loads(run.home.master_config.read_text())
     run.home.master_config.write_text(json.dumps({**config, "review": True}, indent=2))
     run.fake.respond = review_model
-    master = run.start(master_env(run))
-    try:
-        code = master.wait(timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"the run did not end in {RUN_TIMEOUT:g}s\n{run.dump()}")
-    assert code == 0, run.dump()
+    run.run_to_success(master_env(run))
 
     # The second attempt's work is what got merged.
     assert run.git("show", "multibot/integration:alpha.txt") == "ALPHA-V2\n"
