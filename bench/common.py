@@ -284,12 +284,15 @@ class BenchRun:
     def start_master(self, plan: Path | None, profile: Path | None = None) -> int:
         """Start the master in the first pane of the private session; return its pid."""
         argv = self.master_argv(plan, profile)
+        env = self.env()
+        if profile:  # the workers too, one file each beside the master's
+            env["MULTIBOT_PROFILE_DIR"] = str(profile.parent)
         self.launched_at = time.time()
         if self.tmux.has_session():
             pane = self.master_pane()
-            self.tmux.respawn(pane, argv, cwd=self.home.root, env=self.env())
+            self.tmux.respawn(pane, argv, cwd=self.home.root, env=env)
         else:
-            self.tmux.ensure_session(self.session, argv, cwd=self.home.root, env=self.env())
+            self.tmux.ensure_session(self.session, argv, cwd=self.home.root, env=env)
         # The pane runs `exec python ...`: its pid is the master's.
         pid = wait_for(lambda: self.tmux.pane_pid(self.master_pane()), 10, what="master pane pid")
         self.master_pid = pid

@@ -483,6 +483,11 @@ def print_profile(path: Path, lines: int = 25) -> None:
         print(f"\n-- master profile, by {key} ({path})")
         stats = pstats.Stats(str(path))
         stats.sort_stats(key).print_stats(lines)
+    workers = sorted(path.parent.glob("w*-g*.prof"))
+    if workers:
+        print(f"\n-- all {len(workers)} worker profiles together, by own time")
+        stats = pstats.Stats(*map(str, workers))
+        stats.sort_stats("tottime").print_stats(lines)
 
 
 def report(results: list[ScaleResult], main: ScaleResult, base: Baselines) -> dict[str, object]:

@@ -6,6 +6,7 @@ tests or benchmarks can run many workers without a terminal.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -21,9 +22,12 @@ from multibot.layout import Home
 
 
 def worker_argv(home: Home, worker_id: str, backend: str, generation: int) -> list[str]:
-    """Return the command line of a worker process."""
+    """Return the command line of a worker process (under cProfile if MULTIBOT_PROFILE_DIR)."""
+    profile = os.environ.get("MULTIBOT_PROFILE_DIR")  # for bench/scale.py --profile
+    out = f"{profile}/{worker_id}-g{generation}.prof"
     return [
         sys.executable,
+        *(["-m", "cProfile", "-o", out] if profile else []),
         "-m",
         "multibot",
         "--home",
@@ -59,8 +63,8 @@ class Launcher(Protocol):
     def stop(self, handle: str) -> None:
         """Kill the process at handle (and remove its pane)."""
 
-    def set_title(self, handle: str, title: str) -> None:
-        """Show title for this worker."""
+    def set_titles(self, titles: Mapping[str, str]) -> None:
+        """Show each worker's title (keyed by handle)."""
 
 
 class ProcessLauncher:
@@ -116,7 +120,7 @@ class ProcessLauncher:
                 pass
         child.wait()
 
-    def set_title(self, handle: str, title: str) -> None:
+    def set_titles(self, titles: Mapping[str, str]) -> None:
         return None
 
     def stop_all(self) -> None:
@@ -165,10 +169,7 @@ class TmuxLauncher:
         except TmuxError:
             pass
 
-    def set_title(self, handle: str, title: str) -> None:
-        if not handle:
-            return  # a worker adopted after a master restart: its pane is not known
-        try:
-            self.tmux.set_title(handle, title)
-        except TmuxError:
-            pass
+    def set_titles(self, titles: Mapping[str, str]) -> None:
+        # A worker adopted after a master restart has no known pane (handle "").
+        with contextlib.suppress(TmuxError):
+            self.tmux.set_titles({h: t for h, t in titles.items() if h})

@@ -17,7 +17,7 @@ from typing import TextIO
 
 from multibot import mailbox, procs, protocol, worktrees
 from multibot.advisor import Advice, Advisor
-from multibot.checks import Checks
+from multibot.checks import Checks, Done
 from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import GitError, LockTimeout, MultibotError, PlanError, StateError
 from multibot.heartbeat import HeartbeatTracker, read_heartbeat
@@ -50,6 +50,8 @@ EXIT_FAILED = 1
 PRUNE_EVERY_S = 300.0
 SUPERVISE_EVERY_S = 0.25
 EDITS_EVERY_S = 0.25
+# system-state.json is for people and the status view; every worker re-reads it when it changes.
+FLUSH_EVERY_S = 0.5
 AUDIT_MAX_AGE_S = 7 * 86400.0
 AUDIT_MAX_COUNT = 20_000
 
@@ -106,6 +108,10 @@ class Master:
         self.exit_code = EXIT_DONE
         self.reported: set[str] = set()
         self.pending_window: dict[str, float] = {}
+        # What a turn did, made durable and let out together by commit() (see there).
+        self.unwritten: dict[str, float] = {}  # task id -> earliest retry (mono) of its file
+        self.outbox: list[protocol.Envelope] = []
+        self.taken: list[protocol.Envelope] = []  # messages handled, not yet marked so
 
     # == start-up =============================================================================
     def open_repo(self) -> None:
@@ -198,6 +204,7 @@ class Master:
         self.handle_inbox()
         self.reconcile_workers()
         self.resend_assignments()
+        self.commit()
         self.flush(force=True)
 
     def adopt_workers(self) -> None:
@@ -303,6 +310,7 @@ class Master:
             self.merge_next()
             self.stop_idle_workers()
             self.check_done()
+        self.commit()
         self.flush()
 
     def wake(self) -> None:
@@ -312,6 +320,7 @@ class Master:
 
     def close(self) -> None:
         self.checks.close()
+        self.commit()
         self.flush(force=True)
         self.advisor.close()
         if self.inbox is not None:
@@ -337,7 +346,7 @@ class Master:
                 self.handle(m)
             except (StateError, LockTimeout) as exc:
                 self.event("state-write-refused", str(exc))
-            self.inbox.done(m)
+            self.taken.append(m)  # marked handled by commit(), once its effects are written
 
     def handle(self, m: protocol.Envelope) -> None:
         """Act on one message from a worker (or from the CLI speaking for one)."""
@@ -608,6 +617,9 @@ class Master:
         """Take in the verify commands and merges finished in the background."""
         for done in self.checks.poll():
             assert isinstance(done.key, tuple)
+            if done.key[0] == "merge":
+                self.on_merge_batch(done.key[1], done)
+                continue
             kind, tid = str(done.key[0]), str(done.key[1])
             rec = self.tasks.get(tid)
             if rec is None:
@@ -618,13 +630,23 @@ class Master:
                 else:
                     code, output = done.value
                     self.on_verify(rec, code, output)
-            elif kind == "merge":
-                self.sys.git.merging = None
-                if done.error is not None:
-                    self.event("merge-failed", f"{tid}: {done.error}", task=tid)
-                    self.retry(rec, f"merging failed: {done.error}")
-                else:
-                    self.on_merged(rec, done.value)
+
+    def on_merge_batch(self, ids: tuple[str, ...], done: Done) -> None:
+        """Take in a merge job's outcomes, task by task."""
+        self.sys.git.merging = None
+        err = done.error  # the job itself failed (the lock, say): every task goes back
+        results = [(tid, err) for tid in ids] if err is not None else done.value
+        for tid, outcome in results:
+            rec = self.tasks.get(tid)
+            if rec is None:
+                continue
+            if rec.status != "verified":  # cancelled (or sent back by hand) meanwhile
+                self.event("merge-ignored", f"{tid} is {rec.status} now", task=tid)
+            elif isinstance(outcome, BaseException):
+                self.event("merge-failed", f"{tid}: {outcome}", task=tid)
+                self.retry(rec, f"merging failed: {outcome}")
+            else:
+                self.on_merged(rec, outcome)
 
     def on_review(self, advice: Advice) -> None:
         rec = self.tasks.get(advice.key)
@@ -721,26 +743,30 @@ class Master:
             if problem:
                 self.report_problem(problem)
                 continue
-            rec = self.tasks[tid]
-            if (edited.hold, edited.cancel, edited.task.priority) != (
-                rec.hold,
-                rec.cancel,
-                rec.task.priority,
-            ):
-                rec.hold, rec.cancel = edited.hold, edited.cancel
-                rec.task = rec.task.model_copy(update={"priority": edited.task.priority})
-                self.event(
-                    "task-edited",
-                    f"{tid}: hold={rec.hold} cancel={rec.cancel} priority={rec.task.priority}",
-                    task=tid,
-                )
-                if rec.cancel and rec.status not in ("merged", "cancelled"):
-                    self.cancel(rec)
+            self.take_edit(self.tasks[tid], edited)
         for qid, qf in list(self.questions.items()):
             if qf.changed():
                 q = qf.read()
                 if q.answer and q.status != "delivered":
                     self.answer(qid, q.answer, "human")
+
+    def take_edit(self, rec: TaskRecord, edited: TaskRecord) -> None:
+        """Apply what the person changed in a task file: hold, cancel, priority."""
+        if (edited.hold, edited.cancel, edited.task.priority) == (
+            rec.hold,
+            rec.cancel,
+            rec.task.priority,
+        ):
+            return
+        rec.hold, rec.cancel = edited.hold, edited.cancel
+        rec.task = rec.task.model_copy(update={"priority": edited.task.priority})
+        self.event(
+            "task-edited",
+            f"{rec.id}: hold={rec.hold} cancel={rec.cancel} priority={rec.task.priority}",
+            task=rec.id,
+        )
+        if rec.cancel and rec.status not in ("merged", "cancelled"):
+            self.cancel(rec)
 
     def report_problem(self, problem: StateError) -> None:
         key = str(problem)
@@ -818,8 +844,7 @@ class Master:
         info.status, info.pid = "starting", self.launcher.pid(info.pane_id)
         info.next_restart_at = None
         self.watch(wid, info.generation, self.mono())
-        self.launcher.set_title(info.pane_id, self.title(info))
-        self.dirty = True
+        self.dirty = True  # the title follows with the next flush
 
     def kill_old_incarnation(self, wid: str, generation: int) -> None:
         """SIGKILL a frozen or stuck worker process, and the agents its earlier lives left."""
@@ -832,12 +857,14 @@ class Master:
             procs.kill(pid)
 
     def refresh_titles(self) -> None:
-        """Show each worker's task, model and status in its pane title, when they changed."""
+        """Show each worker's task, model and status in its pane title (one call for all)."""
+        changed: dict[str, str] = {}
         for wid, info in self.sys.workers.items():
             title = self.title(info)
             if info.pane_id and self.titles.get(wid) != title:
-                self.titles[wid] = title
-                self.launcher.set_title(info.pane_id, title)
+                self.titles[wid] = changed[info.pane_id] = title
+        if changed:
+            self.launcher.set_titles(changed)
 
     def title(self, info: WorkerInfo) -> str:
         return f"{info.id} · {info.current_task or '-'} · {info.model or '-'} · {info.status}"
@@ -894,7 +921,6 @@ class Master:
                 status = hb.status if hb.status in LIVE_WORKER else info.status
                 if status != info.status and info.status != "blocked":
                     info.status = status  # type: ignore[assignment]
-                    self.launcher.set_title(info.pane_id or "", self.title(info))
                     self.dirty = True
             reason = liveness.reason if liveness.dead else None
             if reason is None and info.pane_id in gone:
@@ -913,7 +939,6 @@ class Master:
                 f"{wid} failed after {info.restarts - 1} restarts: {reason}",
                 worker=wid,
             )
-            self.launcher.set_title(info.pane_id or "", self.title(info))
             tid = info.current_task
             info.current_task = None
             rec = self.tasks.get(tid or "")
@@ -976,8 +1001,9 @@ class Master:
     # == assignments ==========================================================================
     def assign_ready(self) -> None:
         live = self.live_workers()
+        last = self.last_tasks()
         idle = [
-            WorkerSlot(w, frozenset(i.capabilities), self.last_task_of(w))
+            WorkerSlot(w, frozenset(i.capabilities), last.get(w))
             for w, i in live.items()
             if i.status in ("idle", "starting") and i.current_task is None
         ]
@@ -999,11 +1025,13 @@ class Master:
                 self.event("assign-failed", f"{a.task_id}: {exc}", task=a.task_id)
                 self.set_task(rec, "failed")
 
-    def last_task_of(self, wid: str) -> str | None:
+    def last_tasks(self) -> dict[str, str]:
+        """Return, per worker, a task that went back to pending from it (for affinity)."""
+        last: dict[str, str] = {}
         for rec in self.tasks.values():
-            if rec.worker == wid and rec.status == "pending":
-                return rec.id
-        return None
+            if rec.worker and rec.status == "pending":
+                last.setdefault(rec.worker, rec.id)
+        return last
 
     def send_assignment(self, rec: TaskRecord, wid: str, new: bool = False) -> None:
         """Prepare the worktree and branch, record the assignment, then send it."""
@@ -1023,7 +1051,6 @@ class Master:
         info.working_directory = str(worktree)
         if info.status == "idle":
             info.status = "working"
-        self.launcher.set_title(info.pane_id or "", self.title(info))
         t = rec.task
         budget = protocol.Budget(
             max_usd=self.config.task_budget_usd, max_minutes=self.config.task_timeout_minutes
@@ -1095,31 +1122,32 @@ class Master:
 
     # == merging ==============================================================================
     def merge_next(self) -> None:
-        """Start merging one verified task whose dependencies are merged, in plan order."""
+        """Start merging, in plan order, every verified task whose dependencies are merged."""
         if self.git is None or self.checks.busy("merge"):
             return
-        for tid in self.order:
-            rec = self.tasks.get(tid)
-            if rec is None or rec.status != "verified":
-                continue
-            if any(
-                self.tasks[d].status != "merged" for d in rec.task.dependencies if d in self.tasks
-            ):
-                continue
-            self.merge(rec)
-            return
+        batch = [
+            rec
+            for tid in self.order
+            if (rec := self.tasks.get(tid)) is not None
+            and rec.status == "verified"
+            and all(
+                self.tasks[d].status == "merged" for d in rec.task.dependencies if d in self.tasks
+            )
+        ]
+        if batch:
+            self.merge(batch)
 
-    def merge(self, rec: TaskRecord) -> None:
-        """Record that rec is being merged (for crash recovery), then merge it in the background."""
+    def merge(self, batch: list[TaskRecord]) -> None:
+        """Merge tasks in the background, one job for the lot (their dependents wait for it)."""
         git = self.git
         assert git is not None
-        branch = rec.branch or f"multibot/{rec.id}"
+        items = [(r.id, r.task.title, r.branch or f"multibot/{r.id}") for r in batch]
         # Recorded for the status view; a restart finds a cut merge from git itself (resume).
-        self.sys.git.merging = rec.id
+        self.sys.git.merging = batch[0].id
         self.dirty = True
         verify = self.plan.verify or self.config.verify
-        title = rec.task.title
-        self.checks.submit(("merge", rec.id), lambda: git.merge(rec.id, title, branch, verify))
+        ids = tuple(r.id for r in batch)
+        self.checks.submit(("merge", ids), lambda: git.merge_all(items, verify))
 
     def on_merged(self, rec: TaskRecord, outcome: MergeOutcome) -> None:
         """Take in a merge's outcome: merged, or sent back with the conflict or check output."""
@@ -1218,29 +1246,63 @@ class Master:
             self.sys.workers[wid].cost_usd += usd
 
     def set_task(self, rec: TaskRecord, status: TaskStatus) -> None:
-        """Move a task along its lifecycle and write its file (keeping the person's fields)."""
+        """Move a task along its lifecycle; its file is written at the end of the turn."""
         rec.status = task_transition(rec.status, status, f"task {rec.id}")
-        mine = rec.model_copy(deep=True)
-
-        def merge(disk: TaskRecord) -> TaskRecord:
-            return mine.model_copy(
-                update={
-                    "version": disk.version,
-                    "hold": disk.hold,
-                    "cancel": disk.cancel or mine.cancel,
-                    "task": mine.task.model_copy(update={"priority": disk.task.priority}),
-                }
-            )
-
-        written = self.task_files[rec.id].update(merge)
-        rec.version, rec.hold, rec.cancel, rec.task = (
-            written.version,
-            written.hold,
-            written.cancel,
-            written.task,
-        )
         self.tasks[rec.id] = rec
+        self.unwritten[rec.id] = 0.0
         self.dirty = True
+
+    def commit(self) -> None:
+        """End a turn: write the changed task files, send the messages, mark those taken in.
+
+        In this order a crash loses nothing: a message is marked handled only once what it
+        changed is on disk (else it is handled again after a restart, which is harmless), and
+        no worker hears of an assignment before its task file says so. Batching the turn's
+        writes and marks also spares a file write per transition and a sync per message.
+        """
+        self.write_tasks()
+        outbox, self.outbox = self.outbox, []
+        for message in outbox:
+            try:
+                mailbox.send(self.home, message)
+            except MultibotError as exc:
+                self.event("send-failed", f"{message.type} to {message.recipient}: {exc}")
+        if self.taken and self.inbox is not None:
+            taken, self.taken = self.taken, []
+            self.inbox.done(*taken)
+
+    def write_tasks(self) -> None:
+        """Write the task files changed this turn, keeping the person's fields."""
+        mono = self.mono()
+        for tid, retry_at in list(self.unwritten.items()):
+            if retry_at > mono:
+                continue
+            rec = self.tasks[tid]
+
+            def merge(disk: TaskRecord, mine: TaskRecord = rec) -> TaskRecord:
+                return mine.model_copy(
+                    update={
+                        "version": disk.version,
+                        "hold": disk.hold,
+                        "cancel": disk.cancel or mine.cancel,
+                        "task": mine.task.model_copy(update={"priority": disk.task.priority}),
+                    }
+                )
+
+            try:
+                written = self.task_files[tid].update(merge)
+            except (StateError, LockTimeout) as exc:
+                # A broken hand edit of the file: kept as the person left it; the system's
+                # change stays in memory and is written once the file is valid again.
+                self.unwritten[tid] = mono + EDITS_EVERY_S
+                if isinstance(exc, StateError):
+                    self.report_problem(exc)
+                else:
+                    self.event("state-write-refused", str(exc), task=tid)
+                continue
+            del self.unwritten[tid]
+            rec.version = written.version
+            self.take_edit(rec, written)
 
     def refresh_index(self) -> None:
         """Derive the task lists, branches and merge queue of system-state.json from the tasks."""
@@ -1249,7 +1311,7 @@ class Master:
             t for t in self.order if self.tasks.get(t) and self.tasks[t].status == "verified"
         ]
         git.branches = [
-            BranchInfo(
+            BranchInfo.model_construct(  # from validated task records: no need to check again
                 name=r.branch,
                 task_id=t,
                 worker=r.worker,
@@ -1270,17 +1332,17 @@ class Master:
         idx.failed = [t for t, r in self.tasks.items() if r.status == "failed"]
 
     def flush(self, force: bool = False) -> None:
-        """Write system-state.json if anything changed (at most every 0.2 s unless forced)."""
+        """Write system-state.json if anything changed (at most every FLUSH_EVERY_S, or forced)."""
         now = self.mono()
-        if not (force or (self.dirty and now - self.last_flush > 0.2)):
+        if not (force or (self.dirty and now - self.last_flush > FLUSH_EVERY_S)):
             return
         self.refresh_titles()
         self.refresh_index()
-        mine = self.sys.model_copy(deep=True)
 
         def merge(disk: SystemState) -> SystemState:
-            # The person's field wins: a pause written by hand is never overwritten.
-            return mine.model_copy(update={"version": disk.version, "paused": disk.paused})
+            # The person's field wins: a pause written by hand is never overwritten. (A shallow
+            # copy: the store renders it at once and keeps nothing of it.)
+            return self.sys.model_copy(update={"version": disk.version, "paused": disk.paused})
 
         try:
             self.sys_file.update(merge)
@@ -1296,10 +1358,7 @@ class Master:
             generation=self.sys.master_generation,
             task_id=task_id,
         )
-        try:
-            mailbox.send(self.home, message)
-        except MultibotError as exc:
-            self.event("send-failed", f"{message.type} to {wid}: {exc}")
+        self.outbox.append(message)  # sent by commit(), after the turn's task files
 
     def event(self, kind: str, text: str, **fields: object) -> None:
         """Record an event in the timeline and show it in the master pane."""

@@ -8,6 +8,7 @@ changes how it is parsed.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -143,6 +144,17 @@ def window_options(target: str) -> list[str]:
     ):
         args += [";", "set-option", "-w", "-t", target, name, value]
     return args
+
+
+def _title_args(pane_id: str, title: str) -> list[str]:
+    """Return the tmux command sequence that sets a pane's title (option and pane title)."""
+    text = clean_title(title)
+    check_pane_id(pane_id)
+    # select-pane -T expands formats: double '#' so the title is taken literally.
+    return [
+        *("set-option", "-p", "-t", pane_id, TITLE_OPTION, text),
+        *(";", "select-pane", "-t", pane_id, "-T", text.replace("#", "##")),
+    ]
 
 
 def _nudge(server_pid: int) -> bool:
@@ -309,11 +321,21 @@ class Tmux:
 
     def set_title(self, pane_id: str, title: str) -> None:
         """Set the pane's title as shown in its border and returned by list_panes."""
-        text = clean_title(title)
-        check_pane_id(pane_id)
-        self._run("set-option", "-p", "-t", pane_id, TITLE_OPTION, text)
-        # select-pane -T expands formats: double '#' so the title is taken literally.
-        self._run("select-pane", "-t", pane_id, "-T", text.replace("#", "##"))
+        self._run(*_title_args(pane_id, title))
+
+    def set_titles(self, titles: Mapping[str, str]) -> None:
+        """Set several panes' titles in one tmux call; one by one if a pane is gone."""
+        args: list[str] = []
+        for pane_id, title in titles.items():
+            args += [";", *_title_args(pane_id, title)] if args else _title_args(pane_id, title)
+        if not args:
+            return
+        try:
+            self._run(*args)
+        except TmuxError:  # a sequence stops at its first missing pane: do the others alone
+            for pane_id, title in titles.items():
+                with contextlib.suppress(TmuxError):
+                    self.set_title(pane_id, title)
 
     def respawn(
         self,

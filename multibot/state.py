@@ -230,6 +230,19 @@ class SystemState(StateFileModel):
     message: str = Field("", description="Last notable event, for the status view.")
 
 
+class PauseView(BaseModel):
+    """What a worker reads of system-state.json: only whether everything is paused.
+
+    Workers look whenever the file changes; validating the master's whole view (every task,
+    worker and branch) each time would cost each of them far more than this one field.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: int = 0
+    paused: bool = False
+
+
 # -- a worker's own files ---------------------------------------------------------------------
 
 

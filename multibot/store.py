@@ -24,6 +24,7 @@ saved: pass a function to update().
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import os
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import filelock
+import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from multibot.atomic import atomic_write, fsync_dir, unique_name, write_durable
@@ -54,10 +56,13 @@ _GONE = object()  # a key absent from one side of a merge
 
 def dumps(data: Any) -> bytes:
     """Render JSON data the way people edit it: field order kept, indent 2, trailing newline."""
+    # pydantic's Rust encoder: with indent, json.dumps runs its pure-Python encoder, which was
+    # most of the cost of writing a big state file. Same text, but for the spelling of some
+    # floats (1e-07 there, 1e-7 here); non-finite floats stay Infinity and NaN, as there.
     try:
-        return (json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode()
-    except UnicodeEncodeError:  # a lone surrogate cannot be UTF-8: escape everything instead
-        return (json.dumps(data, indent=2) + "\n").encode()
+        return pydantic_core.to_json(data, indent=2, inf_nan_mode="constants") + b"\n"
+    except pydantic_core.PydanticSerializationError:  # a lone surrogate cannot be UTF-8:
+        return (json.dumps(data, indent=2) + "\n").encode()  # escape everything instead
 
 
 def parse(path: Path, raw: bytes, model: type[M]) -> M:
@@ -131,12 +136,13 @@ class StateFile(Generic[M]):
         self.path, self.model, self.default = path, model, default
         self.lock_timeout, self.settle, self._clock = lock_timeout, settle, clock
         self._lock = filelock.FileLock(str(lock_of(path)))
-        self._good: str | None = None  # last good state as JSON, in force while the file is bad
+        self._good: str | bytes | None = None  # last good state as JSON, kept if the file breaks
+        self._raw: bytes | None = None  # file content known to be valid and to give that state
         self._problem: StateError | None = None
         self._notices: list[StateError] = []  # saves we could not merge, reported once each
         self._stat: tuple[int, int, int] | None = None
         self._racy = True
-        self._seen: dict[int, str] = {}  # version -> JSON, increasing: bases for merges
+        self._seen: dict[int, str | bytes] = {}  # version -> JSON, increasing: bases for merges
         self._moved: list[_Moved] = []
 
     def close(self) -> None:
@@ -173,11 +179,16 @@ class StateFile(Generic[M]):
             self._problem = None
             return self._default()
         self._note_stat(loaded[1])
+        if loaded[0] == self._raw:  # unchanged since we wrote or read it: nothing to merge
+            self._problem = None
+            return self._known(loaded[0])
         try:
-            state = self._effective(parse(self.path, loaded[0], self.model))
+            disk = parse(self.path, loaded[0], self.model)
+            state = self._effective(disk)
         except StateError as err:
             return self._fallback(err)
-        self._good, self._problem = state.model_dump_json(), None
+        self._keep(state, loaded[0] if state is disk else None)
+        self._problem = None
         return state
 
     def problem(self) -> StateError | None:
@@ -231,8 +242,8 @@ class StateFile(Generic[M]):
             aside = self._aside()
             if not self._commit(loaded[0], good_raw, aside=aside):
                 raise StateError(self.path, "changed while being recovered; try again")
-            self._record(good)
-            self._good, self._problem = good.model_dump_json(), None
+            self._keep(good, None)  # (an older version than we saw: read() merges onto it)
+            self._problem = None
             return (
                 f"{self.path} was corrupt ({_where(bad)}{bad.problem}); restored version "
                 f"{_version(good)} from {bak.name}; the bad content is kept in {aside.name}"
@@ -248,16 +259,18 @@ class StateFile(Generic[M]):
             raw, current = self._load_for_update()
             state = self._effective(current, [edit for _moved, _data, edit in late])
             result = fn(state)
-            if raw is not None and _render(result) == raw:
-                new = result  # nothing would change: don't churn versions
+            data = _dump(result)
+            if raw is not None and dumps(data) == raw:
+                new, written, text = result, raw, None  # nothing would change: no new version
             else:
-                new = self._next_version(result, state)
-                if not self._commit(raw, _render(new)):
+                new, written = self._next_version(data, state)
+                if not self._commit(raw, written):
                     continue
-            for moved, data, _edit in late:
-                moved.absorb(data)
-            self._record(new)
-            self._good, self._problem = new.model_dump_json(), late_problem
+                text = written  # new's JSON, as parsed to make new: no need to render it again
+            for moved, seen, _edit in late:
+                moved.absorb(seen)
+            self._keep(new, written, text)
+            self._problem = late_problem
             with contextlib.suppress(FileNotFoundError):
                 self._note_stat(os.stat(self.path))
             return new
@@ -390,9 +403,12 @@ class StateFile(Generic[M]):
                 time.sleep(0.001)
             for name in names:
                 try:
-                    with open(name, "rb") as f:
-                        st = os.fstat(f.fileno())  # before reading: a later write then shows
-                        return f.read(), st
+                    fd = os.open(name, os.O_RDONLY)
+                    try:
+                        st = os.fstat(fd)  # before reading: a later write then shows
+                        return _read_fd(fd), st
+                    finally:
+                        os.close(fd)
                 except FileNotFoundError:
                     continue
                 except OSError as e:
@@ -407,6 +423,8 @@ class StateFile(Generic[M]):
                 if self._good is not None:
                     return None, self.model.model_validate_json(self._good)
                 return None, self._default()
+            if loaded[0] == self._raw:
+                return loaded[0], self._known(loaded[0])
             try:
                 return loaded[0], parse(self.path, loaded[0], self.model)
             except StateError as err:
@@ -425,8 +443,8 @@ class StateFile(Generic[M]):
                 good = parse(bak, bak.read_bytes(), self.model)
             except (OSError, StateError):
                 raise err from None
-            self._record(good)
-            self._good = good.model_dump_json()
+            self._keep(good, None)
+            return good
         return self.model.model_validate_json(self._good)
 
     def _effective(self, disk: M, late: list[M] | None = None) -> M:
@@ -436,6 +454,8 @@ class StateFile(Generic[M]):
         save there was computed from the file as it was before our write, disk's after it.
         """
         latest = next(reversed(self._seen), None)
+        if not late and _version(disk) == latest:
+            return disk  # the newest version or an edit of it: a merge onto it gives it back
         if latest is not None and _version(disk) <= latest and _version(disk) in self._seen:
             ours = json.loads(self._seen[latest])
             for edit in late or []:
@@ -459,19 +479,38 @@ class StateFile(Generic[M]):
         except ValidationError:
             return edit
 
-    def _record(self, state: M) -> None:
-        """Remember a new highest version as a base for merging later edits of it."""
+    def _record(self, state: M, text: str | bytes | None = None) -> None:
+        """Remember a new highest version (text: its JSON) as a base for merging later edits."""
         latest = next(reversed(self._seen), None)
         if latest is None or _version(state) > latest:
-            self._seen[_version(state)] = state.model_dump_json()
+            self._seen[_version(state)] = state.model_dump_json() if text is None else text
+            self._raw = None  # a newer version may make what it held an edit of an older copy
             while len(self._seen) > _HISTORY:
                 del self._seen[next(iter(self._seen))]
 
-    def _next_version(self, new: M, old: M) -> M:
-        """Return new, validated, with version one above anything seen."""
-        data = _dump(new)
+    def _next_version(self, data: dict[str, Any], old: M) -> tuple[M, bytes]:
+        """Return data with version one above anything seen, validated, and the bytes to write."""
         data["version"] = max(_version(old), next(reversed(self._seen), 0)) + 1
-        return parse(self.path, dumps(data), self.model)
+        raw = dumps(data)
+        new = parse(self.path, raw, self.model)  # the check readers apply: never refused
+        if (canonical := _dump(new)) != data:  # validation coerced a value: write the result
+            raw = dumps(canonical)
+            new = parse(self.path, raw, self.model)
+        return new, raw
+
+    def _keep(self, state: M, raw: bytes | None, text: bytes | None = None) -> None:
+        """Make state the one in force (and a merge base, if newest).
+
+        raw, if given, is valid file content that parses to state; text, if given, is state as
+        JSON (what model_dump_json() gives, in another layout), so as not to render it again.
+        """
+        self._good = state.model_dump_json() if text is None else text
+        self._record(state, self._good)
+        self._raw = raw
+
+    def _known(self, raw: bytes) -> M:
+        """Return the state in raw, which parse() has accepted before: no errors to locate."""
+        return self.model.model_validate_json(raw.removeprefix(codecs.BOM_UTF8))
 
     def _note_stat(self, st: os.stat_result) -> None:
         self._stat = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -495,7 +534,8 @@ class StateFile(Generic[M]):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         holder = _holder_of(self.path)
         try:
-            self._lock.acquire(timeout=self.lock_timeout)
+            # Held for one read-modify-write (a few ms): look often, not every 50 ms.
+            self._lock.acquire(timeout=self.lock_timeout, poll_interval=0.002)
         except filelock.Timeout as e:
             try:
                 who: str | None = holder.read_text(errors="replace").strip() or None
@@ -503,13 +543,30 @@ class StateFile(Generic[M]):
                 who = None
             raise LockTimeout(lock_of(self.path), who, self.lock_timeout) from e
         try:
-            # The kernel drops a flock when its holder dies, so this note names a live holder
-            # (or, for an instant after a release, the previous one): never a stale lock.
-            line = f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:200]}"
-            atomic_write(holder, line.encode(errors="replace") + b"\n", fsync=False)
+            _note_holder(holder)
             yield
         finally:
             self._lock.release()
+
+
+def _note_holder(holder: Path) -> None:
+    """Write who holds the lock (this process) into holder, for those who time out waiting."""
+    # The kernel drops a flock when its holder dies, so this note names a live holder (or, for
+    # an instant after a release, the previous one): never a stale lock. Only read to name a
+    # holder, so it is rewritten in place, and only when it names someone else: no new file,
+    # rename and freed inode on every update.
+    line = f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:200]}"
+    note = line.encode(errors="replace") + b"\n"
+    try:
+        fd = os.open(holder, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            if os.pread(fd, len(note) + 1, 0) != note:
+                os.pwrite(fd, note, 0)
+                os.ftruncate(fd, len(note))
+        finally:
+            os.close(fd)
+    except OSError:  # another user's note, or not a plain file: replace it, as the folder lets us
+        atomic_write(holder, note, fsync=False)
 
 
 def validate_bytes(path: Path, raw: bytes, model: type[BaseModel]) -> StateError | None:
@@ -567,10 +624,6 @@ def _version(state: BaseModel) -> int:
 
 def _dump(state: BaseModel) -> dict[str, Any]:
     return state.model_dump(mode="json")
-
-
-def _render(state: BaseModel) -> bytes:
-    return dumps(_dump(state))
 
 
 def _identity(state: M) -> M:

@@ -24,7 +24,7 @@ from multibot.heartbeat import HeartbeatWriter
 from multibot.ids import check_id
 from multibot.layout import MASTER_ID, Home
 from multibot.prompts import task_prompt
-from multibot.state import ContextMemory, CurrentTask, SystemState, WorkerState
+from multibot.state import ContextMemory, CurrentTask, PauseView, WorkerState
 from multibot.store import StateFile
 
 if TYPE_CHECKING:  # imported when used: GitPython is slow to import, and workers start often
@@ -86,11 +86,16 @@ class Worker:
         self.agent: Agent = make_agent(backend)
         self.state = StateFile(home.worker_state(self.id), WorkerState, default=self._fresh_state)
         self.memory = StateFile(home.worker_memory(self.id), ContextMemory, default=ContextMemory)
-        self.system = StateFile(home.system_state, SystemState, default=SystemState)
+        self.system = StateFile(home.system_state, PauseView, default=PauseView)
         self.heartbeat_interval = heartbeat_interval
         self.setup_hook = setup_hook
         self.master_contact: float | None = None
         self.repos: dict[tuple[str, str], GitRepo] = {}
+        # The worktree this process prepared for its last task, which ended with everything
+        # committed: its next branch may start the quick way (see GitRepo.begin_task).
+        self.tidy: str | None = None
+        self.start_commit: str | None = None  # where the current task's new branch began
+        self.identities: dict[str, dict[str, str]] = {}  # identity_env per worktree
         self.heartbeat = HeartbeatWriter(
             home.heartbeat(self.id), self.id, generation, heartbeat_interval
         )
@@ -256,17 +261,20 @@ class Worker:
     def start_task(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
         """Start the agent on an assignment."""
         task_id = m.task_id or "task"
-        if a.repo and not self.prepare_branch(task_id, a):
+        tidy, self.tidy = self.tidy == a.working_directory, None  # tidy again once it ends well
+        self.start_commit = None
+        if a.repo and not self.prepare_branch(task_id, a, tidy=tidy):
             return
         state = self.state.read()
         memory = self.memory.read()
         self.discoveries_at_start = len(memory.discoveries)
         from multibot import worktrees
 
-        env = {
-            **worktrees.identity_env(Path(a.working_directory)),
-            **agent_env(self.home, self.id, task_id, self.generation),
-        }
+        identity = self.identities.get(a.working_directory)
+        if identity is None:  # two git calls: once per worktree, again after a careful start
+            identity = worktrees.identity_env(Path(a.working_directory))
+            self.identities[a.working_directory] = identity
+        env = {**identity, **agent_env(self.home, self.id, task_id, self.generation)}
         prompt = (
             a.description if self.backend == "shell" else task_prompt(self.id, task_id, a, memory)
         )
@@ -317,8 +325,14 @@ class Worker:
         self.status = "working"
         self.send(self._status_update("started", f"started {title}"), task_id=task_id)
 
-    def prepare_branch(self, task_id: str, a: protocol.TaskAssignment) -> bool:
-        """Check out the task's branch in this worker's worktree (made on first use)."""
+    def prepare_branch(
+        self, task_id: str, a: protocol.TaskAssignment, *, tidy: bool = False
+    ) -> bool:
+        """Check out the task's branch in this worker's worktree (made on first use).
+
+        tidy: this process left the worktree with everything committed (its last task ended
+        well), so the branch may be made the quick way; any surprise falls back to the careful.
+        """
         from multibot import worktrees
 
         try:
@@ -331,7 +345,7 @@ class Worker:
                     integration_branch=a.base_branch,
                     setup_hook=self.setup_hook,
                 )
-            branch = repo.start_task(Path(a.working_directory), task_id)
+            started = repo.begin_task(Path(a.working_directory), task_id, tidy=tidy)
         except MultibotError as exc:
             self.show(f"✗ cannot prepare {a.branch}: {exc}")
             self.send(
@@ -340,13 +354,17 @@ class Worker:
             )
             self._set_status("idle")
             return False
-        if branch != a.branch:
-            self.show(f"! the master named branch {a.branch}, git gave {branch}")
+        if not started.quick:  # the careful way: look at the git identity again too
+            self.identities.pop(a.working_directory, None)
+        self.start_commit = started.start
+        if started.branch != a.branch:
+            self.show(f"! the master named branch {a.branch}, git gave {started.branch}")
         return True
 
     def _on_terminate(self, t: protocol.Terminate) -> None:
         self.show(f"■ terminate: {t.reason or 'asked by master'}")
         self.stopping = True
+        self.tidy = None
         if self.task is None:
             self._set_status("stopped")
             return
@@ -418,9 +436,17 @@ class Worker:
         task_id = m.task_id or ""
         a = m.payload
         assert isinstance(a, protocol.TaskAssignment)
+        from multibot import worktrees
+
+        cwd = Path(a.working_directory)
         commit: str | None = None
+        head: str | None = None  # HEAD, when the agent left nothing to commit
         try:
-            commit = self._commit(a, f"multibot: {task_id} {a.title}".rstrip())
+            head = worktrees.settled(cwd)  # one git call tells that, the usual case
+            if head is None:
+                commit = self._commit(a, f"multibot: {task_id} {a.title}".rstrip())
+            if a.repo:  # prepared by this process (start_task), and now all committed
+                self.tidy = a.working_directory
         except MultibotError as exc:
             self.show(f"✗ commit failed: {exc}")
             outcome = AgentOutcome(False, f"commit failed: {exc}", "git")
@@ -430,14 +456,15 @@ class Worker:
         report: protocol.Payload
         if outcome.ok:
             memory = self.memory.read()
-            from multibot import worktrees
-
-            cwd = Path(a.working_directory)
+            if head is not None and head == self.start_commit:
+                files: list[str] = []  # still where its new branch began: nothing changed
+            else:
+                files = worktrees.changed_files(cwd, a.base_branch)
             report = protocol.TaskComplete(
                 summary=outcome.summary,
                 branch=a.branch,
-                commit=commit or worktrees.head_commit(cwd),
-                files_changed=worktrees.changed_files(cwd, a.base_branch),
+                commit=commit or head or worktrees.head_commit(cwd),
+                files_changed=files,
                 cost_usd=outcome.cost_usd,
                 tokens=protocol.Tokens(input=outcome.input_tokens, output=outcome.output_tokens),
                 turns=outcome.turns,

@@ -10,11 +10,12 @@ of our own worktree. The user's checkout and branches are never touched unless m
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,24 @@ class Landing:
 
     def __str__(self) -> str:
         return f"{self.target}: {self.how} at {self.commit[:12]}"
+
+
+@dataclass(frozen=True)
+class TaskStart:
+    """The branch a task was given, and the commit it was made at (None if it existed already)."""
+
+    branch: str
+    start: str | None = None
+    quick: bool = False  # started by quick_start, without looking at the worktree list
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A worktree as one `git status` sees it."""
+
+    head: str | None  # the commit HEAD points at; None before a first commit
+    branch: str | None  # short name; None when detached
+    dirty: tuple[str, ...]  # changed, staged or untracked (not ignored) paths
 
 
 @dataclass(frozen=True)
@@ -217,6 +236,56 @@ def changed_files(worktree: Path, base: str) -> list[str]:
     return [p for p in out.split("\0") if p]
 
 
+# Fields before the path in `git status --porcelain=v2` records, by record kind.
+_STATUS_FIELDS = {"1": 7, "2": 8, "u": 9, "?": 0}
+
+
+def snapshot(worktree: Path) -> Snapshot:
+    """Return HEAD, branch and uncommitted paths of worktree, from one `git status`."""
+    out = _git(worktree, "status", "--porcelain=v2", "--branch", "-z")[1]
+    head = branch = None
+    dirty = []
+    records = iter(out.split("\0"))
+    for record in records:
+        kind, _, rest = record.partition(" ")
+        if kind == "#":
+            key, _, value = rest.partition(" ")
+            if key == "branch.oid" and value != "(initial)":
+                head = value
+            elif key == "branch.head" and value != "(detached)":
+                branch = value
+        elif kind in _STATUS_FIELDS:
+            dirty.append(rest.split(" ", _STATUS_FIELDS[kind])[-1])
+            if kind == "2":  # a rename or copy is followed by its source path
+                next(records, None)
+    return Snapshot(head, branch, tuple(dirty))
+
+
+def settled(worktree: Path) -> str | None:
+    """Return HEAD if worktree has nothing to commit (clean, on a branch, no merge), else None."""
+    now = snapshot(worktree)
+    if now.dirty or now.branch is None or now.head is None:
+        return None
+    try:
+        gitdir = _dirs(worktree)[0]
+    except GitError:  # not the top of a worktree: let commit_all look at it
+        return None
+    # A resolved merge whose result equals HEAD shows no change but must still be committed.
+    return None if (gitdir / "MERGE_HEAD").exists() else now.head
+
+
+def _dirs(worktree: Path) -> tuple[Path, Path]:
+    """Return the git dir and common git dir of the worktree whose top is worktree (no git run)."""
+    try:
+        repo = git.Repo(worktree)
+    except (git_exc.GitError, OSError) as e:
+        raise GitError(f"{worktree} is not the top of a git worktree: {e}") from e
+    try:
+        return Path(repo.git_dir).resolve(), Path(repo.common_dir).resolve()
+    finally:
+        repo.close()
+
+
 def _uncommitted(worktree: Path) -> list[str]:
     fields = iter(_git(worktree, "status", "--porcelain", "-z")[1].split("\0"))
     paths = []
@@ -290,6 +359,7 @@ class GitRepo:
         # Guards the repository's worktree list: concurrent `git worktree add` runs read each
         # other's half-written entries ("failed to read .git/worktrees/w0/commondir").
         self._admin = filelock.FileLock(folder / ".git-worktrees.lock")
+        self._worktree_locks: dict[Path, filelock.FileLock] = {}
         # The integration worktree's state is unknown until this object has reset it once.
         self._integration_unclean = True
 
@@ -325,14 +395,26 @@ class GitRepo:
 
     def start_task(self, worktree: Path, task_id: str) -> str:
         """Check out the task's branch in worktree (new from integration, or as left); return it."""
+        return self.begin_task(worktree, task_id).branch
+
+    def begin_task(self, worktree: Path, task_id: str, *, tidy: bool = False) -> TaskStart:
+        """Check out the task's branch as start_task does; say where a new branch began.
+
+        tidy: the caller itself left this worktree with everything committed, so quick_start
+        is tried first; whatever it does not handle goes the careful way below.
+        """
         branch = self.branch_for(task_id)
+        if tidy:
+            started = self.quick_start(worktree, task_id)
+            if started is not None:
+                return started
         path = self._abs(worktree)
         if path == self.integration_worktree:
             raise GitError(f"{path} is the integration worktree; tasks run in worker worktrees")
         self.ensure_worktree(path)
         current = self._find(path)
         if current is not None and current.branch == branch:
-            return branch  # resumed in place: keep commits and uncommitted work
+            return TaskStart(branch)  # resumed in place: keep commits and uncommitted work
         dirty = _uncommitted(path)
         if dirty:
             raise GitError(
@@ -350,15 +432,48 @@ class GitRepo:
             ):
                 # The task comes back to a different worker (its last one is busy or gone):
                 # the old worktree lets go of the branch; everything it did is committed on it.
-                self._admin_git(holder, "switch", "--quiet", "--detach")
+                with self._locked(self._worktree_lock(holder)):
+                    self._admin_git(holder, "switch", "--quiet", "--detach")
                 holder = None
             if holder is not None:
                 raise GitError(f"branch {branch} is already checked out in {holder}")
             self._admin_git(path, "switch", "--quiet", branch)
-        else:
-            tip = self._integration_tip()
-            self._admin_git(path, "switch", "--quiet", "--no-track", "-c", branch, tip)
-        return branch
+            return TaskStart(branch)
+        tip = self._integration_tip()
+        self._admin_git(path, "switch", "--quiet", "--no-track", "-c", branch, tip)
+        return TaskStart(branch, tip)
+
+    def quick_start(self, worktree: Path, task_id: str) -> TaskStart | None:
+        """Make the task's branch at the integration tip in two git calls, or return None.
+
+        Only for a worktree on some branch with nothing uncommitted (one `git status` checks):
+        anything else (missing, dirty, detached, the branch exists or is checked out there)
+        returns None, having changed nothing, for start_task to handle and explain.
+        """
+        branch = self.branch_for(task_id)
+        path = self._abs(worktree)
+        if path == self.integration_worktree:
+            return None
+        try:
+            if _dirs(path)[1] != self._common_dir:  # a worktree of this repository, at its top
+                return None
+            if self._quick_rev(f"refs/heads/{branch}") is not None:
+                return None  # the task comes back: its branch exists
+            tip = self._quick_rev(f"refs/heads/{self.integration}")
+            now = snapshot(path)
+        except GitError:
+            return None
+        if tip is None or now.dirty or now.branch is None or now.branch == branch:
+            return None
+        # Creating a branch reads no other worktree's entry (unlike switching to an existing
+        # one), so the repository-wide admin lock, which every worker would queue on, is not
+        # needed; but another worker may be switching this worktree off a branch it wants:
+        # this worktree's own lock keeps the two from racing for its index.
+        switch = ("switch", "--quiet", "--no-track", "-c", branch, tip)
+        with self._locked(self._worktree_lock(path)):
+            if _git(path, *switch, check=False)[0] != 0:
+                return None  # e.g. the branch exists: nothing was changed
+        return TaskStart(branch, tip, quick=True)
 
     # -- work in a worktree --------------------------------------------------------------
     def commit_all(self, worktree: Path, message: str) -> str | None:
@@ -446,6 +561,30 @@ class GitRepo:
                 if not done:
                     self._reset_integration(old)
                     self._integration_unclean = False
+
+    def merge_all(
+        self, items: Sequence[tuple[str, str, str]], verify_cmd: str | None = None
+    ) -> list[tuple[str, MergeOutcome | GitError]]:
+        """Merge (task id, title, branch) items in order, as merge() does each; return each
+        task id with its outcome or the GitError that stopped it. One git call settles every
+        branch that is in already (a task that changed nothing), whatever their number."""
+        with self._locked():
+            fmt, where = "--format=%(refname)", "refs/heads/multibot/"
+            into = f"refs/heads/{self.integration}"
+            listed = _out(self.root, "for-each-ref", fmt, "--merged", into, where)
+        merged = {ref.removeprefix("refs/heads/") for ref in listed.splitlines()}
+        results: list[tuple[str, MergeOutcome | GitError]] = []
+        for task_id, title, branch in items:
+            outcome: MergeOutcome | GitError
+            if branch in merged:  # the integration branch only moves forward: still in
+                outcome = MergeOutcome("nothing", task_id, branch, None, (), "already merged")
+            else:
+                try:
+                    outcome = self.merge(task_id, title, branch, verify_cmd)
+                except GitError as exc:
+                    outcome = exc
+            results.append((task_id, outcome))
+        return results
 
     def recover(self) -> Recovery:
         """Undo a merge a crash left in the integration worktree; say what was done."""
@@ -585,13 +724,23 @@ class GitRepo:
         path = Path(lock.lock_file)
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            lock.acquire(timeout=self._lock_timeout)
+            # Held for a git command or a few: poll often (the default waits 50 ms a look).
+            lock.acquire(timeout=self._lock_timeout, poll_interval=0.002)
         except filelock.Timeout as e:
             raise LockTimeout(path, None, self._lock_timeout) from e
         try:
             yield
         finally:
             lock.release()
+
+    def _worktree_lock(self, path: Path) -> filelock.FileLock:
+        """Return the lock of changes to one worktree's HEAD made by others than its worker."""
+        lock = self._worktree_locks.get(path)
+        if lock is None:
+            lock = self._worktree_locks[path] = filelock.FileLock(
+                path.parent / f".{path.name}.lock"
+            )
+        return lock
 
     def _admin_git(self, cwd: Path, *args: str, check: bool = True) -> tuple[int, str, str]:
         """Run a git command that reads or changes the worktree list, one at a time."""
@@ -611,6 +760,24 @@ class GitRepo:
         if code != 0:
             raise GitError(f"{rev!r} is not a commit in {self.root}")
         return out.strip()
+
+    @functools.cached_property
+    def _refs(self) -> git.Repo:
+        """GitPython's view of the repository, kept to read refs without running git."""
+        return git.Repo(self.root)
+
+    @functools.cached_property
+    def _common_dir(self) -> Path:
+        return Path(self._refs.common_dir).resolve()
+
+    def _quick_rev(self, ref: str) -> str | None:
+        """Read a ref from its file (loose or packed) without running git; None if it is not."""
+        try:
+            return git.SymbolicReference.dereference_recursive(self._refs, ref)
+        except ValueError:  # no such ref
+            return None
+        except (OSError, git_exc.GitError) as e:
+            raise GitError(f"cannot read {ref} in {self.root}: {e}") from e
 
     def _integration_tip(self) -> str:
         if not self._branch_exists(self.integration):

@@ -882,3 +882,44 @@ def test_hold_priority_and_cancel_by_hand_edit(make_run: Any) -> None:
     assert run.merges() == Counter({"first": 1, "low": 1, "high": 1})
     # The cancelled task's work in progress was committed on its branch, not lost.
     assert run.show("doomed.txt", rev="multibot/doomed") == "partial\n"
+
+
+def test_a_broken_hand_edit_of_a_task_file_is_kept_and_the_task_written_once_fixed(
+    make_run: Any,
+) -> None:
+    run: Run = make_run(max_workers=1)
+    run.plan(
+        [
+            {
+                "id": "a",
+                "title": "a",
+                "description": "a",
+                "commands": [wait_for(run, "a-go"), "echo a > a.txt"],
+            },
+            {
+                "id": "b",
+                "title": "b",
+                "description": "b",
+                "dependencies": ["a"],
+                "commands": [wait_for(run, "b-go"), "echo b > b.txt"],
+            },
+        ]
+    )
+    run.start_master()
+    wait_until(lambda: run.home.task("a").exists() and run.task("a")["status"] == "running", 60)
+    good = run.home.task("a").read_text(encoding="utf-8")
+    broken = good.replace('"status"', '"status" "oops"', 1)  # a missing colon
+    run.home.task("a").write_text(broken, encoding="utf-8")
+    release(run, "a-go")
+    # The run goes on (a is merged, b starts) but the person's file is left exactly as saved.
+    wait_until(
+        lambda: run.has_event("merged", task="a") and run.task("b")["status"] == "running", 60
+    )
+    wait_until(lambda: any("a.json" in e.get("text", "") for e in run.events("bad-edit")), 30)
+    assert run.home.task("a").read_text(encoding="utf-8") == broken
+    # Fixed by the person: the master writes what happened meanwhile.
+    run.home.task("a").write_text(good, encoding="utf-8")
+    wait_until(lambda: run.task("a")["status"] == "merged", 30)
+    release(run, "b-go")
+    assert run.finish() == 0
+    assert run.merges() == Counter({"a": 1, "b": 1})

@@ -122,6 +122,17 @@ def test_title_set_by_master_survives_program_escape_sequences(
     assert titles[pane] == "w2: [31mred line #{pane_pid}"
 
 
+def test_titles_are_set_together_and_a_gone_pane_does_not_stop_the_others(tmux: Tmux) -> None:
+    tmux.ensure_session("mb", CAT)
+    panes = [tmux.add_pane(f"w{i}", CAT) for i in range(3)]
+    tmux.kill_pane(panes[1])
+    tmux.set_titles({p: f"w{i} · t{i} · #x; kill-server" for i, p in enumerate(panes)})
+    titles = {p.pane_id: p.title for p in tmux.list_panes()}
+    assert titles[panes[0]] == "w0 · t0 · #x; kill-server"
+    assert titles[panes[2]] == "w2 · t2 · #x; kill-server"
+    assert panes[1] not in titles
+
+
 def test_panes_overflow_into_new_worker_windows(sock: str) -> None:
     tmux = Tmux(sock, "mb", max_panes_per_window=2, config_file="/dev/null")
     tmux.ensure_session("mb", CAT)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,8 @@ import pytest
 
 from multibot import mailbox, protocol
 from multibot.layout import MASTER_ID
+from multibot.worker import Worker
+from multibot.worktrees import GitRepo, TaskStart
 from tests.helpers import wait_until
 from tests.rig import Rig, git_show
 
@@ -159,3 +163,83 @@ def test_an_older_generation_cannot_come_back(rig: Rig) -> None:
     assert old.wait(timeout=20) == 3  # EXIT_REPLACED: it writes nothing and leaves
     assert json.loads(rig.home.worker_state("w1").read_text())["generation"] == 2
     assert new.poll() is None
+
+
+def run_here(w: Worker, rig: Rig, task_id: str, commands: list[str]) -> protocol.Envelope:
+    """Give an in-process worker a task as the master does (it checks out the branch itself)."""
+    payload = protocol.TaskAssignment(
+        title=task_id,
+        description=f"do {task_id}",
+        branch=f"multibot/{task_id}",
+        working_directory=str(rig.home.worktree("w1")),
+        commands=commands,
+        repo=str(rig.git.root),
+    )
+    w.handle(protocol.make(payload, sender=MASTER_ID, recipient="w1", task_id=task_id))
+
+    def ended() -> protocol.Envelope | None:
+        w.step()
+        done = rig.received(protocol.TaskComplete) + rig.received(protocol.ErrorReport)
+        return next((m for m in done if m.task_id == task_id), None)
+
+    m = wait_until(ended, 20)
+    rig.got.remove(m)
+    return m
+
+
+def test_a_tidy_worker_starts_its_next_branch_the_quick_way(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quick: list[TaskStart | None] = []
+    original = GitRepo.quick_start
+
+    def spy(self: GitRepo, worktree: Path, task_id: str) -> TaskStart | None:
+        quick.append(original(self, worktree, task_id))
+        return quick[-1]
+
+    monkeypatch.setattr(GitRepo, "quick_start", spy)
+    wt = rig.home.worktree("w1")
+    tip = git_rev(rig, "multibot/integration")
+    w = Worker(rig.home, "w1", generation=1, out=io.StringIO())
+    try:
+        w.register()
+        first = run_here(w, rig, "t1", ["echo hello > out.txt"]).payload
+        assert isinstance(first, protocol.TaskComplete) and first.files_changed == ["out.txt"]
+        assert quick == []  # a new process looks carefully (and makes the worktree)
+
+        nothing = run_here(w, rig, "t2", ["true"]).payload
+        assert quick == [TaskStart("multibot/t2", tip, quick=True)]
+        assert isinstance(nothing, protocol.TaskComplete)
+        assert nothing.files_changed == [] and nothing.commit == tip
+
+        # Something left a file in the worktree between tasks (a verify command, a person).
+        (wt / "stray.txt").write_text("left behind\n")
+        refused = run_here(w, rig, "t3", ["true"]).payload
+        assert quick[-1] is None
+        assert isinstance(refused, protocol.ErrorReport) and refused.kind == "git"
+        assert "uncommitted changes (stray.txt)" in refused.message
+        (wt / "stray.txt").unlink()
+
+        # After an error the next start is careful; after that one ends well, quick again.
+        assert isinstance(run_here(w, rig, "t4", ["true"]).payload, protocol.TaskComplete)
+        assert len(quick) == 2
+        commits = run_here(
+            w, rig, "t5", ["echo mine > mine.txt && git add mine.txt && git commit -qm mine"]
+        ).payload
+        assert len(quick) == 3 and quick[-1] is not None
+        assert isinstance(commits, protocol.TaskComplete) and commits.files_changed == ["mine.txt"]
+        assert commits.commit == git_rev(rig, "multibot/t5") != tip
+        assert git_show(rig, "multibot/t5", "mine.txt") == "mine\n"
+        left = run_here(w, rig, "t6", ["echo draft > draft.txt"]).payload
+        assert isinstance(left, protocol.TaskComplete) and left.files_changed == ["draft.txt"]
+        assert left.commit == git_rev(rig, "multibot/t6") != tip
+    finally:
+        w.agent.stop(1.0)
+        w.inbox.close()
+        w._log.close()
+
+
+def git_rev(rig: Rig, rev: str) -> str:
+    return subprocess.run(
+        ["git", "rev-parse", rev], cwd=rig.git.root, text=True, capture_output=True, check=True
+    ).stdout.strip()

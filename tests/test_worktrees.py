@@ -84,6 +84,37 @@ def do_task(gr: GitRepo, wt: Path, task_id: str, files: dict[str, str]) -> str:
     return sha
 
 
+def test_merge_all_merges_in_order_and_reports_each_task(repo: Path, home: Path) -> None:
+    gr = make(repo, home)
+    w1, w2, w3 = home / "w1", home / "w2", home / "w3"
+    gr.start_task(w1, "empty")  # changes nothing: settled by the one listing call
+    do_task(gr, w2, "t1", {"app.txt": "from t1\n"})
+    do_task(gr, w3, "t2", {"app.txt": "from t2\n"})  # conflicts with t1, merged first
+    results = gr.merge_all(
+        [
+            ("empty", "Nothing", "multibot/empty"),
+            ("t1", "One", "multibot/t1"),
+            ("t2", "Two", "multibot/t2"),
+            ("gone", "Gone", "multibot/gone"),
+        ],
+        verify_cmd="test -f app.txt",
+    )
+    assert [tid for tid, _ in results] == ["empty", "t1", "t2", "gone"]
+    outcomes = dict(results)
+    assert isinstance(outcomes["empty"], worktrees.MergeOutcome)
+    assert outcomes["empty"].status == "nothing"
+    assert isinstance(outcomes["t1"], worktrees.MergeOutcome)
+    assert outcomes["t1"].status == "merged"
+    assert isinstance(outcomes["t2"], worktrees.MergeOutcome)
+    assert outcomes["t2"].status == "conflict"
+    assert [c.path for c in outcomes["t2"].conflicts] == ["app.txt"]
+    assert isinstance(outcomes["gone"], GitError)
+    assert "multibot/gone" in str(outcomes["gone"])
+    assert git(repo, "show", "multibot/integration:app.txt") == "from t1"
+    log = git(repo, "log", "--format=%s", "multibot/integration")
+    assert log.splitlines()[0] == "multibot: merge task t1 (One)"
+
+
 def test_tasks_merged_in_dependency_order_and_user_untouched(
     repo: Path, home: Path, tmp_path: Path
 ) -> None:
@@ -484,9 +515,89 @@ def test_resolved_conflict_without_diff_is_still_committed(repo: Path, home: Pat
     done = subprocess.run(merge, cwd=w2, capture_output=True)
     assert b"CONFLICT" in done.stdout, done.stderr
     git(w2, "checkout", "--ours", "app.txt")
+    git(w2, "add", "app.txt")
+    assert worktrees.snapshot(w2).dirty == ()  # nothing shows, but the merge is to commit
+    assert worktrees.settled(w2) is None
     sha = worktrees.commit_all(w2, "resolve")
     assert sha is not None
     assert len(git(w2, "rev-list", "--parents", "-n", "1", sha).split()) == 3
     out = gr.merge("t2", "two")
     assert out.status == "merged"
     assert git(repo, "show", "multibot/integration:app.txt") == "from t2"
+
+
+def test_quick_start_makes_the_branch_at_the_integration_tip(repo: Path, home: Path) -> None:
+    gr = make(repo, home)
+    w1 = home / "w1"
+    do_task(gr, w1, "t1", {"a.txt": "x\n"})
+    assert gr.merge("t1", "A").status == "merged"
+    git(repo, "pack-refs", "--all")  # the tip is read from packed-refs as well as ref files
+    tip = git(repo, "rev-parse", "multibot/integration")
+    started = gr.quick_start(w1, "t2")
+    assert started == worktrees.TaskStart("multibot/t2", tip, quick=True)
+    assert git(w1, "symbolic-ref", "--short", "HEAD") == "multibot/t2"
+    assert git(w1, "rev-parse", "HEAD") == tip and (w1 / "a.txt").exists()
+    # Nothing done: the finish needs one `git status` to know there is nothing to report.
+    assert worktrees.settled(w1) == tip
+    assert worktrees.changed_files(w1, "multibot/integration") == []
+    (w1 / "b.txt").write_text("y\n")
+    assert worktrees.settled(w1) is None
+    sha = worktrees.commit_all(w1, "work")
+    assert sha is not None and worktrees.settled(w1) == sha != tip
+    assert worktrees.changed_files(w1, "multibot/integration") == ["b.txt"]
+    assert gr.begin_task(w1, "t3", tidy=True) == worktrees.TaskStart("multibot/t3", tip, True)
+
+
+def test_quick_start_leaves_what_it_cannot_do_to_the_careful_way(repo: Path, home: Path) -> None:
+    gr = make(repo, home)
+    w1, w2 = home / "w1", home / "w2"
+    tip = git(repo, "rev-parse", "multibot/integration")
+    # No worktree yet, or a new one (detached): made and checked the careful way.
+    assert gr.quick_start(w1, "t1") is None and not w1.exists()
+    assert gr.begin_task(w1, "t1", tidy=True) == worktrees.TaskStart("multibot/t1", tip)
+    gr.ensure_worktree(w2)
+    assert gr.quick_start(w2, "t2") is None
+    assert gr.begin_task(w2, "t2", tidy=True) == worktrees.TaskStart("multibot/t2", tip)
+    # Dirty (untracked, or a tracked file changed): refused as start_task refuses, untouched.
+    for name in ("new.txt", "app.txt"):
+        (w1 / name).write_text("half done\n")
+        assert gr.quick_start(w1, "t3") is None
+        with pytest.raises(GitError, match=f"uncommitted changes \\({name}\\)"):
+            gr.begin_task(w1, "t3", tidy=True)
+        if name == "app.txt":
+            git(w1, "checkout", "--", name)
+        else:
+            (w1 / name).unlink()
+    assert git(w1, "symbolic-ref", "--short", "HEAD") == "multibot/t1"
+    assert "multibot/t3" not in gr.task_branches()
+    # Resumed in place: kept as left.
+    assert gr.quick_start(w1, "t1") is None
+    assert gr.begin_task(w1, "t1", tidy=True) == worktrees.TaskStart("multibot/t1")
+    # The task comes back to another worker: its branch exists (and w1 lets go of it).
+    sha = do_task(gr, w1, "t1", {"a.txt": "x\n"})
+    assert gr.quick_start(w2, "t1") is None
+    assert gr.begin_task(w2, "t1", tidy=True) == worktrees.TaskStart("multibot/t1")
+    assert git(w2, "rev-parse", "HEAD") == sha
+    # Not a worker worktree at all.
+    assert gr.quick_start(home / "_integration", "t4") is None
+    with pytest.raises(GitError, match="integration worktree"):
+        gr.begin_task(home / "_integration", "t4", tidy=True)
+    with pytest.raises(InvalidId):
+        gr.quick_start(w1, "../evil")
+
+
+def test_snapshot_reads_one_status(repo: Path, home: Path) -> None:
+    gr = make(repo, home)
+    wt = home / "w1"
+    gr.start_task(wt, "t1")
+    head = git(wt, "rev-parse", "HEAD")
+    assert worktrees.snapshot(wt) == worktrees.Snapshot(head, "multibot/t1", ())
+    git(wt, "mv", "app.txt", "moved app.txt")
+    (wt / "z new.txt").write_text("x\n")
+    (wt / "debug.log").write_text("ignored\n")
+    assert worktrees.snapshot(wt).dirty == ("moved app.txt", "z new.txt")
+    git(wt, "reset", "--hard", "-q")
+    (wt / "z new.txt").unlink()
+    git(wt, "switch", "--detach", "-q")
+    assert worktrees.snapshot(wt) == worktrees.Snapshot(head, None, ())
+    assert worktrees.settled(wt) is None  # commit_all says why: not on a branch
