@@ -12,6 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
@@ -49,7 +50,7 @@ EXIT_FAILED = 1
 
 PRUNE_EVERY_S = 300.0
 SUPERVISE_EVERY_S = 0.25
-EDITS_EVERY_S = 0.25
+EDITS_EVERY_S = 0.5
 # system-state.json is for people and the status view; every worker re-reads it when it changes.
 FLUSH_EVERY_S = 0.5
 AUDIT_MAX_AGE_S = 7 * 86400.0
@@ -85,9 +86,12 @@ class Master:
         self.sys_file = StateFile(home.system_state, SystemState, default=SystemState)
         self.plan_file = StateFile(home.plan, Plan, default=Plan)
         self.context_file = StateFile(home.context, SharedContext, default=SharedContext)
+        self._shared: SharedContext | None = None
         self.sys = SystemState()
         self.plan = Plan()
         self.order: list[str] = []
+        self._rank: tuple[int, int, dict[str, int]] = (0, 0, {})  # see rank()
+        self._dependents: tuple[int, dict[str, list[str]]] = (0, {})  # see dependents()
         self.tasks: dict[str, TaskRecord] = {}
         self.task_files: dict[str, StateFile[TaskRecord]] = {}
         self.questions: dict[str, StateFile[QuestionRecord]] = {}
@@ -112,6 +116,9 @@ class Master:
         self.unwritten: dict[str, float] = {}  # task id -> earliest retry (mono) of its file
         self.outbox: list[protocol.Envelope] = []
         self.taken: list[protocol.Envelope] = []  # messages handled, not yet marked so
+        # commit() writes files and sends in parallel: each waits on its disk sync, and the
+        # file system commits many syncs together, so a turn's writes take about as long as one.
+        self.io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="master-io")
 
     # == start-up =============================================================================
     def open_repo(self) -> None:
@@ -321,6 +328,7 @@ class Master:
     def close(self) -> None:
         self.checks.close()
         self.commit()
+        self.io.shutdown()
         self.flush(force=True)
         self.advisor.close()
         if self.inbox is not None:
@@ -454,7 +462,7 @@ class Master:
     def question_context(self, wid: str, p: protocol.Question) -> str:
         lines = [f"Goal: {self.sys.goal}", "Tasks:"]
         lines += [f"- {t.id} [{t.status}] {t.task.title}" for t in self.tasks.values()]
-        disc = self.context_file.read().discoveries
+        disc = self.shared_context().discoveries
         if disc:
             lines += ["Discoveries:", *[f"- {d.worker}: {d.text}" for d in disc[-20:]]]
         lines += [
@@ -736,6 +744,9 @@ class Master:
                     "paused" if disk.paused else "resumed", "by the person (system-state.json)"
                 )
         for tid, f in self.task_files.items():
+            if self.tasks[tid].status in ("merged", "cancelled"):
+                f.expire()  # over: hold, cancel and priority mean nothing now
+                continue
             if not f.changed():
                 continue
             edited = f.read()
@@ -1013,7 +1024,7 @@ class Master:
             len(live),
             self.config.max_workers,
             frozenset(self.template.capabilities),
-            self.order,
+            self.rank(),
         )
         for a in plan:
             wid = a.worker_id or self.spawn_worker()
@@ -1024,6 +1035,23 @@ class Master:
                 rec.last_error = f"git: {exc}"
                 self.event("assign-failed", f"{a.task_id}: {exc}", task=a.task_id)
                 self.set_task(rec, "failed")
+
+    def rank(self) -> dict[str, int]:
+        """Return each task's place in plan order (kept until the order changes)."""
+        key = (id(self.order), len(self.order))  # replaced at load, appended to later
+        if self._rank[:2] != key:
+            self._rank = (*key, {tid: i for i, tid in enumerate(self.order)})
+        return self._rank[2]
+
+    def dependents(self) -> dict[str, list[str]]:
+        """Return, per task, the tasks that depend on it (kept until a task is added)."""
+        if self._dependents[0] != len(self.tasks):  # tasks are only ever added
+            index: dict[str, list[str]] = {}
+            for rec in self.tasks.values():
+                for dep in rec.task.dependencies:
+                    index.setdefault(dep, []).append(rec.id)
+            self._dependents = (len(self.tasks), index)
+        return self._dependents[1]
 
     def last_tasks(self) -> dict[str, str]:
         """Return, per worker, a task that went back to pending from it (for affinity)."""
@@ -1111,7 +1139,7 @@ class Master:
             if dep is not None:
                 lines.append(f"{d} ({dep.task.title}) is merged: {dep.summary}")
                 lines += [f"{d} discovered: {x}" for x in dep.discoveries]
-        shared = self.context_file.read().discoveries
+        shared = self.shared_context().discoveries
         seen = set(lines)
         for disc in shared[-20:]:
             line = f"{disc.worker} discovered: {disc.text}"
@@ -1119,6 +1147,12 @@ class Master:
                 lines.append(line)
         lines += [f"Feedback on your last attempt: {f}" for f in rec.feedback[-3:]]
         return lines
+
+    def shared_context(self) -> SharedContext:
+        """Return state/context.json, read again only when the file changed."""
+        if self._shared is None or self.context_file.changed():
+            self._shared = self.context_file.read()
+        return self._shared
 
     # == merging ==============================================================================
     def merge_next(self) -> None:
@@ -1159,10 +1193,12 @@ class Master:
             self.sys.git.last_merge_commit = outcome.commit or self.sys.git.last_merge_commit
             self.sys.metrics.tasks_merged += 1
             now = self.clock()
-            for other in self.tasks.values():  # dependents become ready now
-                deps = other.task.dependencies
-                if rec.id in deps and all(
-                    self.tasks[d].status == "merged" for d in deps if d in self.tasks
+            for tid in self.dependents().get(rec.id, []):  # dependents become ready now
+                other = self.tasks[tid]
+                if all(
+                    self.tasks[d].status == "merged"
+                    for d in other.task.dependencies
+                    if d in self.tasks
                 ):
                     other.ready_at = now
             self.event(
@@ -1261,48 +1297,65 @@ class Master:
         writes and marks also spares a file write per transition and a sync per message.
         """
         self.write_tasks()
-        outbox, self.outbox = self.outbox, []
-        for message in outbox:
-            try:
-                mailbox.send(self.home, message)
-            except MultibotError as exc:
+        by_recipient: dict[str, list[protocol.Envelope]] = {}
+        for message in self.outbox:  # in order for each recipient, recipients in parallel
+            by_recipient.setdefault(message.recipient, []).append(message)
+        self.outbox = []
+        for failed in self.io.map(self.deliver, by_recipient.values()):
+            for message, exc in failed:
                 self.event("send-failed", f"{message.type} to {message.recipient}: {exc}")
         if self.taken and self.inbox is not None:
             taken, self.taken = self.taken, []
             self.inbox.done(*taken)
 
-    def write_tasks(self) -> None:
-        """Write the task files changed this turn, keeping the person's fields."""
-        mono = self.mono()
-        for tid, retry_at in list(self.unwritten.items()):
-            if retry_at > mono:
-                continue
-            rec = self.tasks[tid]
-
-            def merge(disk: TaskRecord, mine: TaskRecord = rec) -> TaskRecord:
-                return mine.model_copy(
-                    update={
-                        "version": disk.version,
-                        "hold": disk.hold,
-                        "cancel": disk.cancel or mine.cancel,
-                        "task": mine.task.model_copy(update={"priority": disk.task.priority}),
-                    }
-                )
-
+    def deliver(
+        self, messages: list[protocol.Envelope]
+    ) -> list[tuple[protocol.Envelope, MultibotError]]:
+        """Send messages in order (from an io thread); return those that failed, and why."""
+        failed = []
+        for message in messages:
             try:
-                written = self.task_files[tid].update(merge)
-            except (StateError, LockTimeout) as exc:
-                # A broken hand edit of the file: kept as the person left it; the system's
-                # change stays in memory and is written once the file is valid again.
-                self.unwritten[tid] = mono + EDITS_EVERY_S
-                if isinstance(exc, StateError):
-                    self.report_problem(exc)
-                else:
-                    self.event("state-write-refused", str(exc), task=tid)
+                mailbox.send(self.home, message)
+            except MultibotError as exc:
+                failed.append((message, exc))
+        return failed
+
+    def write_tasks(self) -> None:
+        """Write the task files changed this turn (in parallel), keeping the person's fields."""
+        mono = self.mono()
+        due = [tid for tid, retry_at in self.unwritten.items() if retry_at <= mono]
+        for tid, written in zip(due, self.io.map(self.write_task, due), strict=True):
+            if isinstance(written, TaskRecord):
+                del self.unwritten[tid]
+                self.tasks[tid].version = written.version
+                self.take_edit(self.tasks[tid], written)
                 continue
-            del self.unwritten[tid]
-            rec.version = written.version
-            self.take_edit(rec, written)
+            # A broken hand edit of the file: kept as the person left it; the system's
+            # change stays in memory and is written once the file is valid again.
+            self.unwritten[tid] = mono + EDITS_EVERY_S
+            if isinstance(written, StateError):
+                self.report_problem(written)
+            else:
+                self.event("state-write-refused", str(written), task=tid)
+
+    def write_task(self, tid: str) -> TaskRecord | StateError | LockTimeout:
+        """Write one task's file (from an io thread; the loop waits); return it or the error."""
+        mine = self.tasks[tid]
+
+        def merge(disk: TaskRecord) -> TaskRecord:
+            return mine.model_copy(
+                update={
+                    "version": disk.version,
+                    "hold": disk.hold,
+                    "cancel": disk.cancel or mine.cancel,
+                    "task": mine.task.model_copy(update={"priority": disk.task.priority}),
+                }
+            )
+
+        try:
+            return self.task_files[tid].update(merge)
+        except (StateError, LockTimeout) as exc:
+            return exc
 
     def refresh_index(self) -> None:
         """Derive the task lists, branches and merge queue of system-state.json from the tasks."""

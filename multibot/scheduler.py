@@ -54,9 +54,11 @@ def overlaps(a: Sequence[str], b: Sequence[str]) -> bool:
     return False
 
 
-def ready_tasks(tasks: Mapping[str, TaskRecord], order: Sequence[str] = ()) -> list[TaskRecord]:
-    """Return the tasks that could start now, best first."""
-    rank = {tid: i for i, tid in enumerate(order)}
+def ready_tasks(
+    tasks: Mapping[str, TaskRecord], order: Sequence[str] | Mapping[str, int] = ()
+) -> list[TaskRecord]:
+    """Return the tasks that could start now, best first (order: plan order, or its ranks)."""
+    rank = order if isinstance(order, Mapping) else {tid: i for i, tid in enumerate(order)}
     active = [t for t in tasks.values() if t.status in ACTIVE]
     out: list[TaskRecord] = []
     for t in tasks.values():
@@ -67,10 +69,13 @@ def ready_tasks(tasks: Mapping[str, TaskRecord], order: Sequence[str] = ()) -> l
         out.append(t)
     out.sort(key=lambda t: (-t.task.priority, rank.get(t.id, len(rank)), t.id))
     chosen: list[TaskRecord] = []
+    claims = [a.task.owns for a in active if a.task.owns]  # claiming nothing clashes with none
     for t in out:
-        claims = [a.task.owns for a in active] + [c.task.owns for c in chosen]
-        if not any(overlaps(t.task.owns, other) for other in claims):
-            chosen.append(t)
+        if t.task.owns:
+            if any(overlaps(t.task.owns, other) for other in claims):
+                continue
+            claims.append(t.task.owns)
+        chosen.append(t)
     return chosen
 
 
@@ -80,13 +85,15 @@ def schedule(
     running_workers: int,
     max_workers: int,
     new_worker_capabilities: frozenset[str] = frozenset(),
-    order: Sequence[str] = (),
+    order: Sequence[str] | Mapping[str, int] = (),
 ) -> list[Assignment]:
     """Return assignments for this moment: idle workers first, then new workers."""
     free = list(idle)
     can_start = max(0, max_workers - running_workers)
     plan: list[Assignment] = []
     for t in ready_tasks(tasks, order):
+        if not free and can_start <= 0:
+            break
         needs = frozenset(t.task.capabilities)
         fit = [w for w in free if needs <= w.capabilities]
         if fit:

@@ -352,7 +352,13 @@ class StateFile(Generic[M]):
         while len(self._moved) > _WATCH_MAX:
             self._drop(self._moved[0])
 
+    def expire(self) -> None:
+        """Stop watching the moved-away inodes whose time is up (for a file no longer read)."""
+        self._expire()
+
     def _expire(self) -> None:
+        if not self._moved:
+            return
         now = time.monotonic()
         for moved in [m for m in self._moved if m.until < now]:
             self._drop(moved)

@@ -321,9 +321,10 @@ class Worker:
             s.status = "working"
             return s
 
-        self._update_state(started)
         self.status = "working"
+        # The master hears first (the task's start is what it waits on); the file follows.
         self.send(self._status_update("started", f"started {title}"), task_id=task_id)
+        self._update_state(started)
 
     def prepare_branch(
         self, task_id: str, a: protocol.TaskAssignment, *, tidy: bool = False
