@@ -1013,10 +1013,12 @@ class Master:
     def assign_ready(self) -> None:
         live = self.live_workers()
         last = self.last_tasks()
+        # A verify command runs in the worktree of the task's worker: not a new branch there.
+        checking = {r.worker for r in self.tasks.values() if r.status == "verifying"}
         idle = [
             WorkerSlot(w, frozenset(i.capabilities), last.get(w))
             for w, i in live.items()
-            if i.status in ("idle", "starting") and i.current_task is None
+            if i.status in ("idle", "starting") and i.current_task is None and w not in checking
         ]
         plan = schedule(
             self.tasks,

@@ -406,6 +406,10 @@ class StateFile(Generic[M]):
         names = (self.path, _prev_of(self.path)) if with_prev else (self.path,)
         for round_ in range(3 if with_prev else 1):
             if round_:
+                # A rewrite that ran between our two opens has left a backup by now; without
+                # one the file was never rewritten: missing, not caught mid-write.
+                if not os.path.lexists(backup_of(self.path)):
+                    return None
                 time.sleep(0.001)
             for name in names:
                 try:

@@ -923,3 +923,37 @@ def test_a_broken_hand_edit_of_a_task_file_is_kept_and_the_task_written_once_fix
     release(run, "b-go")
     assert run.finish() == 0
     assert run.merges() == Counter({"a": 1, "b": 1})
+
+
+def test_a_worker_gets_no_new_task_while_its_last_one_is_checked_in_its_worktree(
+    make_run: Any,
+) -> None:
+    run: Run = make_run(max_workers=1)
+    checked = run.marks / "a.checked"
+    run.plan(
+        [
+            {
+                "id": "a",
+                "title": "a",
+                "description": "a",
+                "priority": 1,
+                "commands": ["echo a > a.txt"],
+                "verify": (
+                    f"touch {run.marks / 'a.verifying'}; {wait_for(run, 'a-go')}; "
+                    f"git rev-parse --abbrev-ref HEAD > {checked}; test -f a.txt"
+                ),
+            },
+            {"id": "b", "title": "b", "description": "b", "commands": ["echo b > b.txt"]},
+        ]
+    )
+    run.start_master()
+    wait_until(lambda: (run.marks / "a.verifying").exists(), 60)
+    hold_for(
+        lambda: run.task("b")["status"] == "pending",
+        1.0,
+        "b was given to the worker whose worktree a's check runs in",
+    )
+    release(run, "a-go")
+    assert run.finish() == 0
+    assert checked.read_text() == "multibot/a\n"  # the check saw a's branch to the end
+    assert run.merges() == Counter({"a": 1, "b": 1})
