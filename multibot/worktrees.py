@@ -274,8 +274,23 @@ def settled(worktree: Path) -> str | None:
     return None if (gitdir / "MERGE_HEAD").exists() else now.head
 
 
+_DIRS: dict[tuple[Path, int, int], tuple[Path, Path]] = {}
+
+
 def _dirs(worktree: Path) -> tuple[Path, Path]:
     """Return the git dir and common git dir of the worktree whose top is worktree (no git run)."""
+    # Asked twice per task: remembered for as long as the worktree's .git stays the same file.
+    try:
+        st = os.stat(worktree / ".git")
+    except OSError as e:
+        raise GitError(f"{worktree} is not the top of a git worktree: {e.strerror}") from e
+    key = (worktree, st.st_ino, st.st_mtime_ns)
+    if key not in _DIRS:
+        _DIRS[key] = _find_dirs(worktree)
+    return _DIRS[key]
+
+
+def _find_dirs(worktree: Path) -> tuple[Path, Path]:
     try:
         repo = git.Repo(worktree)
     except (git_exc.GitError, OSError) as e:
