@@ -314,6 +314,7 @@ class Master:
         if self.sys.phase == "running":
             if not self.sys.paused and not self.over_budget():
                 self.assign_ready()
+                self.commit()  # assignments out now: the rest of the turn can wait for them
             self.merge_next()
             self.stop_idle_workers()
             self.check_done()
