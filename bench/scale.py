@@ -93,6 +93,7 @@ class Cpu:
     master_all: float = float("nan")  # with its reaped children (git, tmux clients)
     tmux: float = float("nan")
     workers: float = float("nan")  # all workers together, with their reaped children
+    gone: list[int] = field(default_factory=list)  # worker pids that ended within the window
 
 
 @dataclass
@@ -136,21 +137,25 @@ class CpuMeter:
         self.run, self.pids = run, list(worker_pids)
         self.tmux_pid = run.tmux_server_pid()
 
-    def read(self) -> tuple[float, float, float, float, float]:
+    def read(self) -> tuple[float, float, float, float, dict[int, float]]:
         assert self.run.master_pid is not None
         master = cpu_seconds(self.run.master_pid) or 0.0
         master_all = cpu_seconds(self.run.master_pid, children=True) or 0.0
         tmux = (cpu_seconds(self.tmux_pid) or 0.0) if self.tmux_pid else float("nan")
-        workers = sum(cpu_seconds(p, children=True) or 0.0 for p in self.pids)
+        workers = {p: c for p in self.pids if (c := cpu_seconds(p, children=True)) is not None}
         return time.monotonic(), master, master_all, tmux, workers
 
     @staticmethod
     def between(
-        a: tuple[float, float, float, float, float], b: tuple[float, float, float, float, float]
+        a: tuple[float, float, float, float, dict[int, float]],
+        b: tuple[float, float, float, float, dict[int, float]],
     ) -> Cpu:
+        """CPU between two reads; a worker gone by the second read is left out (and named)."""
         dt = b[0] - a[0]
-        pc = [100 * (y - x) / dt for x, y in zip(a[1:], b[1:], strict=True)]
-        return Cpu(dt, *pc)
+        pc = [100 * (y - x) / dt for x, y in zip(a[1:4], b[1:4], strict=True)]
+        gone = sorted(set(a[4]) - set(b[4]))
+        workers = sum(b[4][p] - a[4][p] for p in a[4] if p in b[4])
+        return Cpu(dt, *pc, 100 * workers / dt, gone)
 
 
 def plan_tasks(n: int, bulk: int, chains: int, chain_len: int) -> list[dict[str, object]]:
@@ -241,6 +246,8 @@ def run_scale(
         a = meter.read()
         time.sleep(idle_s)
         res.idle = CpuMeter.between(a, meter.read())
+        if res.idle.gone:
+            res.notes.append(f"worker pids {res.idle.gone} ended while idle: not counted")
         for pid in pids.values():
             mem = memory_kb(pid)
             if mem:
@@ -259,6 +266,8 @@ def run_scale(
             _busy(run, res, meter, chains, chain_len, bulk, window_s, profile)
         run.timeline.poll()
         _analyse(run, res, chains, chain_len, bulk)
+        for e in run.timeline.find("worker-dead"):  # a restart disturbs every figure of the run
+            res.notes.append(f"the master judged a worker dead: {e.get('text', '')}")
         if bulk:
             print(
                 f"   {res.bulk_done} tasks merged ({res.tasks_per_min:.0f}/min), "
@@ -307,6 +316,8 @@ def _busy(
             break
         time.sleep(0.1)  # polling the timeline file
     res.busy = CpuMeter.between(busy_from, meter.read())
+    if res.busy.gone:
+        res.notes.append(f"worker pids {res.busy.gone} ended while busy: not counted")
     verified = sorted(e["t"] for e in run.timeline.find("verified") if e["task"] in wanted)
     ends = sorted(done[t] for t in wanted if t in done)
     if len(ends) == bulk:
