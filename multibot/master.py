@@ -90,7 +90,6 @@ class Master:
         self.sys = SystemState()
         self.plan = Plan()
         self.order: list[str] = []
-        self._rank: tuple[int, int, dict[str, int]] = (0, 0, {})  # see rank()
         self._dependents: tuple[int, dict[str, list[str]]] = (0, {})  # see dependents()
         self.tasks: dict[str, TaskRecord] = {}
         self.task_files: dict[str, StateFile[TaskRecord]] = {}
@@ -1027,7 +1026,7 @@ class Master:
             len(live),
             self.config.max_workers,
             frozenset(self.template.capabilities),
-            self.rank(),
+            self.order,
         )
         for a in plan:
             wid = a.worker_id or self.spawn_worker()
@@ -1038,13 +1037,6 @@ class Master:
                 rec.last_error = f"git: {exc}"
                 self.event("assign-failed", f"{a.task_id}: {exc}", task=a.task_id)
                 self.set_task(rec, "failed")
-
-    def rank(self) -> dict[str, int]:
-        """Return each task's place in plan order (kept until the order changes)."""
-        key = (id(self.order), len(self.order))  # replaced at load, appended to later
-        if self._rank[:2] != key:
-            self._rank = (*key, {tid: i for i, tid in enumerate(self.order)})
-        return self._rank[2]
 
     def dependents(self) -> dict[str, list[str]]:
         """Return, per task, the tasks that depend on it (kept until a task is added)."""

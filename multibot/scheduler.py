@@ -54,11 +54,9 @@ def overlaps(a: Sequence[str], b: Sequence[str]) -> bool:
     return False
 
 
-def ready_tasks(
-    tasks: Mapping[str, TaskRecord], order: Sequence[str] | Mapping[str, int] = ()
-) -> list[TaskRecord]:
-    """Return the tasks that could start now, best first (order: plan order, or its ranks)."""
-    rank = order if isinstance(order, Mapping) else {tid: i for i, tid in enumerate(order)}
+def ready_tasks(tasks: Mapping[str, TaskRecord], order: Sequence[str] = ()) -> list[TaskRecord]:
+    """Return the tasks that could start now, best first."""
+    rank = {tid: i for i, tid in enumerate(order)}
     active = [t for t in tasks.values() if t.status in ACTIVE]
     out: list[TaskRecord] = []
     for t in tasks.values():
@@ -85,7 +83,7 @@ def schedule(
     running_workers: int,
     max_workers: int,
     new_worker_capabilities: frozenset[str] = frozenset(),
-    order: Sequence[str] | Mapping[str, int] = (),
+    order: Sequence[str] = (),
 ) -> list[Assignment]:
     """Return assignments for this moment: idle workers first, then new workers."""
     free = list(idle)

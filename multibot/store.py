@@ -163,7 +163,7 @@ class StateFile(Generic[M]):
         good state nor a valid backup). A file gone missing while a last good state exists
         (deleted, or an editor between delete and create) keeps that state in force.
         """
-        self._expire()
+        self.expire()
         if any(m.late() is not None for m in self._moved):  # a save raced our last write
             with contextlib.suppress(MultibotError):
                 return self.update(_identity)
@@ -197,7 +197,7 @@ class StateFile(Generic[M]):
 
     def changed(self) -> bool:
         """Say cheaply (stat calls) whether the file may differ from what was last read."""
-        self._expire()
+        self.expire()
         if self._problem is not None or self._notices or self._racy or self._moved:
             return True  # (_moved empties a few seconds after our last write)
         try:
@@ -254,7 +254,7 @@ class StateFile(Generic[M]):
         """Read, merge, apply fn and commit; from the top again if someone saved meanwhile."""
         for _ in range(_CYCLES):
             self._heal()
-            self._expire()
+            self.expire()
             late, late_problem = self._late_edits()
             raw, current = self._load_for_update()
             state = self._effective(current, [edit for _moved, _data, edit in late])
@@ -353,10 +353,7 @@ class StateFile(Generic[M]):
             self._drop(self._moved[0])
 
     def expire(self) -> None:
-        """Stop watching the moved-away inodes whose time is up (for a file no longer read)."""
-        self._expire()
-
-    def _expire(self) -> None:
+        """Stop watching the moved-away inodes whose time is up (read() and update() do too)."""
         if not self._moved:
             return
         now = time.monotonic()

@@ -271,7 +271,7 @@ class Worker:
         from multibot import worktrees
 
         identity = self.identities.get(a.working_directory)
-        if identity is None:  # two git calls: once per worktree, again after a careful start
+        if identity is None:  # two git calls: once per worktree for this process's life
             identity = worktrees.identity_env(Path(a.working_directory))
             self.identities[a.working_directory] = identity
         env = {**identity, **agent_env(self.home, self.id, task_id, self.generation)}
@@ -355,8 +355,6 @@ class Worker:
             )
             self._set_status("idle")
             return False
-        if not started.quick:  # the careful way: look at the git identity again too
-            self.identities.pop(a.working_directory, None)
         self.start_commit = started.start
         if started.branch != a.branch:
             self.show(f"! the master named branch {a.branch}, git gave {started.branch}")

@@ -97,7 +97,6 @@ class TaskStart:
 
     branch: str
     start: str | None = None
-    quick: bool = False  # started by quick_start, without looking at the worktree list
 
 
 @dataclass(frozen=True)
@@ -302,14 +301,7 @@ def _find_dirs(worktree: Path) -> tuple[Path, Path]:
 
 
 def _uncommitted(worktree: Path) -> list[str]:
-    fields = iter(_git(worktree, "status", "--porcelain", "-z")[1].split("\0"))
-    paths = []
-    for entry in fields:
-        if len(entry) > 3:
-            paths.append(entry[3:])
-            if entry[0] in "RC":  # a rename or copy is followed by its source path
-                next(fields, None)
-    return paths
+    return list(snapshot(worktree).dirty)
 
 
 def identity_env(cwd: Path) -> dict[str, str]:
@@ -488,7 +480,7 @@ class GitRepo:
         with self._locked(self._worktree_lock(path)):
             if _git(path, *switch, check=False)[0] != 0:
                 return None  # e.g. the branch exists: nothing was changed
-        return TaskStart(branch, tip, quick=True)
+        return TaskStart(branch, tip)
 
     # -- work in a worktree --------------------------------------------------------------
     def commit_all(self, worktree: Path, message: str) -> str | None:

@@ -130,6 +130,13 @@ class Rig:
             p.wait()
 
 
+def git_rev(rig: Rig, rev: str) -> str:
+    """Return the commit rev names in the rig's repository."""
+    return subprocess.run(
+        ["git", "rev-parse", rev], cwd=rig.git.root, text=True, capture_output=True, check=True
+    ).stdout.strip()
+
+
 def git_show(rig: Rig, rev: str, path: str) -> str:
     """Return a file as committed at rev in the rig's repository."""
     return subprocess.run(

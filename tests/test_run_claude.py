@@ -36,20 +36,21 @@ GOAL = "GOAL-MARKER build two files"
 MERGE = re.compile(r"^multibot: merge task (\S+)")
 WORKDIR = re.compile(r"^Working directory: (\S+) \(git branch", re.M)
 
+ALPHA = {
+    "id": "alpha",
+    "title": "Write alpha",
+    "description": "Create alpha.txt holding ALPHA-CONTENT.",
+    "dependencies": [],
+    "owns": ["alpha.txt"],
+    "model": "haiku",
+    "verify": "test -f alpha.txt",
+    "estimate_minutes": 5,
+    "priority": 0,
+}
 PLAN = {
     "goal": "Build alpha.txt, then beta.txt from it.",
     "tasks": [
-        {
-            "id": "alpha",
-            "title": "Write alpha",
-            "description": "Create alpha.txt holding ALPHA-CONTENT.",
-            "dependencies": [],
-            "owns": ["alpha.txt"],
-            "model": "haiku",
-            "verify": "test -f alpha.txt",
-            "estimate_minutes": 5,
-            "priority": 0,
-        },
+        ALPHA,
         {
             "id": "beta",
             "title": "Write beta",
@@ -334,19 +335,7 @@ def test_goal_to_merged_branches_with_claude_everywhere(run: Run) -> None:
 REVIEW_MARK = "[multibot review alpha]"  # opus.review_prompt opens with "[multibot review <task>]"
 REVIEW_PLAN = {
     "goal": "Build alpha.txt.",
-    "tasks": [
-        {
-            "id": "alpha",
-            "title": "Write alpha",
-            "description": "Create alpha.txt holding ALPHA-CONTENT.",
-            "dependencies": [],
-            "owns": ["alpha.txt"],
-            "model": "haiku",
-            "verify": "grep -q ALPHA alpha.txt",
-            "estimate_minutes": 5,
-            "priority": 0,
-        }
-    ],
+    "tasks": [{**ALPHA, "verify": "grep -q ALPHA alpha.txt"}],
     "verify": None,
 }
 

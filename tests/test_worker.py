@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from multibot.layout import MASTER_ID
 from multibot.worker import Worker
 from multibot.worktrees import GitRepo, TaskStart
 from tests.helpers import wait_until
-from tests.rig import Rig, git_show
+from tests.rig import Rig, git_rev, git_show
 
 
 @pytest.fixture
@@ -208,7 +207,7 @@ def test_a_tidy_worker_starts_its_next_branch_the_quick_way(
         assert quick == []  # a new process looks carefully (and makes the worktree)
 
         nothing = run_here(w, rig, "t2", ["true"]).payload
-        assert quick == [TaskStart("multibot/t2", tip, quick=True)]
+        assert quick == [TaskStart("multibot/t2", tip)]
         assert isinstance(nothing, protocol.TaskComplete)
         assert nothing.files_changed == [] and nothing.commit == tip
 
@@ -237,9 +236,3 @@ def test_a_tidy_worker_starts_its_next_branch_the_quick_way(
         w.agent.stop(1.0)
         w.inbox.close()
         w._log.close()
-
-
-def git_rev(rig: Rig, rev: str) -> str:
-    return subprocess.run(
-        ["git", "rev-parse", rev], cwd=rig.git.root, text=True, capture_output=True, check=True
-    ).stdout.strip()

@@ -534,7 +534,7 @@ def test_quick_start_makes_the_branch_at_the_integration_tip(repo: Path, home: P
     git(repo, "pack-refs", "--all")  # the tip is read from packed-refs as well as ref files
     tip = git(repo, "rev-parse", "multibot/integration")
     started = gr.quick_start(w1, "t2")
-    assert started == worktrees.TaskStart("multibot/t2", tip, quick=True)
+    assert started == worktrees.TaskStart("multibot/t2", tip)
     assert git(w1, "symbolic-ref", "--short", "HEAD") == "multibot/t2"
     assert git(w1, "rev-parse", "HEAD") == tip and (w1 / "a.txt").exists()
     # Nothing done: the finish needs one `git status` to know there is nothing to report.
@@ -545,7 +545,7 @@ def test_quick_start_makes_the_branch_at_the_integration_tip(repo: Path, home: P
     sha = worktrees.commit_all(w1, "work")
     assert sha is not None and worktrees.settled(w1) == sha != tip
     assert worktrees.changed_files(w1, "multibot/integration") == ["b.txt"]
-    assert gr.begin_task(w1, "t3", tidy=True) == worktrees.TaskStart("multibot/t3", tip, True)
+    assert gr.begin_task(w1, "t3", tidy=True) == worktrees.TaskStart("multibot/t3", tip)
 
 
 def test_quick_start_leaves_what_it_cannot_do_to_the_careful_way(repo: Path, home: Path) -> None:
