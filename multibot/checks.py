@@ -1,7 +1,10 @@
 """Slow work the master must not wait for (verify commands, merges): one background thread.
 
 Jobs run one at a time, in the order given; the master's loop polls for their results each
-tick, so it keeps reading messages and judging heartbeats while a test suite runs.
+tick, so it keeps reading messages and judging heartbeats while a test suite runs. A job
+submitted during a turn starts only when the turn is committed (`release`): a check or merge
+never runs ahead of the task file that says it is under way, so a crash in between finds the
+task where the file says it is.
 """
 
 from __future__ import annotations
@@ -30,23 +33,32 @@ class Checks:
         self._jobs: queue.Queue[tuple[Hashable, Callable[[], Any]] | None] = queue.Queue()
         self._done: queue.Queue[Done] = queue.Queue()
         self._pending: set[Hashable] = set()
+        self._held: list[tuple[Hashable, Callable[[], Any]]] = []
         self._thread: threading.Thread | None = None
 
     def submit(self, key: Hashable, job: Callable[[], Any]) -> bool:
-        """Queue job under key; False if a job with that key is already waiting or running."""
+        """Hold job under key until release; False if that key is held, waiting or running."""
         if key in self._pending:
             return False
         self._pending.add(key)
+        self._held.append((key, job))
+        return True
+
+    def release(self) -> None:
+        """Start the jobs submitted since the last release, in order."""
+        if not self._held:
+            return
         if self._thread is None:
             # A daemon: a master interrupted mid-check must not hang on exit; a cut merge is
             # recovered on restart and a cut check is run again.
             self._thread = threading.Thread(target=self._run, name="master-checks", daemon=True)
             self._thread.start()
-        self._jobs.put((key, job))
-        return True
+        held, self._held = self._held, []
+        for item in held:
+            self._jobs.put(item)
 
     def pending(self, key: Hashable) -> bool:
-        """Return whether a job with key is waiting or running."""
+        """Return whether a job with key is held, waiting or running."""
         return key in self._pending
 
     def busy(self, kind: str) -> bool:
@@ -65,7 +77,8 @@ class Checks:
             out.append(done)
 
     def close(self, wait: float = 1.0) -> None:
-        """Stop taking jobs; give a running one a moment to end."""
+        """Stop taking jobs (held ones never start); give a running one a moment to end."""
+        self._held = []
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(wait)

@@ -1287,11 +1287,13 @@ class Master:
         """End a turn: write the changed task files, send the messages, mark those taken in.
 
         In this order a crash loses nothing: a message is marked handled only once what it
-        changed is on disk (else it is handled again after a restart, which is harmless), and
-        no worker hears of an assignment before its task file says so. Batching the turn's
+        changed is on disk (else it is handled again after a restart, which is harmless), no
+        worker hears of an assignment before its task file says so, and no check or merge
+        starts before the task file says it is verifying or verified. Batching the turn's
         writes and marks also spares a file write per transition and a sync per message.
         """
         self.write_tasks()
+        self.checks.release()
         by_recipient: dict[str, list[protocol.Envelope]] = {}
         for message in self.outbox:  # in order for each recipient, recipients in parallel
             by_recipient.setdefault(message.recipient, []).append(message)

@@ -483,13 +483,18 @@ def test_timeout_stops_the_process_group(
 
 
 @pytest.mark.timeout(120)
-def test_suspend_and_resume(run: Callable[..., ClaudeAgent], fake_api: FakeAPI) -> None:
+def test_suspend_and_resume(
+    run: Callable[..., ClaudeAgent], fake_api: FakeAPI, tmp_path: Path
+) -> None:
+    # The tool waits for the test, so the task cannot end before the suspension is seen.
+    go = tmp_path / "go"
+    nap = f"until [ -f {go} ]; do sleep 0.05; done; echo slept"
     fake_api.respond = Script(
         [
             Rule(
                 "MARK-PAUSE",
                 [
-                    tool("Bash", {"command": "sleep 1; echo slept", "description": "nap"}),
+                    tool("Bash", {"command": nap, "description": "nap"}),
                     text("woke up"),
                 ],
             )
@@ -510,6 +515,7 @@ def test_suspend_and_resume(run: Callable[..., ClaudeAgent], fake_api: FakeAPI) 
     assert proc_state(child.pid) == "T"
     agent.resume()
     wait_until(lambda: proc_state(child.pid) != "T", timeout=10)
+    go.touch()
     out = drive(agent)
     assert out.ok and out.summary == "woke up", out
 

@@ -27,6 +27,8 @@ def test_jobs_run_in_order_and_report_values_and_errors() -> None:
     assert checks.submit(("merge", "b"), boom)
     assert checks.busy("merge") and checks.pending(("verify", "a"))
     assert checks.poll() == []  # nothing finished while the first job waits
+    assert order == []
+    checks.release()
     gate.set()
     results: list[Done] = []
     wait_until(lambda: results.extend(checks.poll()) or len(results) == 2)
@@ -34,4 +36,20 @@ def test_jobs_run_in_order_and_report_values_and_errors() -> None:
     assert results[0] == Done(("verify", "a"), value="ok")
     assert isinstance(results[1].error, RuntimeError)
     assert not checks.busy("merge") and not checks.pending(("verify", "a"))
+    checks.close()
+
+
+def test_a_job_starts_only_when_released() -> None:
+    before = set(threading.enumerate())
+    checks = Checks()
+    ran = threading.Event()
+    assert checks.submit("job", ran.set)
+    # Held until the turn that submitted it is committed: no thread exists that could run it.
+    assert set(threading.enumerate()) == before
+    assert not ran.is_set() and checks.pending("job")
+    checks.release()
+    assert ran.wait(10)
+    results: list[Done] = []
+    wait_until(lambda: results.extend(checks.poll()) or bool(results))
+    assert results == [Done("job", value=None)]
     checks.close()
