@@ -13,7 +13,9 @@ branch/worktree/merge handling, tmux, supervision. The default is one run per --
 1. start-up: N tasks warm-1..warm-N with no dependencies, so the master starts N workers at
    once. Measured: from launching the master to the last "worker-started" timeline event
    (spawned), and to every worker's first heartbeat of its generation with a live status
-   (beating; the beat's own time stamp, polled every 20 ms).
+   (beating; the beat's own time stamp, polled every 20 ms). Each warm-up waits for a file
+   the benchmark creates once all N beat, so every worker runs exactly one: a worker's first
+   task opens the repository and its worktree, and none of the measured tasks below is one.
 2. idle: a task "gate" depends on every warm-up; the benchmark holds it (sets "hold": true in
    state/tasks/gate.json, as a person would) as soon as the file exists. Once the warm-ups are
    merged, N workers are idle, the run is unfinished and nothing is ready: CPU of the master
@@ -158,8 +160,11 @@ class CpuMeter:
         return Cpu(dt, *pc, 100 * workers / dt, gone)
 
 
-def plan_tasks(n: int, bulk: int, chains: int, chain_len: int) -> list[dict[str, object]]:
-    tasks = [noop_task(f"warm-{i}") for i in range(1, n + 1)]
+def plan_tasks(
+    n: int, bulk: int, chains: int, chain_len: int, release: Path
+) -> list[dict[str, object]]:
+    hold = f"until [ -e {release} ]; do sleep 0.05; done"  # one warm-up per worker
+    tasks = [noop_task(f"warm-{i}", commands=[hold]) for i in range(1, n + 1)]
     tasks.append(noop_task("gate", [f"warm-{i}" for i in range(1, n + 1)]))
     tails = ["gate"]
     if chains:
@@ -202,7 +207,8 @@ def run_scale(
                 "verify": None,
             }
         )
-        plan = run.write_plan(plan_tasks(n, bulk, chains, chain_len))
+        release = run.home.root / "warm-ups-go"
+        plan = run.write_plan(plan_tasks(n, bulk, chains, chain_len, release))
         run.start_master(plan, profile)
         wait_for(run.home.task("gate").exists, 60, 0.01, "the master to write gate.json")
         run.set_hold("gate", True)
@@ -223,6 +229,7 @@ def run_scale(
         res.beating_s = max(first.values()) - run.launched_at
         res.beat_after_spawn_s = [first[w] - spawned[w] for w in first if w in spawned]
         print(f"   all {n} workers beating {res.beating_s:.1f}s after launch", flush=True)
+        release.touch()
 
         def merged() -> dict[str, float]:
             return _merged(run)

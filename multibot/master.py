@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import TextIO
 
@@ -118,6 +118,15 @@ class Master:
         # commit() writes files and sends in parallel: each waits on its disk sync, and the
         # file system commits many syncs together, so a turn's writes take about as long as one.
         self.io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="master-io")
+        # What the loop must not wait for, one at a time in order: tmux calls (pane titles,
+        # the look for dead panes) and system-state.json (written, and looked at for the
+        # person's pause, only from this thread). Each is tens of ms on a busy machine.
+        self.chores = ThreadPoolExecutor(max_workers=1, thread_name_prefix="master-chores")
+        self.sys_write: Future[StateError | LockTimeout | None] | None = None
+        self.sys_look: Future[tuple[SystemState, StateError | None] | None] | None = None
+        self.pane_look: tuple[float, Future[set[str]]] | None = None  # (started, look)
+        self.title_job: Future[None] | None = None
+        self.launched: dict[str, float] = {}  # worker id -> when (mono) its process was started
 
     # == start-up =============================================================================
     def open_repo(self) -> None:
@@ -330,6 +339,7 @@ class Master:
         self.commit()
         self.io.shutdown()
         self.flush(force=True)
+        self.chores.shutdown()
         self.advisor.close()
         if self.inbox is not None:
             self.inbox.close()
@@ -733,16 +743,7 @@ class Master:
         if mono - self.last_edits < EDITS_EVERY_S:
             return
         self.last_edits = mono
-        if self.sys_file.changed():
-            disk = self.sys_file.read()
-            problem = self.sys_file.problem()
-            if problem:
-                self.report_problem(problem)
-            if disk.paused != self.sys.paused:
-                self.sys.paused = disk.paused
-                self.event(
-                    "paused" if disk.paused else "resumed", "by the person (system-state.json)"
-                )
+        self.take_system_edits()
         for tid, f in self.task_files.items():
             if self.tasks[tid].status in ("merged", "cancelled"):
                 f.expire()  # over: hold, cancel and priority mean nothing now
@@ -854,7 +855,8 @@ class Master:
             info.pane_id = self.launcher.start(wid, argv, env, self.title(info))
         info.status, info.pid = "starting", self.launcher.pid(info.pane_id)
         info.next_restart_at = None
-        self.watch(wid, info.generation, self.mono())
+        self.launched[wid] = self.mono()
+        self.watch(wid, info.generation, self.launched[wid])
         self.dirty = True  # the title follows with the next flush
 
     def kill_old_incarnation(self, wid: str, generation: int) -> None:
@@ -874,8 +876,12 @@ class Master:
             title = self.title(info)
             if info.pane_id and self.titles.get(wid) != title:
                 self.titles[wid] = changed[info.pane_id] = title
+        if self.title_job is not None and self.title_job.done():
+            if self.title_job.exception() is not None:
+                self.event("titles-failed", str(self.title_job.exception()))
+            self.title_job = None
         if changed:
-            self.launcher.set_titles(changed)
+            self.title_job = self.chores.submit(self.launcher.set_titles, changed)
 
     def title(self, info: WorkerInfo) -> str:
         return f"{info.id} · {info.current_task or '-'} · {info.model or '-'} · {info.status}"
@@ -908,7 +914,7 @@ class Master:
             for i in self.sys.workers.values()
             if i.pane_id and i.status not in ("failed", "stopped", "error")
         ]
-        gone = self.launcher.dead(handles) if handles else set()
+        gone = self.look_at_panes(handles, mono)
         for wid, info in list(self.sys.workers.items()):
             if info.status in ("failed", "stopped"):
                 continue
@@ -934,10 +940,32 @@ class Master:
                     info.status = status  # type: ignore[assignment]
                     self.dirty = True
             reason = liveness.reason if liveness.dead else None
-            if reason is None and info.pane_id in gone:
+            if reason is None and wid in gone:
                 reason = "process exited"
             if reason is not None:
                 self.worker_died(wid, info, reason, now)
+
+    def look_at_panes(self, handles: list[str], mono: float) -> set[str]:
+        """Return the workers whose pane (or process) the last finished look found dead.
+
+        The look runs in the chores thread and its answer is taken on a later tick; a worker
+        started again since the look began is not judged by it.
+        """
+        gone: set[str] = set()
+        if self.pane_look is not None and self.pane_look[1].done():
+            started, look = self.pane_look
+            self.pane_look = None
+            try:
+                dead = look.result()
+            except Exception as exc:  # tmux gone mad: judge by heartbeats alone this time
+                self.event("pane-look-failed", str(exc))
+                dead = set()
+            for wid, info in self.sys.workers.items():
+                if info.pane_id in dead and self.launched.get(wid, 0.0) < started:
+                    gone.add(wid)
+        if self.pane_look is None and handles:
+            self.pane_look = (mono, self.chores.submit(self.launcher.dead, handles))
+        return gone
 
     def worker_died(self, wid: str, info: WorkerInfo, reason: str, now: float) -> None:
         info.restarts += 1
@@ -1288,18 +1316,44 @@ class Master:
 
         In this order a crash loses nothing: a message is marked handled only once what it
         changed is on disk (else it is handled again after a restart, which is harmless), no
-        worker hears of an assignment before its task file says so, and no check or merge
-        starts before the task file says it is verifying or verified. Batching the turn's
-        writes and marks also spares a file write per transition and a sync per message.
+        worker hears of a task before that task's file says so, and no check or merge starts
+        before the task file says it is verifying or verified. Batching the turn's writes and
+        marks also spares a file write per transition and a sync per message.
+
+        Each recipient's messages (in order) go as soon as the files of the tasks they name
+        are written; the turn's other files are written after those, while the messages go:
+        an assignment waits for its own task file, not for every file of the turn.
         """
-        self.write_tasks()
-        self.checks.release()
+        mono = self.mono()
+        due = [tid for tid, retry_at in self.unwritten.items() if retry_at <= mono]
+        outbox, self.outbox = self.outbox, []
+        named = {m.task_id for m in outbox} & set(due)
+        first = {self.io.submit(self.write_task, tid): tid for tid in due if tid in named}
         by_recipient: dict[str, list[protocol.Envelope]] = {}
-        for message in self.outbox:  # in order for each recipient, recipients in parallel
+        for message in outbox:
             by_recipient.setdefault(message.recipient, []).append(message)
-        self.outbox = []
-        for failed in self.io.map(self.deliver, by_recipient.values()):
-            for message, exc in failed:
+        waiting = []  # (messages to one recipient, the task files they wait for)
+        sends = []
+        for messages in by_recipient.values():
+            needs = {m.task_id for m in messages if m.task_id in named}
+            if needs:
+                waiting.append((messages, needs))
+            else:
+                sends.append(self.io.submit(self.deliver, messages))
+        for done in as_completed(first):
+            tid = first[done]
+            for messages, needs in waiting:
+                if tid in needs:
+                    needs.discard(tid)
+                    if not needs:
+                        sends.append(self.io.submit(self.deliver, messages))
+            self.took_write(tid, done.result())
+        rest = {self.io.submit(self.write_task, tid): tid for tid in due if tid not in named}
+        for done in as_completed(rest):
+            self.took_write(rest[done], done.result())
+        self.checks.release()
+        for send in sends:
+            for message, exc in send.result():
                 self.event("send-failed", f"{message.type} to {message.recipient}: {exc}")
         if self.taken and self.inbox is not None:
             taken, self.taken = self.taken, []
@@ -1317,23 +1371,21 @@ class Master:
                 failed.append((message, exc))
         return failed
 
-    def write_tasks(self) -> None:
-        """Write the task files changed this turn (in parallel), keeping the person's fields."""
-        mono = self.mono()
-        due = [tid for tid, retry_at in self.unwritten.items() if retry_at <= mono]
-        for tid, written in zip(due, self.io.map(self.write_task, due), strict=True):
-            if isinstance(written, TaskRecord):
-                del self.unwritten[tid]
-                self.tasks[tid].version = written.version
-                self.take_edit(self.tasks[tid], written)
-                continue
-            # A broken hand edit of the file: kept as the person left it; the system's
-            # change stays in memory and is written once the file is valid again.
-            self.unwritten[tid] = mono + EDITS_EVERY_S
-            if isinstance(written, StateError):
-                self.report_problem(written)
-            else:
-                self.event("state-write-refused", str(written), task=tid)
+    def took_write(self, tid: str, written: TaskRecord | StateError | LockTimeout) -> None:
+        """Take in the outcome of writing a task's file (in the loop's thread)."""
+        if isinstance(written, TaskRecord):
+            del self.unwritten[tid]
+            self.tasks[tid].version = written.version
+            self.take_edit(self.tasks[tid], written)
+            return
+        # A broken hand edit of the file: kept as the person left it; the system's change
+        # stays in memory and is written once the file is valid again (its messages still go:
+        # the worker's work must not wait on a person's typo).
+        self.unwritten[tid] = self.mono() + EDITS_EVERY_S
+        if isinstance(written, StateError):
+            self.report_problem(written)
+        else:
+            self.event("state-write-refused", str(written), task=tid)
 
     def write_task(self, tid: str) -> TaskRecord | StateError | LockTimeout:
         """Write one task's file (from an io thread; the loop waits); return it or the error."""
@@ -1381,24 +1433,67 @@ class Master:
         idx.completed = [t for t, r in self.tasks.items() if r.status in ("merged", "cancelled")]
         idx.failed = [t for t, r in self.tasks.items() if r.status == "failed"]
 
+    def take_system_edits(self) -> None:
+        """Take in the person's pause from the last look at system-state.json; look again."""
+        if self.sys_look is not None and self.sys_look.done():
+            seen = self.sys_look.result()
+            self.sys_look = None
+            if seen is not None:
+                disk, problem = seen
+                if problem:
+                    self.report_problem(problem)
+                if disk.paused != self.sys.paused:
+                    self.sys.paused = disk.paused
+                    self.event(
+                        "paused" if disk.paused else "resumed", "by the person (system-state.json)"
+                    )
+        if self.sys_look is None:
+            self.sys_look = self.chores.submit(self.look_at_system_state)
+
+    def look_at_system_state(self) -> tuple[SystemState, StateError | None] | None:
+        """(chores thread) Return system-state.json and its problem if it changed, else None."""
+        if not self.sys_file.changed():
+            return None
+        return self.sys_file.read(), self.sys_file.problem()
+
     def flush(self, force: bool = False) -> None:
         """Write system-state.json if anything changed (at most every FLUSH_EVERY_S, or forced)."""
         now = self.mono()
         if not (force or (self.dirty and now - self.last_flush > FLUSH_EVERY_S)):
             return
+        if self.sys_write is not None:
+            if not (force or self.sys_write.done()):
+                return  # one write at a time: the next takes the state as it is by then
+            self.took_system_write(self.sys_write.result())
         self.refresh_titles()
         self.refresh_index()
+        # A copy the loop no longer touches, for the chores thread to write.
+        snapshot = self.sys.model_dump_json()
+        self.sys_write = self.chores.submit(self.write_system_state, snapshot)
+        self.dirty, self.last_flush = False, now
+        if force:
+            self.took_system_write(self.sys_write.result())
+
+    def write_system_state(self, snapshot: str) -> StateError | LockTimeout | None:
+        """(chores thread) Write system-state.json; return what stopped it, if anything."""
+        state = SystemState.model_validate_json(snapshot)
 
         def merge(disk: SystemState) -> SystemState:
-            # The person's field wins: a pause written by hand is never overwritten. (A shallow
-            # copy: the store renders it at once and keeps nothing of it.)
-            return self.sys.model_copy(update={"version": disk.version, "paused": disk.paused})
+            # The person's field wins: a pause written by hand is never overwritten.
+            return state.model_copy(update={"version": disk.version, "paused": disk.paused})
 
         try:
             self.sys_file.update(merge)
-            self.dirty, self.last_flush = False, now
         except (StateError, LockTimeout) as exc:
-            self.report_problem(exc) if isinstance(exc, StateError) else None
+            return exc
+        return None
+
+    def took_system_write(self, failed: StateError | LockTimeout | None) -> None:
+        self.sys_write = None
+        if failed is not None:
+            self.dirty = True  # written again at the next flush
+            if isinstance(failed, StateError):
+                self.report_problem(failed)
 
     def send(self, wid: str, payload: protocol.Payload, task_id: str | None = None) -> None:
         message = protocol.make(

@@ -12,6 +12,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -28,7 +29,7 @@ from multibot.state import ContextMemory, CurrentTask, PauseView, WorkerState
 from multibot.store import StateFile
 
 if TYPE_CHECKING:  # imported when used: GitPython is slow to import, and workers start often
-    from multibot.worktrees import GitRepo
+    from multibot.worktrees import GitRepo, TaskStart
 
 EXIT_OK = 0
 EXIT_STARTUP = 2
@@ -60,6 +61,9 @@ def agent_env(home: Home, worker_id: str, task_id: str, generation: int) -> dict
         "MULTIBOT_CONTEXT_FILE": str(home.worker_context(worker_id)),
         "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
     }
+
+
+Preparing = tuple[protocol.Envelope, protocol.TaskAssignment, "Future[TaskStart]"]
 
 
 class Worker:
@@ -96,6 +100,10 @@ class Worker:
         self.tidy: str | None = None
         self.start_commit: str | None = None  # where the current task's new branch began
         self.identities: dict[str, dict[str, str]] = {}  # identity_env per worktree
+        # A branch made the careful way (see start_task) is made in this thread, so the loop
+        # goes on beating and reading messages meanwhile.
+        self.prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-prep")
+        self.preparing: Preparing | None = None
         self.heartbeat = HeartbeatWriter(
             home.heartbeat(self.id), self.id, generation, heartbeat_interval
         )
@@ -169,6 +177,7 @@ class Worker:
             self.show("interrupted")
             self.agent.stop(2.0)
         finally:
+            self.prep.shutdown(wait=False, cancel_futures=True)
             self.inbox.close()
             self._log.close()
         return EXIT_OK
@@ -180,6 +189,7 @@ class Worker:
         for message in self.inbox.fetch():
             self.handle(message)
             self.inbox.done(message)
+        self.take_branch()
         if self.paused or self.task is None:
             return
         for event in self.agent.poll():
@@ -238,12 +248,13 @@ class Worker:
 
     def _on_assignment(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
         task_id = m.task_id or ""
-        if self.task is not None:
-            if self.task.task_id == task_id:
+        current = self.task or (self.preparing[0] if self.preparing else None)
+        if current is not None:
+            if current.task_id == task_id:
                 return  # the same assignment again (master restarted): already on it
             self.send(
                 protocol.ErrorReport(
-                    kind="protocol", message=f"busy with {self.task.task_id}", recoverable=True
+                    kind="protocol", message=f"busy with {current.task_id}", recoverable=True
                 ),
                 task_id=task_id,
             )
@@ -259,12 +270,75 @@ class Worker:
         self.start_task(m, a)
 
     def start_task(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
-        """Start the agent on an assignment."""
+        """Check out the task's branch, then start the agent on it."""
         task_id = m.task_id or "task"
         tidy, self.tidy = self.tidy == a.working_directory, None  # tidy again once it ends well
         self.start_commit = None
-        if a.repo and not self.prepare_branch(task_id, a, tidy=tidy):
+        if not a.repo:
+            self.run_agent(m, a)
             return
+        repo = self.repos.get((a.repo, a.base_branch))
+        if tidy and repo is not None:
+            # This process left the worktree with everything committed: two git calls make
+            # the branch, here in the loop (the usual case, and the latency that counts).
+            with contextlib.suppress(MultibotError):
+                started = repo.quick_start(Path(a.working_directory), task_id)
+                if started is not None:
+                    self.branch_ready(m, a, started)
+                    return
+        # The careful way may wait for the repository's lock, add the worktree and run the
+        # setup hook: seconds, minutes for a hook that installs packages. A loop that waited
+        # would stop beating and be judged dead.
+        job = self.prep.submit(self.prepare_branch, task_id, a)
+        job.add_done_callback(lambda _: self.inbox.ring())
+        self.preparing = (m, a, job)
+        self.status = "working"
+        self.show(f"… {task_id}: preparing branch {a.branch}")
+
+    def prepare_branch(self, task_id: str, a: protocol.TaskAssignment) -> TaskStart:
+        """(prep thread) Check out the task's branch in the worktree (made on first use)."""
+        from multibot import worktrees
+
+        key = (a.repo, a.base_branch)
+        repo = self.repos.get(key)
+        if repo is None:  # opening checks the repository: once per worker, not per task
+            repo = self.repos[key] = worktrees.GitRepo(
+                Path(a.repo),
+                self.home.integration_worktree,
+                integration_branch=a.base_branch,
+                setup_hook=self.setup_hook,
+            )
+        return repo.begin_task(Path(a.working_directory), task_id)
+
+    def take_branch(self) -> None:
+        """Start the agent once the branch being prepared is ready (not while paused)."""
+        if self.preparing is None or self.paused or not self.preparing[2].done():
+            return
+        m, a, job = self.preparing
+        self.preparing = None
+        try:
+            started = job.result()
+        except MultibotError as exc:
+            self.show(f"✗ cannot prepare {a.branch}: {exc}")
+            self.send(
+                protocol.ErrorReport(kind="git", message=str(exc), recoverable=True),
+                task_id=m.task_id,
+            )
+            self._set_status("idle")
+            return
+        self.branch_ready(m, a, started)
+
+    def branch_ready(
+        self, m: protocol.Envelope, a: protocol.TaskAssignment, started: TaskStart
+    ) -> None:
+        self.start_commit = started.start
+        if started.branch != a.branch:
+            self.show(f"! the master named branch {a.branch}, git gave {started.branch}")
+        self.run_agent(m, a)
+
+    def run_agent(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
+        """Start the agent on an assignment whose branch is checked out."""
+        task_id = m.task_id or "task"
         state = self.state.read()
         memory = self.memory.read()
         self.discoveries_at_start = len(memory.discoveries)
@@ -326,44 +400,18 @@ class Worker:
         self.send(self._status_update("started", f"started {title}"), task_id=task_id)
         self._update_state(started)
 
-    def prepare_branch(
-        self, task_id: str, a: protocol.TaskAssignment, *, tidy: bool = False
-    ) -> bool:
-        """Check out the task's branch in this worker's worktree (made on first use).
-
-        tidy: this process left the worktree with everything committed (its last task ended
-        well), so the branch may be made the quick way; any surprise falls back to the careful.
-        """
-        from multibot import worktrees
-
-        try:
-            key = (a.repo, a.base_branch)
-            repo = self.repos.get(key)
-            if repo is None:  # opening checks the repository: once per worker, not per task
-                repo = self.repos[key] = worktrees.GitRepo(
-                    Path(a.repo),
-                    self.home.integration_worktree,
-                    integration_branch=a.base_branch,
-                    setup_hook=self.setup_hook,
-                )
-            started = repo.begin_task(Path(a.working_directory), task_id, tidy=tidy)
-        except MultibotError as exc:
-            self.show(f"✗ cannot prepare {a.branch}: {exc}")
-            self.send(
-                protocol.ErrorReport(kind="git", message=str(exc), recoverable=True),
-                task_id=task_id,
-            )
-            self._set_status("idle")
-            return False
-        self.start_commit = started.start
-        if started.branch != a.branch:
-            self.show(f"! the master named branch {a.branch}, git gave {started.branch}")
-        return True
-
     def _on_terminate(self, t: protocol.Terminate) -> None:
         self.show(f"■ terminate: {t.reason or 'asked by master'}")
         self.stopping = True
         self.tidy = None
+        if self.preparing is not None:  # its branch is still being made: it never started
+            m, self.preparing = self.preparing[0], None
+            self.send(
+                protocol.ErrorReport(
+                    kind="terminated", message="terminated before it started", recoverable=True
+                ),
+                task_id=m.task_id,
+            )
         if self.task is None:
             self._set_status("stopped")
             return

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from multibot import mailbox, protocol
+from multibot.heartbeat import read_heartbeat
 from multibot.layout import MASTER_ID
 from multibot.worker import Worker
 from multibot.worktrees import GitRepo, TaskStart
@@ -162,6 +163,49 @@ def test_an_older_generation_cannot_come_back(rig: Rig) -> None:
     assert old.wait(timeout=20) == 3  # EXIT_REPLACED: it writes nothing and leaves
     assert json.loads(rig.home.worker_state("w1").read_text())["generation"] == 2
     assert new.poll() is None
+
+
+def test_a_slow_worktree_setup_does_not_stop_the_heartbeat(rig: Rig) -> None:
+    # The first task makes the worktree and runs the setup hook (installing packages, say):
+    # far longer than the 3 heartbeat intervals after which the master judges a worker dead.
+    gate, ran = rig.tmp / "hook-may-end", rig.tmp / "hook-ran"
+    rig.home.master_config.parent.mkdir(parents=True, exist_ok=True)
+    rig.home.master_config.write_text(
+        json.dumps(
+            {
+                "heartbeat_interval": 0.2,
+                "worktree_setup": f"until [ -e {gate} ]; do sleep 0.05; done; touch {ran}",
+            }
+        )
+    )
+    rig.start_worker()
+    payload = protocol.TaskAssignment(
+        title="t9",
+        description="do t9",
+        branch="multibot/t9",
+        working_directory=str(rig.home.worktree("w1")),
+        commands=["echo done > done.txt"],
+        repo=str(rig.git.root),
+    )
+    rig.send(payload, task_id="t9")
+    wait_until(lambda: (rig.home.worktree("w1") / ".git").exists(), 20)  # the hook runs now
+
+    def seq() -> int:
+        hb = read_heartbeat(rig.home.heartbeat("w1"))
+        return hb.seq if hb is not None else 0
+
+    first = seq()
+    wait_until(lambda: seq() >= first + 8, 20)  # over 5 intervals, still beating
+    req = rig.send(protocol.StatusRequest())  # and still reading its inbox
+    reply = rig.expect(protocol.StatusUpdate, kind="status")
+    assert reply.correlation_id == req.id
+    assert isinstance(reply.payload, protocol.StatusUpdate) and reply.payload.status == "working"
+    assert not ran.exists() and not rig.received(protocol.TaskComplete)
+    gate.touch()
+    rig.expect(protocol.StatusUpdate, kind="started")
+    done = rig.expect(protocol.TaskComplete).payload
+    assert isinstance(done, protocol.TaskComplete) and done.files_changed == ["done.txt"]
+    assert ran.exists()
 
 
 def run_here(w: Worker, rig: Rig, task_id: str, commands: list[str]) -> protocol.Envelope:
