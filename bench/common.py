@@ -129,8 +129,25 @@ def machine() -> dict[str, str]:
         "git": version(["git", "--version"]).removeprefix("git version "),
         "tmux": version(["tmux", "-V"]).removeprefix("tmux "),
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "pressure": pressure(),
         "commit": commit + (" + uncommitted changes in multibot/" if dirty else ""),
     }
+
+
+def pressure() -> str:
+    """Return the CPU and I/O pressure of the minute before the call (share of time stalled).
+
+    On a shared virtual machine other tenants slow this one without showing in its load or its
+    processes: a high figure here says that a run's times are the machine's, not multibot's.
+    """
+    said = []
+    for kind, line in (("cpu", "some"), ("io", "full")):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            for row in Path(f"/proc/pressure/{kind}").read_text().splitlines():
+                if row.startswith(line):
+                    avg60 = float(row.split()[2].split("=")[1])
+                    said.append(f"{kind} {avg60:.1f}%")
+    return " ".join(said) or "-"
 
 
 def print_machine(info: dict[str, str]) -> None:

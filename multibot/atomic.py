@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import queue
 import socket
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -61,3 +64,33 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
         raise
     if fsync:
         fsync_dir(path.parent)
+
+
+_closing: queue.SimpleQueue[int] = queue.SimpleQueue()
+_closer: threading.Thread | None = None
+_closer_lock = threading.Lock()
+
+
+def close_later(fd: int) -> None:
+    """Close fd soon, from a background thread, not the caller's.
+
+    Closing the last handle of a file that was replaced or deleted frees its blocks; on a file
+    system mounted with `discard` (common on cloud disks) that waits for the device, a
+    millisecond or more, which a writer on a latency path should not pay.
+    """
+    global _closer
+    if sys.is_finalizing():  # no thread can start now
+        os.close(fd)
+        return
+    with _closer_lock:
+        if _closer is None or not _closer.is_alive():  # (none yet, or this is a forked child)
+            _closer = threading.Thread(target=_close_forever, name="fd-closer", daemon=True)
+            _closer.start()
+    _closing.put(fd)
+
+
+def _close_forever() -> None:
+    while True:
+        fd = _closing.get()
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -40,7 +40,7 @@ import filelock
 import pydantic_core
 from pydantic import BaseModel, ValidationError
 
-from multibot.atomic import atomic_write, fsync_dir, unique_name, write_durable
+from multibot.atomic import atomic_write, close_later, fsync_dir, unique_name, write_durable
 from multibot.errors import LockTimeout, MultibotError, StateError
 from multibot.layout import backup_of, lock_of
 
@@ -148,7 +148,7 @@ class StateFile(Generic[M]):
     def close(self) -> None:
         """Stop watching inodes moved away by our writes; the object stays usable."""
         while self._moved:
-            self._drop(self._moved[0])
+            self._drop(self._moved[0], at_once=True)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -310,7 +310,14 @@ class StateFile(Generic[M]):
                 linked = True
                 fsync_dir(path.parent)
             if captured is not None:
-                os.replace(prev, aside or backup_of(path))
+                target = aside or backup_of(path)
+                try:  # held, so the version it replaces is freed by close_later, not here
+                    held = os.open(target, os.O_RDONLY)
+                except OSError:
+                    held = -1
+                os.replace(prev, target)
+                if held >= 0:
+                    close_later(held)
                 if aside is None:
                     self._watch(fd, captured)
                     fd = -1
@@ -360,8 +367,12 @@ class StateFile(Generic[M]):
         for moved in [m for m in self._moved if m.until < now]:
             self._drop(moved)
 
-    def _drop(self, moved: _Moved) -> None:
-        """Stop watching an inode; a late save still in it is set aside and reported."""
+    def _drop(self, moved: _Moved, *, at_once: bool = False) -> None:
+        """Stop watching an inode; a late save still in it is set aside and reported.
+
+        Its handle is closed by close_later (it is often the last one of an old version) unless
+        at_once: close() may run at interpreter exit, when no thread can start.
+        """
         self._moved.remove(moved)
         try:
             data = moved.late()
@@ -371,7 +382,10 @@ class StateFile(Generic[M]):
                 why = f"a save that raced a system write came too late to merge; kept in {aside}"
                 self._notices.append(StateError(self.path, why))
         finally:
-            os.close(moved.fd)
+            if at_once:
+                os.close(moved.fd)
+            else:
+                close_later(moved.fd)
 
     def _late_edits(self) -> tuple[list[tuple[_Moved, bytes, M]], StateError | None]:
         """Return valid saves that reached inodes we moved away, and what is wrong with others."""
