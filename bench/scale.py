@@ -5,10 +5,11 @@
 
 Each run starts a real master (`python -m multibot master --backend shell`) in a private tmux
 server, with max_workers N, idle_worker_timeout 3600 s, heartbeat_interval 1 s, no verify.
-Every task is a no-op: no commands (the shell agent succeeds with "nothing to run") and no
-owned files, so what is measured is multibot's own coordination: bus, state files, git
-branch/worktree/merge handling, tmux, supervision. The default is one run per --workers count
-(phases 1 and 2) and one run of 20 workers (all phases); --quick is one run of 10 workers.
+Every task but the warm-ups is a no-op: no commands (the shell agent succeeds with "nothing
+to run") and no owned files, so what is measured is multibot's own coordination: bus, state
+files, git branch/worktree/merge handling, tmux, supervision. The default is one run per
+--workers count (phases 1 and 2) and one run of 20 workers (all phases); --quick is one run
+of 10 workers.
 
 1. start-up: N tasks warm-1..warm-N with no dependencies, so the master starts N workers at
    once. Measured: from launching the master to the last "worker-started" timeline event
