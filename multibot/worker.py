@@ -10,9 +10,10 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -100,9 +101,7 @@ class Worker:
         self.tidy: str | None = None
         self.start_commit: str | None = None  # where the current task's new branch began
         self.identities: dict[str, dict[str, str]] = {}  # identity_env per worktree
-        # A branch made the careful way (see start_task) is made in this thread, so the loop
-        # goes on beating and reading messages meanwhile.
-        self.prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="worker-prep")
+        # A branch being made the careful way, in a thread (see start_task).
         self.preparing: Preparing | None = None
         self.heartbeat = HeartbeatWriter(
             home.heartbeat(self.id), self.id, generation, heartbeat_interval
@@ -177,7 +176,6 @@ class Worker:
             self.show("interrupted")
             self.agent.stop(2.0)
         finally:
-            self.prep.shutdown(wait=False, cancel_futures=True)
             self.inbox.close()
             self._log.close()
         return EXIT_OK
@@ -221,7 +219,7 @@ class Worker:
         elif not want and self.paused:
             self.paused = False
             self.agent.resume()
-            self._set_status("working" if self.task else "idle")
+            self._set_status("working" if self.task or self.preparing else "idle")
             self.show("▶  resumed")
             deferred, self.deferred = self.deferred, []
             for message in deferred:
@@ -289,8 +287,17 @@ class Worker:
         # The careful way may wait for the repository's lock, add the worktree and run the
         # setup hook: seconds, minutes for a hook that installs packages. A loop that waited
         # would stop beating and be judged dead.
-        job = self.prep.submit(self.prepare_branch, task_id, a)
-        job.add_done_callback(lambda _: self.inbox.ring())
+        job: Future[TaskStart] = Future()
+
+        def prepare() -> None:
+            try:
+                job.set_result(self.prepare_branch(task_id, a))
+            except BaseException as exc:  # taken by take_branch in the loop
+                job.set_exception(exc)
+            self.inbox.ring()
+
+        # A daemon: a worker told to stop does not wait for a hook still running.
+        threading.Thread(target=prepare, name="worker-prep", daemon=True).start()
         self.preparing = (m, a, job)
         self.status = "working"
         self.show(f"… {task_id}: preparing branch {a.branch}")
@@ -406,6 +413,8 @@ class Worker:
         self.tidy = None
         if self.preparing is not None:  # its branch is still being made: it never started
             m, self.preparing = self.preparing[0], None
+            for repo in list(self.repos.values()):
+                repo.stop_hooks()
             self.send(
                 protocol.ErrorReport(
                     kind="terminated", message="terminated before it started", recoverable=True

@@ -16,7 +16,7 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -175,8 +175,16 @@ def _tail(text: str) -> str:
     return f"[... {len(text) - _MAX_OUTPUT} characters cut]\n" + text[-_MAX_OUTPUT:]
 
 
-def run_shell(command: str, cwd: Path, timeout: float | None) -> tuple[int, str]:
-    """Run a shell command in cwd in its own process group; return (exit code, output)."""
+def run_shell(
+    command: str,
+    cwd: Path,
+    timeout: float | None,
+    running: set[subprocess.Popen[bytes]] | None = None,
+) -> tuple[int, str]:
+    """Run a shell command in cwd in its own process group; return (exit code, output).
+
+    running, if given, holds the process while it runs (see GitRepo.stop_hooks).
+    """
     proc = subprocess.Popen(
         command,
         shell=True,
@@ -186,6 +194,16 @@ def run_shell(command: str, cwd: Path, timeout: float | None) -> tuple[int, str]
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    if running is not None:
+        running.add(proc)
+    try:
+        return _finish_shell(proc, timeout)
+    finally:
+        if running is not None:
+            running.discard(proc)
+
+
+def _finish_shell(proc: subprocess.Popen[bytes], timeout: float | None) -> tuple[int, str]:
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -367,8 +385,16 @@ class GitRepo:
         # other's half-written entries ("failed to read .git/worktrees/w0/commondir").
         self._admin = filelock.FileLock(folder / ".git-worktrees.lock")
         self._worktree_locks: dict[Path, filelock.FileLock] = {}
+        self._hooks: set[subprocess.Popen[bytes]] = set()  # setup hooks running (stop_hooks)
         # The integration worktree's state is unknown until this object has reset it once.
         self._integration_unclean = True
+
+    def stop_hooks(self) -> None:
+        """Kill the setup hooks running (from another thread): their worktrees are removed."""
+        for proc in list(self._hooks):
+            if proc.poll() is None:  # not reaped, so its pid (the group id) is still ours
+                with suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
 
     # -- names ---------------------------------------------------------------------------
     def branch_for(self, task_id: str) -> str:
@@ -847,7 +873,7 @@ class GitRepo:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._admin_git(self.root, "worktree", "add", "--quiet", "--detach", str(path), commit)
         if self.setup_hook:
-            code, output = run_shell(self.setup_hook, path, self.command_timeout)
+            code, output = run_shell(self.setup_hook, path, self.command_timeout, self._hooks)
             if code != 0:
                 # Remove the new worktree so the next attempt runs the hook again.
                 remove = ("worktree", "remove", "--force", str(path))

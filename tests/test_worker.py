@@ -6,6 +6,7 @@ import io
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -169,26 +170,7 @@ def test_a_slow_worktree_setup_does_not_stop_the_heartbeat(rig: Rig) -> None:
     # The first task makes the worktree and runs the setup hook (installing packages, say):
     # far longer than the 3 heartbeat intervals after which the master judges a worker dead.
     gate, ran = rig.tmp / "hook-may-end", rig.tmp / "hook-ran"
-    rig.home.master_config.parent.mkdir(parents=True, exist_ok=True)
-    rig.home.master_config.write_text(
-        json.dumps(
-            {
-                "heartbeat_interval": 0.2,
-                "worktree_setup": f"until [ -e {gate} ]; do sleep 0.05; done; touch {ran}",
-            }
-        )
-    )
-    rig.start_worker()
-    payload = protocol.TaskAssignment(
-        title="t9",
-        description="do t9",
-        branch="multibot/t9",
-        working_directory=str(rig.home.worktree("w1")),
-        commands=["echo done > done.txt"],
-        repo=str(rig.git.root),
-    )
-    rig.send(payload, task_id="t9")
-    wait_until(lambda: (rig.home.worktree("w1") / ".git").exists(), 20)  # the hook runs now
+    slow_setup_first_task(rig, f"until [ -e {gate} ]; do sleep 0.05; done; touch {ran}")
 
     def seq() -> int:
         hb = read_heartbeat(rig.home.heartbeat("w1"))
@@ -206,6 +188,38 @@ def test_a_slow_worktree_setup_does_not_stop_the_heartbeat(rig: Rig) -> None:
     done = rig.expect(protocol.TaskComplete).payload
     assert isinstance(done, protocol.TaskComplete) and done.files_changed == ["done.txt"]
     assert ran.exists()
+
+
+def test_terminate_while_the_branch_is_prepared_reports_and_exits(rig: Rig) -> None:
+    hook = rig.tmp / "hook.pid"
+    proc = slow_setup_first_task(rig, f"echo $$ > {hook}; sleep 300")
+    pid = int(wait_until(lambda: hook.exists() and hook.read_text().strip(), 20))
+    rig.send(protocol.Terminate(reason="test"))
+    err = rig.expect(protocol.ErrorReport, kind="terminated")
+    assert err.task_id == "t9" and isinstance(err.payload, protocol.ErrorReport)
+    assert "before it started" in err.payload.message
+    assert proc.wait(timeout=10) == 0  # without waiting for the hook
+    wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10)  # which was stopped too
+
+
+def slow_setup_first_task(rig: Rig, hook: str) -> subprocess.Popen[bytes]:
+    """Start w1 with a worktree setup hook and give it task t9; return once the hook runs."""
+    rig.home.master_config.parent.mkdir(parents=True, exist_ok=True)
+    rig.home.master_config.write_text(
+        json.dumps({"heartbeat_interval": 0.2, "worktree_setup": hook})
+    )
+    proc = rig.start_worker()
+    payload = protocol.TaskAssignment(
+        title="t9",
+        description="do t9",
+        branch="multibot/t9",
+        working_directory=str(rig.home.worktree("w1")),
+        commands=["echo done > done.txt"],
+        repo=str(rig.git.root),
+    )
+    rig.send(payload, task_id="t9")
+    wait_until(lambda: (rig.home.worktree("w1") / ".git").exists(), 20)  # the hook runs now
+    return proc
 
 
 def run_here(w: Worker, rig: Rig, task_id: str, commands: list[str]) -> protocol.Envelope:
