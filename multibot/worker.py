@@ -97,7 +97,7 @@ class Worker:
         self.master_contact: float | None = None
         self.repos: dict[tuple[str, str], GitRepo] = {}
         # The worktree this process prepared for its last task, which ended with everything
-        # committed: its next branch may start the quick way (see GitRepo.begin_task).
+        # committed: its next branch may start the quick way (see GitRepo.quick_start).
         self.tidy: str | None = None
         self.start_commit: str | None = None  # where the current task's new branch began
         self.identities: dict[str, dict[str, str]] = {}  # identity_env per worktree

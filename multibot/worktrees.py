@@ -430,17 +430,13 @@ class GitRepo:
         """Check out the task's branch in worktree (new from integration, or as left); return it."""
         return self.begin_task(worktree, task_id).branch
 
-    def begin_task(self, worktree: Path, task_id: str, *, tidy: bool = False) -> TaskStart:
+    def begin_task(self, worktree: Path, task_id: str) -> TaskStart:
         """Check out the task's branch as start_task does; say where a new branch began.
 
-        tidy: the caller itself left this worktree with everything committed, so quick_start
-        is tried first; whatever it does not handle goes the careful way below.
+        The careful way, for any state of the worktree; quick_start is the fast way for a
+        worktree its worker left with everything committed.
         """
         branch = self.branch_for(task_id)
-        if tidy:
-            started = self.quick_start(worktree, task_id)
-            if started is not None:
-                return started
         path = self._abs(worktree)
         if path == self.integration_worktree:
             raise GitError(f"{path} is the integration worktree; tasks run in worker worktrees")

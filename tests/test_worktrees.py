@@ -545,7 +545,7 @@ def test_quick_start_makes_the_branch_at_the_integration_tip(repo: Path, home: P
     sha = worktrees.commit_all(w1, "work")
     assert sha is not None and worktrees.settled(w1) == sha != tip
     assert worktrees.changed_files(w1, "multibot/integration") == ["b.txt"]
-    assert gr.begin_task(w1, "t3", tidy=True) == worktrees.TaskStart("multibot/t3", tip)
+    assert gr.quick_start(w1, "t3") == worktrees.TaskStart("multibot/t3", tip)
 
 
 def test_quick_start_leaves_what_it_cannot_do_to_the_careful_way(repo: Path, home: Path) -> None:
@@ -554,16 +554,16 @@ def test_quick_start_leaves_what_it_cannot_do_to_the_careful_way(repo: Path, hom
     tip = git(repo, "rev-parse", "multibot/integration")
     # No worktree yet, or a new one (detached): made and checked the careful way.
     assert gr.quick_start(w1, "t1") is None and not w1.exists()
-    assert gr.begin_task(w1, "t1", tidy=True) == worktrees.TaskStart("multibot/t1", tip)
+    assert gr.begin_task(w1, "t1") == worktrees.TaskStart("multibot/t1", tip)
     gr.ensure_worktree(w2)
     assert gr.quick_start(w2, "t2") is None
-    assert gr.begin_task(w2, "t2", tidy=True) == worktrees.TaskStart("multibot/t2", tip)
+    assert gr.begin_task(w2, "t2") == worktrees.TaskStart("multibot/t2", tip)
     # Dirty (untracked, or a tracked file changed): refused as start_task refuses, untouched.
     for name in ("new.txt", "app.txt"):
         (w1 / name).write_text("half done\n")
         assert gr.quick_start(w1, "t3") is None
         with pytest.raises(GitError, match=f"uncommitted changes \\({name}\\)"):
-            gr.begin_task(w1, "t3", tidy=True)
+            gr.begin_task(w1, "t3")
         if name == "app.txt":
             git(w1, "checkout", "--", name)
         else:
@@ -572,16 +572,16 @@ def test_quick_start_leaves_what_it_cannot_do_to_the_careful_way(repo: Path, hom
     assert "multibot/t3" not in gr.task_branches()
     # Resumed in place: kept as left.
     assert gr.quick_start(w1, "t1") is None
-    assert gr.begin_task(w1, "t1", tidy=True) == worktrees.TaskStart("multibot/t1")
+    assert gr.begin_task(w1, "t1") == worktrees.TaskStart("multibot/t1")
     # The task comes back to another worker: its branch exists (and w1 lets go of it).
     sha = do_task(gr, w1, "t1", {"a.txt": "x\n"})
     assert gr.quick_start(w2, "t1") is None
-    assert gr.begin_task(w2, "t1", tidy=True) == worktrees.TaskStart("multibot/t1")
+    assert gr.begin_task(w2, "t1") == worktrees.TaskStart("multibot/t1")
     assert git(w2, "rev-parse", "HEAD") == sha
     # Not a worker worktree at all.
     assert gr.quick_start(home / "_integration", "t4") is None
     with pytest.raises(GitError, match="integration worktree"):
-        gr.begin_task(home / "_integration", "t4", tidy=True)
+        gr.begin_task(home / "_integration", "t4")
     with pytest.raises(InvalidId):
         gr.quick_start(w1, "../evil")
 
