@@ -314,6 +314,13 @@ class Worker:
                 self.home.integration_worktree,
                 integration_branch=a.base_branch,
                 setup_hook=self.setup_hook,
+                # A hook this incarnation leaves behind when killed is found by the next
+                # one's master like a stray agent (procs.stray_agents), and killed.
+                hook_env={
+                    "MULTIBOT_HOME": str(self.home.root),
+                    "MULTIBOT_WORKER_ID": self.id,
+                    "MULTIBOT_GENERATION": str(self.generation),
+                },
             )
         return repo.begin_task(Path(a.working_directory), task_id)
 

@@ -180,15 +180,18 @@ def run_shell(
     cwd: Path,
     timeout: float | None,
     running: set[subprocess.Popen[bytes]] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[int, str]:
     """Run a shell command in cwd in its own process group; return (exit code, output).
 
-    running, if given, holds the process while it runs (see GitRepo.stop_hooks).
+    running, if given, holds the process while it runs (see GitRepo.stop_hooks); env is
+    added to this process's environment.
     """
     proc = subprocess.Popen(
         command,
         shell=True,
         cwd=cwd,
+        env={**os.environ, **env} if env else None,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -369,6 +372,7 @@ class GitRepo:
         *,
         integration_branch: str = DEFAULT_INTEGRATION,
         setup_hook: str | None = None,
+        hook_env: Mapping[str, str] | None = None,
         command_timeout: float | None = 3600.0,
         lock_timeout: float = 600.0,
     ) -> None:
@@ -376,6 +380,7 @@ class GitRepo:
         self.root = _open_repo(Path(repo))
         self.integration_worktree = Path(integration_worktree).expanduser().resolve()
         self.setup_hook = setup_hook or None
+        self.hook_env = dict(hook_env or {})  # marks the hook's processes as whose they are
         self.command_timeout = command_timeout
         folder = self.integration_worktree.parent
         self._lock_timeout = lock_timeout
@@ -869,7 +874,9 @@ class GitRepo:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._admin_git(self.root, "worktree", "add", "--quiet", "--detach", str(path), commit)
         if self.setup_hook:
-            code, output = run_shell(self.setup_hook, path, self.command_timeout, self._hooks)
+            code, output = run_shell(
+                self.setup_hook, path, self.command_timeout, self._hooks, self.hook_env
+            )
             if code != 0:
                 # Remove the new worktree so the next attempt runs the hook again.
                 remove = ("worktree", "remove", "--force", str(path))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from multibot import mailbox, protocol
+from multibot import mailbox, procs, protocol
 from multibot.heartbeat import read_heartbeat
 from multibot.layout import MASTER_ID
 from multibot.worker import Worker
@@ -200,6 +200,20 @@ def test_terminate_while_the_branch_is_prepared_reports_and_exits(rig: Rig) -> N
     assert "before it started" in err.payload.message
     assert proc.wait(timeout=10) == 0  # without waiting for the hook
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10)  # which was stopped too
+
+
+def test_a_hook_left_by_a_killed_worker_is_found_as_a_stray(rig: Rig) -> None:
+    hook = rig.tmp / "hook.pid"
+    proc = slow_setup_first_task(rig, f"echo $$ > {hook}; sleep 300")
+    pid = int(wait_until(lambda: hook.exists() and hook.read_text().strip(), 20))
+    proc.kill()  # the worker alone: the hook runs in a session of its own
+    proc.wait(timeout=10)
+    assert Path(f"/proc/{pid}").exists()
+    # What the master runs before starting generation 2 in the pane (kill_old_incarnation).
+    assert pid in procs.stray_agents(rig.home, "w1", 2)
+    assert pid not in procs.stray_agents(rig.home, "w1", 1)  # not its own generation's
+    procs.kill(pid)
+    wait_until(lambda: not Path(f"/proc/{pid}").exists() or proc_state(pid) == "Z", 10)
 
 
 def slow_setup_first_task(rig: Rig, hook: str) -> subprocess.Popen[bytes]:
