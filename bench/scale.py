@@ -725,7 +725,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             for n in (int(x) for x in args.workers.split(",") if x.strip()):
                 results.append(run_scale(n, 0, 0, 0, 6.0, 0.0))
-            main_run = run_scale(20, args.tasks or 600, 4, 25, 6.0, args.window, profile)
+            main_run = run_scale(20, args.tasks or 600, 4, 50, 6.0, args.window, profile)
             results.append(main_run)
             results.sort(key=lambda r: r.workers)
         base = baselines(main_run.workers, args.quick)
