@@ -1490,6 +1490,7 @@ class Master:
         return None
 
     def took_system_write(self, failed: StateError | LockTimeout | None) -> None:
+        """Take in the outcome of the last write of system-state.json (in the loop's thread)."""
         self.sys_write = None
         if failed is not None:
             self.dirty = True  # written again at the next flush
