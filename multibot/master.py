@@ -26,7 +26,7 @@ from multibot.launcher import Launcher, worker_argv
 from multibot.layout import MASTER_ID, Home
 from multibot.lifecycle import task_transition
 from multibot.plan import graph_problems, topological_order, validate_plan
-from multibot.scheduler import WorkerSlot, overlaps, schedule
+from multibot.scheduler import ACTIVE, TaskIndex, WorkerSlot, overlaps, schedule
 from multibot.state import (
     BranchInfo,
     Discovery,
@@ -92,6 +92,7 @@ class Master:
         self.order: list[str] = []
         self._dependents: tuple[int, dict[str, list[str]]] = (0, {})  # see dependents()
         self.tasks: dict[str, TaskRecord] = {}
+        self.index = TaskIndex()  # the tasks by status, noted at each change (see set_task)
         self.task_files: dict[str, StateFile[TaskRecord]] = {}
         self.questions: dict[str, StateFile[QuestionRecord]] = {}
         self.watches: dict[str, HeartbeatTracker] = {}
@@ -279,6 +280,7 @@ class Master:
             f.recover()
             rec = f.read()
             self.tasks[tid], self.task_files[tid] = rec, f
+            self.index.note(rec)
             if tid not in self.order:
                 self.order.append(tid)
         for path in sorted(self.home.questions_dir.glob("*.json")):
@@ -289,6 +291,7 @@ class Master:
     def add_task(self, rec: TaskRecord) -> None:
         f = StateFile(self.home.task(rec.id), TaskRecord, default=lambda: rec)
         self.tasks[rec.id], self.task_files[rec.id] = rec, f
+        self.index.note(rec)
         f.update(lambda _: rec)
         if rec.id not in self.order:
             self.order.append(rec.id)
@@ -1013,9 +1016,8 @@ class Master:
     def stop_idle_workers(self) -> None:
         now = self.clock()
         # A task being checked may come back to its worker (whose session knows it): keep them.
-        pending = any(
-            (t.status == "pending" and not t.hold) or t.status == "verifying"
-            for t in self.tasks.values()
+        pending = self.index.ids("verifying") or any(
+            not self.tasks[t].hold for t in self.index.ids("pending")
         )
         if pending:
             return
@@ -1042,7 +1044,7 @@ class Master:
         live = self.live_workers()
         last = self.last_tasks()
         # A verify command runs in the worktree of the task's worker: not a new branch there.
-        checking = {r.worker for r in self.tasks.values() if r.status == "verifying"}
+        checking = {self.tasks[t].worker for t in self.index.ids("verifying")}
         idle = [
             WorkerSlot(w, frozenset(i.capabilities), last.get(w))
             for w, i in live.items()
@@ -1055,6 +1057,7 @@ class Master:
             self.config.max_workers,
             frozenset(self.template.capabilities),
             self.order,
+            self.index,
         )
         for a in plan:
             wid = a.worker_id or self.spawn_worker()
@@ -1077,11 +1080,12 @@ class Master:
         return self._dependents[1]
 
     def last_tasks(self) -> dict[str, str]:
-        """Return, per worker, a task that went back to pending from it (for affinity)."""
+        """Return, per worker, a task that can start and went back to pending from it (for
+        affinity: its worktree holds the branch)."""
         last: dict[str, str] = {}
-        for rec in self.tasks.values():
-            if rec.worker and rec.status == "pending":
-                last.setdefault(rec.worker, rec.id)
+        for tid in self.index.ready():
+            if worker := self.tasks[tid].worker:
+                last.setdefault(worker, tid)
         return last
 
     def send_assignment(self, rec: TaskRecord, wid: str, new: bool = False) -> None:
@@ -1180,7 +1184,7 @@ class Master:
     # == merging ==============================================================================
     def merge_next(self) -> None:
         """Start merging, in plan order, every verified task whose dependencies are merged."""
-        if self.git is None or self.checks.busy("merge"):
+        if self.git is None or self.checks.busy("merge") or not self.index.ids("verified"):
             return
         batch = [
             rec
@@ -1262,9 +1266,7 @@ class Master:
 
     # == bookkeeping ==========================================================================
     def check_done(self) -> None:
-        if not self.tasks or any(
-            t.status not in ("merged", "failed", "cancelled") for t in self.tasks.values()
-        ):
+        if not self.tasks or self.index.ids("pending", *ACTIVE):
             return
         failed = [t.id for t in self.tasks.values() if t.status == "failed"]
         self.sys.phase = "failed" if failed else "done"
@@ -1308,6 +1310,7 @@ class Master:
         """Move a task along its lifecycle; its file is written at the end of the turn."""
         rec.status = task_transition(rec.status, status, f"task {rec.id}")
         self.tasks[rec.id] = rec
+        self.index.note(rec)
         self.unwritten[rec.id] = 0.0
         self.dirty = True
 

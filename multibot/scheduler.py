@@ -8,7 +8,7 @@ for up to the maximum.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -54,12 +54,79 @@ def overlaps(a: Sequence[str], b: Sequence[str]) -> bool:
     return False
 
 
-def ready_tasks(tasks: Mapping[str, TaskRecord], order: Sequence[str] = ()) -> list[TaskRecord]:
-    """Return the tasks that could start now, best first."""
+class TaskIndex:
+    """Which tasks are in each status, and which pending ones have every dependency merged.
+
+    Kept up to date by note() at each change, so a turn looks only at the few tasks that
+    matter: looking at every task each turn cost milliseconds with hundreds of tasks waiting,
+    on the path of every assignment. A task's dependencies not known yet count as not merged.
+    """
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[str, tuple[str, ...]]] = {}  # status and dependencies
+        self._in: dict[str, dict[str, None]] = {}  # status -> task ids (in the order noted)
+        self._missing: dict[str, set[str]] = {}  # pending task -> its dependencies not merged
+        self._waiting: dict[str, set[str]] = {}  # dependency -> pending tasks missing it
+        self._ready: dict[str, None] = {}  # pending, nothing missing
+
+    def note(self, t: TaskRecord) -> None:
+        """Take in a task just added, or whose status (or dependency list) may have changed."""
+        seen = (t.status, tuple(t.task.dependencies))
+        if self._seen.get(t.id) == seen:
+            return
+        self._forget(t.id)
+        self._seen[t.id] = seen
+        self._in.setdefault(t.status, {})[t.id] = None
+        if t.status == "pending":
+            missing = {d for d in seen[1] if self.status(d) != "merged"}
+            for d in missing:
+                self._waiting.setdefault(d, set()).add(t.id)
+            if missing:
+                self._missing[t.id] = missing
+            else:
+                self._ready[t.id] = None
+        elif t.status == "merged":  # for good (see lifecycle): its dependents may be ready
+            for waiter in self._waiting.pop(t.id, set()):
+                missing = self._missing[waiter]
+                missing.discard(t.id)
+                if not missing:
+                    del self._missing[waiter]
+                    self._ready[waiter] = None
+
+    def _forget(self, tid: str) -> None:
+        if tid not in self._seen:
+            return
+        del self._in[self._seen.pop(tid)[0]][tid]
+        self._ready.pop(tid, None)
+        for d in self._missing.pop(tid, set()):
+            self._waiting[d].discard(tid)
+
+    def status(self, tid: str) -> str | None:
+        return self._seen[tid][0] if tid in self._seen else None
+
+    def ids(self, *statuses: str) -> list[str]:
+        """Return the ids of the tasks in any of these statuses."""
+        return [tid for status in statuses for tid in self._in.get(status, {})]
+
+    def ready(self) -> list[str]:
+        """Return the pending tasks whose dependencies are all merged (held ones too)."""
+        return list(self._ready)
+
+
+def ready_tasks(
+    tasks: Mapping[str, TaskRecord], order: Sequence[str] = (), index: TaskIndex | None = None
+) -> list[TaskRecord]:
+    """Return the tasks that could start now, best first (looking only at those the index
+    names, when given one that has noted every task)."""
     rank = {tid: i for i, tid in enumerate(order)}
-    active = [t for t in tasks.values() if t.status in ACTIVE]
+    if index is None:
+        active = [t for t in tasks.values() if t.status in ACTIVE]
+        candidates: Iterable[TaskRecord] = tasks.values()
+    else:
+        active = [tasks[tid] for tid in index.ids(*ACTIVE)]
+        candidates = [tasks[tid] for tid in index.ready()]
     out: list[TaskRecord] = []
-    for t in tasks.values():
+    for t in candidates:
         if t.status != "pending" or t.hold or t.cancel:
             continue
         if any(tasks.get(d) is None or tasks[d].status != "merged" for d in t.task.dependencies):
@@ -84,12 +151,13 @@ def schedule(
     max_workers: int,
     new_worker_capabilities: frozenset[str] = frozenset(),
     order: Sequence[str] = (),
+    index: TaskIndex | None = None,
 ) -> list[Assignment]:
     """Return assignments for this moment: idle workers first, then new workers."""
     free = list(idle)
     can_start = max(0, max_workers - running_workers)
     plan: list[Assignment] = []
-    for t in ready_tasks(tasks, order):
+    for t in ready_tasks(tasks, order, index):
         if not free and can_start <= 0:
             break
         needs = frozenset(t.task.capabilities)

@@ -51,6 +51,16 @@ class Replaced(MultibotError):
     """A newer incarnation of this worker exists: this one must stop without writing."""
 
 
+def _reset_file(path: Path, text: str) -> None:
+    """Make the file at path hold text, leaving it alone if it does already (the usual case:
+    a task's context is most often empty, and rewriting a file costs milliseconds here)."""
+    data = text.encode("utf-8")
+    with contextlib.suppress(OSError):
+        if path.read_bytes() == data:
+            return
+    path.write_bytes(data)
+
+
 def agent_env(home: Home, worker_id: str, task_id: str, generation: int) -> dict[str, str]:
     """Return the environment that lets the agent's `multibot` commands speak for this worker."""
     bindir = str(Path(sys.executable).parent)
@@ -382,8 +392,7 @@ class Worker:
             claude_bin=self.config.claude_bin,
             extra_args=self.config.extra_args,
         )
-        context_file = self.home.worker_context(self.id)
-        context_file.write_text("".join(f"{line}\n" for line in a.context), encoding="utf-8")
+        _reset_file(self.home.worker_context(self.id), "".join(f"{line}\n" for line in a.context))
         self.task, self.task_started = m, self.clock()
         self.turns, self.cost, self.current_tool = 0, 0.0, None
         title = f"{task_id}: {a.title}" if a.title else task_id

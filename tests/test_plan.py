@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from multibot.errors import PlanError
-from multibot.lifecycle import BadTransition, task_transition
+from multibot.lifecycle import TASK_TRANSITIONS, BadTransition, task_transition
 from multibot.plan import find_cycle, load_plan_file, topological_order, validate_plan
-from multibot.scheduler import WorkerSlot, overlaps, ready_tasks, schedule
+from multibot.scheduler import TaskIndex, WorkerSlot, overlaps, ready_tasks, schedule
 from multibot.state import PlanTask, TaskRecord
 from multibot.supervisor import backoff
 
@@ -93,6 +95,45 @@ def test_overlapping_owners_never_run_together() -> None:
     assert "b" not in ids  # inside a running task's folder
     assert "e" in ids
     assert not ("c" in ids and "d" in ids)  # the glob covers db.py
+
+
+HAPPY_PATH = ["pending", "assigned", "running", "verifying", "verified", "merged"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_task_index_agrees_with_looking_at_every_task(data: st.DataObject) -> None:
+    """Tasks added in any order (a dependency may come later), moved along any allowed path:
+    after each step the index names the same tasks as a look at all of them, and so the
+    scheduler picks the same tasks with it as without it."""
+    ids = [f"t{i}" for i in range(data.draw(st.integers(1, 8)))]
+    deps = {t: data.draw(st.lists(st.sampled_from(ids), max_size=3, unique=True)) for t in ids}
+    tasks: dict[str, TaskRecord] = {}
+    index = TaskIndex()
+    for _ in range(data.draw(st.integers(1, 60))):
+        tid = data.draw(st.sampled_from(ids))
+        if tid not in tasks:
+            tasks[tid] = task(tid, [d for d in deps[tid] if d != tid])
+        else:
+            status = tasks[tid].status
+            moves = sorted(TASK_TRANSITIONS[status])
+            if not moves:  # merged, cancelled
+                continue
+            onward = HAPPY_PATH[HAPPY_PATH.index(status) + 1] if status in HAPPY_PATH else None
+            if onward is None or data.draw(st.integers(0, 3)) == 0:  # mostly onward
+                onward = data.draw(st.sampled_from(moves))
+            tasks[tid].status = onward  # type: ignore[assignment]
+        index.note(tasks[tid])
+        for status in TASK_TRANSITIONS:
+            assert set(index.ids(status)) == {t for t, r in tasks.items() if r.status == status}
+        ready = {
+            t
+            for t, r in tasks.items()
+            if r.status == "pending"
+            and all(d in tasks and tasks[d].status == "merged" for d in r.task.dependencies)
+        }
+        assert set(index.ready()) == ready
+        assert ready_tasks(tasks, ids, index) == ready_tasks(tasks, ids)
 
 
 @pytest.mark.parametrize(
