@@ -107,10 +107,53 @@ def list_inboxes(home: Home) -> list[str]:
 
 def send(home: Home, message: Envelope, *, fsync: bool = True) -> Path:
     """Deliver message to its recipient's inbox; return the file's path in new/."""
+    return stage(home, message, fsync=fsync).publish()
+
+
+def stage(home: Home, message: Envelope, *, fsync: bool = True) -> Staged:
+    """Write message, durably if fsync, into its recipient's tmp/, to deliver with publish().
+
+    For a sender whose message must wait for something else (its own state file): the
+    writing and its disk sync are done meanwhile, and only the link into new/ waits. A staged
+    message never published is a leftover in tmp/, cleaned up and never delivered.
+    """
     if message.recipient == BROADCAST:
         raise ValueError("recipient '*' goes through broadcast(), which returns every copy")
     inbox = home.inbox(message.recipient)
-    return _deliver(inbox, f"{message.id}.json", protocol.encode(message), fsync)
+    return _stage(inbox, f"{message.id}.json", protocol.encode(message), fsync)
+
+
+@dataclass(frozen=True)
+class Staged:
+    """A message written into an inbox's tmp/, not delivered yet (see stage())."""
+
+    inbox: InboxPaths
+    name: str
+    tmp: Path
+    fsync: bool
+
+    def publish(self) -> Path:
+        """Deliver: link into new/ (made durable if fsync); return the path there."""
+        inbox, new_dir = self.inbox, self.inbox.new
+        try:
+            target = _link_unique(self.tmp, new_dir, self.name)
+            try:
+                if self.fsync:
+                    fsync_dir(new_dir)
+            except OSError:  # visible but not durable: take it back, the caller gets the error
+                with contextlib.suppress(OSError):
+                    os.unlink(target)
+                raise
+        except OSError as exc:
+            raise _failure(inbox, exc) from exc
+        finally:
+            self.discard()
+        return target
+
+    def discard(self) -> None:
+        """Remove the staged file (it is never delivered)."""
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
 
 
 def broadcast(home: Home, message: Envelope, *, fsync: bool = True) -> list[Path]:
@@ -124,7 +167,7 @@ def broadcast(home: Home, message: Envelope, *, fsync: bool = True) -> list[Path
         if owner == message.sender or owner.startswith(EPHEMERAL_PREFIX):
             continue
         with contextlib.suppress(UnknownRecipient):  # inbox removed meanwhile
-            paths.append(_deliver(home.inbox(owner), f"{message.id}.json", data, fsync))
+            paths.append(_stage(home.inbox(owner), f"{message.id}.json", data, fsync).publish())
     return paths
 
 
@@ -176,29 +219,13 @@ def request(
         remove_inbox(home, ask)
 
 
-def _deliver(inbox: InboxPaths, name: str, data: bytes, fsync: bool) -> Path:
+def _stage(inbox: InboxPaths, name: str, data: bytes, fsync: bool) -> Staged:
     if not inbox.root.is_dir():
         raise UnknownRecipient(inbox.root.name, inbox.root)
     try:
-        tmp = _write_tmp(inbox.tmp, data, fsync)
+        return Staged(inbox, name, _write_tmp(inbox.tmp, data, fsync), fsync)
     except OSError as exc:
         raise _failure(inbox, exc) from exc
-    new_dir = inbox.new
-    try:
-        target = _link_unique(tmp, new_dir, name)
-        try:
-            if fsync:
-                fsync_dir(new_dir)
-        except OSError:  # visible but not durable: take it back, the caller gets the error
-            with contextlib.suppress(OSError):
-                os.unlink(target)
-            raise
-    except OSError as exc:
-        raise _failure(inbox, exc) from exc
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    return target
 
 
 def _write_tmp(tmp_dir: Path, data: bytes, fsync: bool) -> Path:

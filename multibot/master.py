@@ -11,10 +11,10 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from multibot import mailbox, procs, protocol, worktrees
 from multibot.advisor import Advice, Advisor
@@ -1329,32 +1329,24 @@ class Master:
         mono = self.mono()
         due = [tid for tid, retry_at in self.unwritten.items() if retry_at <= mono]
         outbox, self.outbox = self.outbox, []
-        named = {m.task_id for m in outbox} & set(due)
+        named = {m.task_id for m in outbox if m.task_id is not None} & set(due)
         # The files messages wait for first in the queue; the rest right behind, not after:
         # a second round of disk syncs would slow every turn.
         writes = {
-            self.io.submit(self.write_task, tid): tid
+            tid: self.io.submit(self.write_task, tid)
             for tid in sorted(due, key=lambda tid: tid not in named)
         }
         by_recipient: dict[str, list[protocol.Envelope]] = {}
         for message in outbox:
             by_recipient.setdefault(message.recipient, []).append(message)
-        waiting = []  # (messages to one recipient, the task files they wait for)
+        # Queued behind every write, so a delivery never holds a thread a write waits for.
         sends = []
         for messages in by_recipient.values():
-            needs = {m.task_id for m in messages if m.task_id in named}
-            if needs:
-                waiting.append((messages, needs))
-            else:
-                sends.append(self.io.submit(self.deliver, messages))
-        for done in as_completed(writes):
-            tid = writes[done]
-            for messages, needs in waiting:
-                if tid in needs:
-                    needs.discard(tid)
-                    if not needs:
-                        sends.append(self.io.submit(self.deliver, messages))
-            self.took_write(tid, done.result())
+            after = [writes[t] for m in messages if (t := m.task_id or "") in named]
+            sends.append(self.io.submit(self.deliver, messages, after))
+        tids = {write: tid for tid, write in writes.items()}
+        for done in as_completed(tids):
+            self.took_write(tids[done], done.result())
         self.checks.release()
         for send in sends:
             for message, exc in send.result():
@@ -1364,13 +1356,21 @@ class Master:
             self.inbox.done(*taken)
 
     def deliver(
-        self, messages: list[protocol.Envelope]
+        self, messages: list[protocol.Envelope], after: Sequence[Future[Any]]
     ) -> list[tuple[protocol.Envelope, MultibotError]]:
-        """Send messages in order (from an io thread); return those that failed, and why."""
-        failed = []
+        """Send messages in order once the writes in after are done (from an io thread); return
+        those that failed, and why. Each is written and synced meanwhile: only its link into
+        the inbox waits."""
+        failed, staged = [], []
         for message in messages:
             try:
-                mailbox.send(self.home, message)
+                staged.append((message, mailbox.stage(self.home, message)))
+            except MultibotError as exc:
+                failed.append((message, exc))
+        wait(after)
+        for message, ready in staged:
+            try:
+                ready.publish()
             except MultibotError as exc:
                 failed.append((message, exc))
         return failed

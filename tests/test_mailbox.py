@@ -100,6 +100,19 @@ def test_send_then_fetch_then_done(home: Home) -> None:
     assert home.inbox("master").handled_log.read_text() == f"{sent.id}\n"
 
 
+def test_a_staged_message_is_delivered_only_when_published(home: Home) -> None:
+    first, second = note("w1", "master", "first"), note("w1", "master", "second")
+    staged = mailbox.stage(home, first)
+    dropped = mailbox.stage(home, second)
+    with mailbox.Receiver(home, "master", watch=False) as rx:
+        assert rx.fetch() == []  # written and synced, but not in new/
+        assert staged.publish() == home.inbox("master").new / f"{first.id}.json"
+        dropped.discard()
+        assert rx.fetch() == [first]
+        assert rx.fetch() == []
+    assert files(home.inbox("master").tmp) == []
+
+
 def test_send_to_star_needs_broadcast(home: Home) -> None:
     with pytest.raises(ValueError, match="broadcast"):
         mailbox.send(home, note("w1", "*", "hi"))
