@@ -1369,8 +1369,13 @@ class Master:
                 failed.append((message, exc))
         wait(after)
         for message, ready in staged:
+            # An assignment's link is not synced (a disk sync on the way of every task's
+            # start): it reaches the disk with the file system's next commit, seconds later,
+            # and one lost in a machine crash is sent again at start (resend_assignments), as
+            # its synced task file says it was assigned.
+            sync = not isinstance(message.payload, protocol.TaskAssignment)
             try:
-                ready.publish()
+                ready.publish(sync=sync)
             except MultibotError as exc:
                 failed.append((message, exc))
         return failed
