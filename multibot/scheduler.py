@@ -78,7 +78,7 @@ class TaskIndex:
         self._seen[t.id] = seen
         self._in.setdefault(t.status, {})[t.id] = None
         if t.status == "pending":
-            missing = {d for d in seen[1] if self.status(d) != "merged"}
+            missing = {d for d in seen[1] if d not in self._seen or self._seen[d][0] != "merged"}
             for d in missing:
                 self._waiting.setdefault(d, set()).add(t.id)
             if missing:
@@ -100,9 +100,6 @@ class TaskIndex:
         self._ready.pop(tid, None)
         for d in self._missing.pop(tid, set()):
             self._waiting[d].discard(tid)
-
-    def status(self, tid: str) -> str | None:
-        return self._seen[tid][0] if tid in self._seen else None
 
     def ids(self, *statuses: str) -> list[str]:
         """Return the ids of the tasks in any of these statuses."""

@@ -279,6 +279,11 @@ def wait_for(run: Run, flag: str) -> str:
     return f"until [ -f {run.marks / flag} ]; do sleep 0.1; done"
 
 
+def shell_task(tid: str, *commands: str, **extra: Any) -> dict[str, Any]:
+    """A plan entry for the shell backend, titled and described by its id unless told."""
+    return {"id": tid, "title": tid, "description": tid, "commands": list(commands), **extra}
+
+
 def release(run: Run, flag: str) -> None:
     (run.marks / flag).write_text("go\n")
 
@@ -734,12 +739,7 @@ def test_a_frozen_worker_is_replaced_and_its_stale_messages_ignored(make_run: An
 def two_tasks(run: Run) -> None:
     """t1 waits for the flag "go" and counts its runs; t2 comes after it."""
     first = f"echo $$ >> {run.marks / 't1.runs'}; {wait_for(run, 'go')}"
-    run.plan(
-        [
-            {"id": "t1", "title": "t1", "description": "t1", "commands": [first, "echo 1 > 1"]},
-            {"id": "t2", "title": "t2", "description": "t2", "commands": ["echo 2 > 2"]},
-        ]
-    )
+    run.plan([shell_task("t1", first, "echo 1 > 1"), shell_task("t2", "echo 2 > 2")])
 
 
 def test_a_worker_launched_just_before_a_master_crash_is_adopted(make_run: Any) -> None:
@@ -827,32 +827,16 @@ def test_hold_priority_and_cancel_by_hand_edit(make_run: Any) -> None:
     run: Run = make_run(max_workers=1)
     run.plan(
         [
-            {
-                "id": "first",
-                "title": "first",
-                "description": "first",
-                "commands": [wait_for(run, "first-go"), "echo first > first.txt"],
-            },
-            {"id": "low", "title": "low", "description": "low", "commands": ["echo low > low.txt"]},
-            {
-                "id": "high",
-                "title": "high",
-                "description": "high",
-                "commands": ["echo high > high.txt"],
-            },
-            {
-                "id": "held",
-                "title": "held",
-                "description": "held",
-                "commands": ["echo held > held.txt"],
-            },
-            {
-                "id": "doomed",
-                "title": "doomed",
-                "description": "runs until cancelled",
-                "dependencies": ["high"],
-                "commands": ["echo partial > doomed.txt; sleep 300"],
-            },
+            shell_task("first", wait_for(run, "first-go"), "echo first > first.txt"),
+            shell_task("low", "echo low > low.txt"),
+            shell_task("high", "echo high > high.txt"),
+            shell_task("held", "echo held > held.txt"),
+            shell_task(
+                "doomed",
+                "echo partial > doomed.txt; sleep 300",
+                description="runs until cancelled",
+                dependencies=["high"],
+            ),
         ]
     )
     run.start_master()
@@ -891,19 +875,8 @@ def test_a_broken_hand_edit_of_a_task_file_is_kept_and_the_task_written_once_fix
     run: Run = make_run(max_workers=1)
     run.plan(
         [
-            {
-                "id": "a",
-                "title": "a",
-                "description": "a",
-                "commands": [wait_for(run, "a-go"), "echo a > a.txt"],
-            },
-            {
-                "id": "b",
-                "title": "b",
-                "description": "b",
-                "dependencies": ["a"],
-                "commands": [wait_for(run, "b-go"), "echo b > b.txt"],
-            },
+            shell_task("a", wait_for(run, "a-go"), "echo a > a.txt"),
+            shell_task("b", wait_for(run, "b-go"), "echo b > b.txt", dependencies=["a"]),
         ]
     )
     run.start_master()
@@ -933,18 +906,16 @@ def test_a_worker_gets_no_new_task_while_its_last_one_is_checked_in_its_worktree
     checked = run.marks / "a.checked"
     run.plan(
         [
-            {
-                "id": "a",
-                "title": "a",
-                "description": "a",
-                "priority": 1,
-                "commands": ["echo a > a.txt"],
-                "verify": (
+            shell_task(
+                "a",
+                "echo a > a.txt",
+                priority=1,
+                verify=(
                     f"touch {run.marks / 'a.verifying'}; {wait_for(run, 'a-go')}; "
                     f"git rev-parse --abbrev-ref HEAD > {checked}; test -f a.txt"
                 ),
-            },
-            {"id": "b", "title": "b", "description": "b", "commands": ["echo b > b.txt"]},
+            ),
+            shell_task("b", "echo b > b.txt"),
         ]
     )
     run.start_master()
