@@ -2,9 +2,9 @@
 
 Jobs run one at a time, in the order given; the master's loop polls for their results each
 tick, so it keeps reading messages and judging heartbeats while a test suite runs. A job
-submitted during a turn starts only when the turn is committed (`release`): a check or merge
-never runs ahead of the task file that says it is under way, so a crash in between finds the
-task where the file says it is.
+submitted during a turn starts only once the turn's task files are written (the master seals
+the turn's jobs, then releases them): a check or merge never runs ahead of the task file that
+says it is under way, so a crash in between finds the task where the file says it is.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ class Checks:
         self._pending: set[Hashable] = set()
         self._held: list[tuple[Hashable, Callable[[], Any]]] = []
         self._thread: threading.Thread | None = None
+        self._closed = False
 
     def submit(self, key: Hashable, job: Callable[[], Any]) -> bool:
         """Hold job under key until release; False if that key is held, waiting or running."""
@@ -44,17 +45,23 @@ class Checks:
         self._held.append((key, job))
         return True
 
-    def release(self) -> None:
-        """Start the jobs submitted since the last release, in order."""
-        if not self._held:
+    def seal(self) -> list[tuple[Hashable, Callable[[], Any]]]:
+        """Take the jobs held since the last seal, to start later with release(jobs)."""
+        held, self._held = self._held, []
+        return held
+
+    def release(self, jobs: list[tuple[Hashable, Callable[[], Any]]] | None = None) -> None:
+        """Start jobs from seal() (default: every job held now), in order."""
+        if jobs is None:
+            jobs = self.seal()
+        if not jobs or self._closed:
             return
         if self._thread is None:
             # A daemon: a master interrupted mid-check must not hang on exit; a cut merge is
             # recovered on restart and a cut check is run again.
             self._thread = threading.Thread(target=self._run, name="master-checks", daemon=True)
             self._thread.start()
-        held, self._held = self._held, []
-        for item in held:
+        for item in jobs:
             self._jobs.put(item)
 
     def pending(self, key: Hashable) -> bool:
@@ -77,8 +84,8 @@ class Checks:
             out.append(done)
 
     def close(self, wait: float = 1.0) -> None:
-        """Stop taking jobs (held ones never start); give a running one a moment to end."""
-        self._held = []
+        """Stop taking jobs (held and sealed ones never start); give a running one a moment."""
+        self._held, self._closed = [], True
         if self._thread is not None:
             self._jobs.put(None)
             self._thread.join(wait)

@@ -11,8 +11,9 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -57,6 +58,20 @@ AUDIT_MAX_AGE_S = 7 * 86400.0
 AUDIT_MAX_COUNT = 20_000
 
 LIVE_WORKER = ("starting", "idle", "working", "blocked", "paused", "error")
+
+Written = TaskRecord | StateError | LockTimeout  # what writing a task's file came to
+
+
+@dataclass
+class Turn:
+    """A committed turn whose task files are not all written yet (see Master.commit)."""
+
+    needs: dict[str, int]  # task id -> the change count its written file must reach
+    taken: list[protocol.Envelope]  # messages handled in the turn, marked so once it is written
+    jobs: list[tuple[Hashable, Callable[[], Any]]]  # checks and merges, started then
+
+    def written(self, done: dict[str, int]) -> bool:
+        return all(done.get(tid, -1) >= n for tid, n in self.needs.items())
 
 
 class Master:
@@ -114,8 +129,14 @@ class Master:
         self.pending_window: dict[str, float] = {}
         # What a turn did, made durable and let out together by commit() (see there).
         self.unwritten: dict[str, float] = {}  # task id -> earliest retry (mono) of its file
+        self.changes: dict[str, int] = {}  # task id -> changes made to it (set_task)
+        self.touched: set[str] = set()  # tasks changed in this turn
+        self.writing: dict[str, tuple[int, Future[Written]]] = {}  # id -> (its changes, write)
+        self.written: dict[str, int] = {}  # task id -> changes its last finished write held
+        self.turns: list[Turn] = []  # committed, their files still being written
         self.outbox: list[protocol.Envelope] = []
         self.taken: list[protocol.Envelope] = []  # messages handled, not yet marked so
+        self.undelivered: list[tuple[protocol.Envelope, MultibotError]] = []  # (io threads)
         # commit() writes files and sends in parallel: each waits on its disk sync, and the
         # file system commits many syncs together, so a turn's writes take about as long as one.
         self.io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="master-io")
@@ -339,7 +360,7 @@ class Master:
 
     def close(self) -> None:
         self.checks.close()
-        self.commit()
+        self.settle()
         self.io.shutdown()
         self.flush(force=True)
         self.chores.shutdown()
@@ -748,6 +769,8 @@ class Master:
         self.last_edits = mono
         self.take_system_edits()
         for tid, f in self.task_files.items():
+            if tid in self.writing:  # the io thread has the file now: look next time
+                continue
             if self.tasks[tid].status in ("merged", "cancelled"):
                 f.expire()  # over: hold, cancel and priority mean nothing now
                 continue
@@ -1312,10 +1335,13 @@ class Master:
         self.tasks[rec.id] = rec
         self.index.note(rec)
         self.unwritten[rec.id] = 0.0
+        self.changes[rec.id] = self.changes.get(rec.id, 0) + 1
+        self.touched.add(rec.id)
         self.dirty = True
 
     def commit(self) -> None:
-        """End a turn: write the changed task files, send the messages, mark those taken in.
+        """End a turn: write the changed task files, send the messages, and once the files are
+        written, mark the messages taken in and start the checks and merges; do not wait.
 
         In this order a crash loses nothing: a message is marked handled only once what it
         changed is on disk (else it is handled again after a restart, which is harmless), no
@@ -1323,37 +1349,76 @@ class Master:
         before the task file says it is verifying or verified. Batching the turn's writes and
         marks also spares a file write per transition and a sync per message.
 
-        Each recipient's messages (in order) go as soon as the files of the tasks they name
-        are written: an assignment waits for its own task file, not for every file of the turn.
+        The loop goes on while the files are written (a write ends with disk syncs, milliseconds
+        each on a busy disk; a file locked by another process holds its write for seconds). A
+        turn is finished once the files of the tasks it changed are written, whatever became of
+        earlier turns; each recipient's messages go (in order) as soon as the files of the tasks
+        they name are written. One write at a time per task file: a change made while its file
+        is being written is written next, and the messages naming it wait for that.
         """
+        self.take_writes()
         mono = self.mono()
-        due = [tid for tid, retry_at in self.unwritten.items() if retry_at <= mono]
         outbox, self.outbox = self.outbox, []
-        named = {m.task_id for m in outbox if m.task_id is not None} & set(due)
+        held: set[str] = set()  # recipients whose messages wait for a later turn
+        sending: list[protocol.Envelope] = []
+        for message in outbox:
+            tid = message.task_id or ""
+            behind = tid in self.writing and self.writing[tid][0] != self.changes.get(tid, 0)
+            if behind or message.recipient in held:
+                held.add(message.recipient)
+                self.outbox.append(message)
+            else:
+                sending.append(message)
+        due = [t for t, at in self.unwritten.items() if at <= mono and t not in self.writing]
+        named = {m.task_id for m in sending if m.task_id is not None}
         # The files messages wait for first in the queue; the rest right behind, not after:
         # a second round of disk syncs would slow every turn.
-        writes = {
-            tid: self.io.submit(self.write_task, tid)
-            for tid in sorted(due, key=lambda tid: tid not in named)
-        }
+        for tid in sorted(due, key=lambda tid: tid not in named):
+            # A copy: the loop changes the record while the io thread writes it. Shallow is
+            # enough, as the loop replaces the record's lists and models, never edits them.
+            write = self.io.submit(self.write_task, tid, self.tasks[tid].model_copy())
+            self.writing[tid] = (self.changes.get(tid, 0), write)
+            write.add_done_callback(lambda _: self.wake())
         by_recipient: dict[str, list[protocol.Envelope]] = {}
-        for message in outbox:
+        for message in sending:
             by_recipient.setdefault(message.recipient, []).append(message)
         # Queued behind every write, so a delivery never holds a thread a write waits for.
-        sends = []
         for messages in by_recipient.values():
-            after = [writes[t] for m in messages if (t := m.task_id or "") in named]
-            sends.append(self.io.submit(self.deliver, messages, after))
-        tids = {write: tid for tid, write in writes.items()}
-        for done in as_completed(tids):
-            self.took_write(tids[done], done.result())
-        self.checks.release()
-        for send in sends:
-            for message, exc in send.result():
-                self.event("send-failed", f"{message.type} to {message.recipient}: {exc}")
-        if self.taken and self.inbox is not None:
-            taken, self.taken = self.taken, []
-            self.inbox.done(*taken)
+            after = [self.writing[t][1] for m in messages if (t := m.task_id or "") in self.writing]
+            self.io.submit(self.deliver, messages, after).add_done_callback(self.took_delivery)
+        needs = {tid: self.changes[tid] for tid in self.touched}
+        taken, self.taken, self.touched = self.taken, [], set()
+        self.turns.append(Turn(needs, taken, self.checks.seal()))
+        self.take_writes()
+
+    def take_writes(self) -> None:
+        """Take in the task files written since the last look; finish the turns now written."""
+        for tid, (count, write) in list(self.writing.items()):
+            if write.done():
+                del self.writing[tid]
+                self.took_write(tid, count, write.result())
+        while self.undelivered:
+            message, exc = self.undelivered.pop(0)
+            self.event("send-failed", f"{message.type} to {message.recipient}: {exc}")
+        for turn in [turn for turn in self.turns if turn.written(self.written)]:
+            self.turns.remove(turn)
+            self.checks.release(turn.jobs)
+            if turn.taken and self.inbox is not None:
+                self.inbox.done(*turn.taken)
+
+    def settle(self) -> None:
+        """Commit, and wait until every task file due is written and every turn finished."""
+        self.commit()
+        while self.writing:
+            wait([write for _count, write in self.writing.values()])
+            self.commit()
+
+    def took_delivery(self, sent: Future[list[tuple[protocol.Envelope, MultibotError]]]) -> None:
+        """(io thread) Note the messages that could not be sent; their events are the loop's."""
+        failed = sent.result()
+        if failed:
+            self.undelivered.extend(failed)
+            self.wake()
 
     def deliver(
         self, messages: list[protocol.Envelope], after: Sequence[Future[Any]]
@@ -1380,10 +1445,12 @@ class Master:
                 failed.append((message, exc))
         return failed
 
-    def took_write(self, tid: str, written: TaskRecord | StateError | LockTimeout) -> None:
-        """Take in the outcome of writing a task's file (in the loop's thread)."""
+    def took_write(self, tid: str, count: int, written: Written) -> None:
+        """Take in the outcome of writing a task's file, which held count changes (loop)."""
+        self.written[tid] = count  # a refused write too: the turns waiting on it go on
         if isinstance(written, TaskRecord):
-            del self.unwritten[tid]
+            if self.changes.get(tid, 0) == count:
+                del self.unwritten[tid]
             self.tasks[tid].version = written.version
             self.take_edit(self.tasks[tid], written)
             return
@@ -1396,9 +1463,8 @@ class Master:
         else:
             self.event("state-write-refused", str(written), task=tid)
 
-    def write_task(self, tid: str) -> TaskRecord | StateError | LockTimeout:
-        """Write one task's file (from an io thread; the loop waits); return it or the error."""
-        mine = self.tasks[tid]
+    def write_task(self, tid: str, mine: TaskRecord) -> Written:
+        """Write one task's file as mine (an io thread); return what was written or the error."""
 
         def merge(disk: TaskRecord) -> TaskRecord:
             return mine.model_copy(

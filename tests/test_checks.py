@@ -53,3 +53,28 @@ def test_a_job_starts_only_when_released() -> None:
     wait_until(lambda: results.extend(checks.poll()) or bool(results))
     assert results == [Done("job", value=None)]
     checks.close()
+
+
+def test_sealed_jobs_start_when_their_batch_is_released_and_never_after_close() -> None:
+    before = set(threading.enumerate())
+    checks = Checks()
+    first, second = threading.Event(), threading.Event()
+    assert checks.submit("first", first.set)
+    turn = checks.seal()
+    assert checks.submit("second", second.set)  # a later turn's job: not in the batch
+    checks.release(turn)
+    assert first.wait(10)
+    results: list[Done] = []
+    wait_until(lambda: results.extend(checks.poll()) or bool(results))
+    assert results == [Done("first", value=None)]
+    assert not second.is_set() and checks.pending("second")
+    checks.close()
+
+    # A master shutting down with a turn still being written: its sealed merge must not start.
+    closing = Checks()
+    assert closing.submit("merge", second.set)
+    batch = closing.seal()
+    closing.close()
+    closing.release(batch)
+    assert not [t for t in set(threading.enumerate()) - before if t.name == "master-checks"]
+    assert not second.is_set()

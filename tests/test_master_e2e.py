@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import filelock
 import pytest
 
 from multibot import mailbox, protocol
-from multibot.layout import MASTER_ID, Home
+from multibot.layout import MASTER_ID, Home, lock_of
 from multibot.panes import Tmux
 from multibot.timeline import read_timeline
 from tests.helpers import wait_until
@@ -928,4 +929,27 @@ def test_a_worker_gets_no_new_task_while_its_last_one_is_checked_in_its_worktree
     release(run, "a-go")
     assert run.finish() == 0
     assert checked.read_text() == "multibot/a\n"  # the check saw a's branch to the end
+    assert run.merges() == Counter({"a": 1, "b": 1})
+
+
+def test_a_task_file_locked_by_another_process_holds_up_only_that_task(make_run: Any) -> None:
+    run: Run = make_run(max_workers=2)
+    run.plan(
+        [
+            shell_task("a", wait_for(run, "a-go"), "echo a > a.txt"),
+            shell_task("b", wait_for(run, "b-go"), "echo b > b.txt"),
+        ]
+    )
+    run.start_master()
+    wait_until(lambda: all(run.task(t)["status"] == "running" for t in "ab"), 60)
+    # Another process (an editor's plugin, a stuck script) holds a's file: the master's write
+    # of it waits for the lock, up to 10 s, then tries again. The rest of the run goes on.
+    with filelock.FileLock(str(lock_of(run.home.task("a")))):
+        release(run, "a-go")
+        wait_until(lambda: run.has_event("verified", task="a"), 30)  # a's write is waiting now
+        release(run, "b-go")
+        wait_until(lambda: run.task("b")["status"] == "merged", 8)
+        assert run.task("a")["status"] == "running"  # its file is still the locked one
+    wait_until(lambda: run.task("a")["status"] == "merged", 30)
+    assert run.finish() == 0
     assert run.merges() == Counter({"a": 1, "b": 1})
