@@ -8,6 +8,7 @@ master killed at any point and started again rebuilds itself from those files an
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -131,6 +132,7 @@ class Master:
         self.unwritten: dict[str, float] = {}  # task id -> earliest retry (mono) of its file
         self.changes: dict[str, int] = {}  # task id -> changes made to it (set_task)
         self.touched: set[str] = set()  # tasks changed in this turn
+        self.awaited: set[str] = set()  # tasks whose write, once done, lets the loop act (wake)
         self.writing: dict[str, tuple[int, Future[Written]]] = {}  # id -> (its changes, write)
         self.written: dict[str, int] = {}  # task id -> changes its last finished write held
         self.turns: list[Turn] = []  # committed, their files still being written
@@ -1337,6 +1339,8 @@ class Master:
         self.unwritten[rec.id] = 0.0
         self.changes[rec.id] = self.changes.get(rec.id, 0) + 1
         self.touched.add(rec.id)
+        if rec.id in self.writing:  # this change is written once the write under way is done
+            self.awaited.add(rec.id)
         self.dirty = True
 
     def commit(self) -> None:
@@ -1367,6 +1371,8 @@ class Master:
             if behind or message.recipient in held:
                 held.add(message.recipient)
                 self.outbox.append(message)
+                if behind:
+                    self.awaited.add(tid)
             else:
                 sending.append(message)
         due = [t for t, at in self.unwritten.items() if at <= mono and t not in self.writing]
@@ -1378,7 +1384,7 @@ class Master:
             # enough, as the loop replaces the record's lists and models, never edits them.
             write = self.io.submit(self.write_task, tid, self.tasks[tid].model_copy())
             self.writing[tid] = (self.changes.get(tid, 0), write)
-            write.add_done_callback(lambda _: self.wake())
+            write.add_done_callback(functools.partial(self.written_one, tid))
         by_recipient: dict[str, list[protocol.Envelope]] = {}
         for message in sending:
             by_recipient.setdefault(message.recipient, []).append(message)
@@ -1388,14 +1394,27 @@ class Master:
             self.io.submit(self.deliver, messages, after).add_done_callback(self.took_delivery)
         needs = {tid: self.changes[tid] for tid in self.touched}
         taken, self.taken, self.touched = self.taken, [], set()
-        self.turns.append(Turn(needs, taken, self.checks.seal()))
+        turn = Turn(needs, taken, self.checks.seal())
+        if turn.jobs:  # a check or merge waits for these files
+            self.awaited.update(needs)
+        self.turns.append(turn)
         self.take_writes()
+
+    def written_one(self, tid: str, _write: Future[Written]) -> None:
+        """(io thread) A task's file is written: wake the loop if something waits for it.
+
+        Otherwise the next turn takes it in: a wake per write would make the loop turn for
+        nothing, and take CPU from the workers and from the writes themselves.
+        """
+        if tid in self.awaited:
+            self.wake()
 
     def take_writes(self) -> None:
         """Take in the task files written since the last look; finish the turns now written."""
         for tid, (count, write) in list(self.writing.items()):
             if write.done():
                 del self.writing[tid]
+                self.awaited.discard(tid)
                 self.took_write(tid, count, write.result())
         while self.undelivered:
             message, exc = self.undelivered.pop(0)
