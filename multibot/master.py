@@ -55,6 +55,7 @@ SUPERVISE_EVERY_S = 0.25
 EDITS_EVERY_S = 0.5
 # system-state.json is for people and the status view; every worker re-reads it when it changes.
 FLUSH_EVERY_S = 0.5
+START_WAIT_S = 0.5  # how long a turn waits for its assignments to go out (see commit)
 AUDIT_MAX_AGE_S = 7 * 86400.0
 AUDIT_MAX_COUNT = 20_000
 
@@ -133,7 +134,8 @@ class Master:
         self.changes: dict[str, int] = {}  # task id -> changes made to it (set_task)
         self.touched: set[str] = set()  # tasks changed in this turn
         self.awaited: set[str] = set()  # tasks whose write, once done, lets the loop act (wake)
-        self.writing: dict[str, tuple[int, Future[Written]]] = {}  # id -> (its changes, write)
+        # task id -> (the changes it holds, the write, resolved once the file is in place)
+        self.writing: dict[str, tuple[int, Future[Written], Future[None]]] = {}
         self.written: dict[str, int] = {}  # task id -> changes its last finished write held
         self.turns: list[Turn] = []  # committed, their files still being written
         self.outbox: list[protocol.Envelope] = []
@@ -1382,16 +1384,24 @@ class Master:
         for tid in sorted(due, key=lambda tid: tid not in named):
             # A copy: the loop changes the record while the io thread writes it. Shallow is
             # enough, as the loop replaces the record's lists and models, never edits them.
-            write = self.io.submit(self.write_task, tid, self.tasks[tid].model_copy())
-            self.writing[tid] = (self.changes.get(tid, 0), write)
+            shown: Future[None] = Future()
+            write = self.io.submit(self.write_task, tid, self.tasks[tid].model_copy(), shown)
+            self.writing[tid] = (self.changes.get(tid, 0), write, shown)
             write.add_done_callback(functools.partial(self.written_one, tid))
         by_recipient: dict[str, list[protocol.Envelope]] = {}
         for message in sending:
             by_recipient.setdefault(message.recipient, []).append(message)
         # Queued behind every write, so a delivery never holds a thread a write waits for.
+        starts = []
         for messages in by_recipient.values():
-            after = [self.writing[t][1] for m in messages if (t := m.task_id or "") in self.writing]
-            self.io.submit(self.deliver, messages, after).add_done_callback(self.took_delivery)
+            after = [self.writing[t][2] for m in messages if (t := m.task_id or "") in self.writing]
+            send = self.io.submit(self.deliver, messages, after)
+            send.add_done_callback(self.took_delivery)
+            if any(isinstance(m.payload, protocol.TaskAssignment) for m in messages):
+                starts.append(send)
+        # An assignment is on the way of a worker's start: the loop waits for it to go (a
+        # while at most), as the loop's own work would slow the io threads (one GIL).
+        wait(starts, timeout=START_WAIT_S)
         needs = {tid: self.changes[tid] for tid in self.touched}
         taken, self.taken, self.touched = self.taken, [], set()
         turn = Turn(needs, taken, self.checks.seal())
@@ -1411,7 +1421,7 @@ class Master:
 
     def take_writes(self) -> None:
         """Take in the task files written since the last look; finish the turns now written."""
-        for tid, (count, write) in list(self.writing.items()):
+        for tid, (count, write, _shown) in list(self.writing.items()):
             if write.done():
                 del self.writing[tid]
                 self.awaited.discard(tid)
@@ -1429,7 +1439,7 @@ class Master:
         """Commit, and wait until every task file due is written and every turn finished."""
         self.commit()
         while self.writing:
-            wait([write for _count, write in self.writing.values()])
+            wait([write for _count, write, _shown in self.writing.values()])
             self.commit()
 
     def took_delivery(self, sent: Future[list[tuple[protocol.Envelope, MultibotError]]]) -> None:
@@ -1442,9 +1452,9 @@ class Master:
     def deliver(
         self, messages: list[protocol.Envelope], after: Sequence[Future[Any]]
     ) -> list[tuple[protocol.Envelope, MultibotError]]:
-        """Send messages in order once the writes in after are done (from an io thread); return
-        those that failed, and why. Each is written and synced meanwhile: only its link into
-        the inbox waits."""
+        """Send messages in order once the task files in after are in place (an io thread);
+        return those that failed, and why. Each is written and synced meanwhile: only its link
+        into the inbox waits, and not for the sync of the task files' directory."""
         failed, staged = [], []
         for message in messages:
             try:
@@ -1454,9 +1464,10 @@ class Master:
         wait(after)
         for message, ready in staged:
             # An assignment's link is not synced (a disk sync on the way of every task's
-            # start): it reaches the disk with the file system's next commit, seconds later,
-            # and one lost in a machine crash is sent again at start (resend_assignments), as
-            # its synced task file says it was assigned.
+            # start): it reaches the disk with the file system's next commit, after the task
+            # file's name, which was made first. A machine crash may lose both (the task is
+            # assigned again) or the link only: then the task file says it was assigned, and
+            # the assignment is sent again at start (resend_assignments).
             sync = not isinstance(message.payload, protocol.TaskAssignment)
             try:
                 ready.publish(sync=sync)
@@ -1482,8 +1493,12 @@ class Master:
         else:
             self.event("state-write-refused", str(written), task=tid)
 
-    def write_task(self, tid: str, mine: TaskRecord) -> Written:
-        """Write one task's file as mine (an io thread); return what was written or the error."""
+    def write_task(self, tid: str, mine: TaskRecord, shown: Future[None]) -> Written:
+        """Write one task's file as mine (an io thread); return what was written or the error.
+
+        shown is resolved once the new file is in place, before its directory is synced (see
+        StateFile.update), or once the write failed: the messages naming the task wait for it.
+        """
 
         def merge(disk: TaskRecord) -> TaskRecord:
             return mine.model_copy(
@@ -1496,9 +1511,12 @@ class Master:
             )
 
         try:
-            return self.task_files[tid].update(merge)
+            return self.task_files[tid].update(merge, shown=lambda: shown.set_result(None))
         except (StateError, LockTimeout) as exc:
             return exc
+        finally:
+            if not shown.done():
+                shown.set_result(None)
 
     def refresh_index(self) -> None:
         """Derive the task lists, branches and merge queue of system-state.json from the tasks."""

@@ -207,15 +207,21 @@ class StateFile(Generic[M]):
         return (st.st_ino, st.st_mtime_ns, st.st_size) != self._stat
 
     # -- writing -------------------------------------------------------------------------
-    def update(self, fn: Callable[[M], M]) -> M:
+    def update(self, fn: Callable[[M], M], *, shown: Callable[[], None] | None = None) -> M:
         """Apply fn to the state under the lock and write the result as the next version.
 
         fn may run more than once (when the file changes under us) and should be pure. Raises
         StateError without writing if the file holds an invalid hand edit (left exactly as the
         person saved it), LockTimeout if another process holds the lock too long.
+
+        shown, if given, is called once the new version is in place, its content synced but
+        not yet the directory: the caller may act on it meanwhile (the master sends a task's
+        assignment). A machine crash before the directory sync ends may undo the new name,
+        but not before an action taken after it on a journaling file system, which commits
+        metadata changes in the order they were made.
         """
         with self._locked():
-            new = self._cycle(fn)
+            new = self._cycle(fn, shown)
             if any(m.late() is not None for m in self._moved):  # a save hit the old inode
                 with contextlib.suppress(StateError):  # fn is written; the next call retries
                     new = self._cycle(_identity)
@@ -250,7 +256,7 @@ class StateFile(Generic[M]):
             )
 
     # -- internals -----------------------------------------------------------------------
-    def _cycle(self, fn: Callable[[M], M]) -> M:
+    def _cycle(self, fn: Callable[[M], M], shown: Callable[[], None] | None = None) -> M:
         """Read, merge, apply fn and commit; from the top again if someone saved meanwhile."""
         for _ in range(_CYCLES):
             self._heal()
@@ -264,7 +270,7 @@ class StateFile(Generic[M]):
                 new, written, text = result, raw, None  # nothing would change: no new version
             else:
                 new, written = self._next_version(data, state)
-                if not self._commit(raw, written):
+                if not self._commit(raw, written, shown=shown):
                     continue
                 text = written  # new's JSON, as parsed to make new: no need to render it again
             for moved, seen, _edit in late:
@@ -276,7 +282,14 @@ class StateFile(Generic[M]):
             return new
         raise StateError(self.path, f"kept changing during update; gave up after {_CYCLES} tries")
 
-    def _commit(self, base: bytes | None, data: bytes, *, aside: Path | None = None) -> bool:
+    def _commit(
+        self,
+        base: bytes | None,
+        data: bytes,
+        *,
+        aside: Path | None = None,
+        shown: Callable[[], None] | None = None,
+    ) -> bool:
         """Replace the file by data if it still holds base; False if someone saved meanwhile.
 
         (1) Rename the file to .prev: this captures whatever is there at this instant, so no
@@ -308,6 +321,8 @@ class StateFile(Generic[M]):
                 linked = False
             else:
                 linked = True
+                if shown is not None:
+                    shown()
                 fsync_dir(path.parent)
             if captured is not None:
                 target = aside or backup_of(path)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ConfigDict
 from store_child import Counter, inc
 
+from multibot import store
 from multibot.errors import LockTimeout, StateError
 from multibot.layout import backup_of
 from multibot.store import StateFile, dumps, validate_file
@@ -91,6 +92,27 @@ def test_update_writes_a_pretty_versioned_file_and_keeps_the_previous_as_backup(
     assert sf.update(lambda s: s).version == 2, "a no-op update writes nothing"
     assert leftovers(path.parent) == []
     assert counter_file(path).read() == Counter(version=2, count=2)
+
+
+def test_shown_is_called_once_the_new_version_is_in_place_before_the_directory_sync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "s.json"
+    sf = counter_file(path)
+    sf.update(inc)
+    seen: list[str] = []
+    monkeypatch.setattr(store, "fsync_dir", lambda d: seen.append("dir synced"))
+
+    def shown() -> None:
+        seen.append(f"shown with count {Counter.model_validate_json(path.read_bytes()).count}")
+
+    assert sf.update(inc, shown=shown).count == 2
+    assert seen == ["shown with count 2", "dir synced"]
+    # A refused update (a broken hand edit) shows nothing.
+    hand_save(path, path.read_bytes()[:-5])
+    with pytest.raises(StateError):
+        sf.update(inc, shown=shown)
+    assert seen == ["shown with count 2", "dir synced"]
 
 
 def test_changed_sees_both_editor_styles_with_one_stat(tmp_path: Path) -> None:
