@@ -1453,24 +1453,26 @@ class Master:
         self, messages: list[protocol.Envelope], after: Sequence[Future[Any]]
     ) -> list[tuple[protocol.Envelope, MultibotError]]:
         """Send messages in order once the task files in after are in place (an io thread);
-        return those that failed, and why. Each is written and synced meanwhile: only its link
-        into the inbox waits, and not for the sync of the task files' directory."""
+        return those that failed, and why. Each is written meanwhile: only its link into the
+        inbox waits, and not for the sync of the task files' directory.
+
+        An assignment is not synced to disk at all (two disk syncs on the way of every task's
+        start): its task file, synced, is the record. A machine crash may lose the file's new
+        name and the assignment (the task is assigned again), or the assignment only, or leave
+        it empty (the worker sets it aside as malformed): then the task file says it was
+        assigned, and the assignment is sent again at start (resend_assignments).
+        """
         failed, staged = [], []
         for message in messages:
+            sync = not isinstance(message.payload, protocol.TaskAssignment)
             try:
-                staged.append((message, mailbox.stage(self.home, message)))
+                staged.append((message, mailbox.stage(self.home, message, fsync=sync)))
             except MultibotError as exc:
                 failed.append((message, exc))
         wait(after)
         for message, ready in staged:
-            # An assignment's link is not synced (a disk sync on the way of every task's
-            # start): it reaches the disk with the file system's next commit, after the task
-            # file's name, which was made first. A machine crash may lose both (the task is
-            # assigned again) or the link only: then the task file says it was assigned, and
-            # the assignment is sent again at start (resend_assignments).
-            sync = not isinstance(message.payload, protocol.TaskAssignment)
             try:
-                ready.publish(sync=sync)
+                ready.publish()
             except MultibotError as exc:
                 failed.append((message, exc))
         return failed

@@ -508,7 +508,10 @@ class GitRepo:
         # one), so the repository-wide admin lock, which every worker would queue on, is not
         # needed; but another worker may be switching this worktree off a branch it wants:
         # this worktree's own lock keeps the two from racing for its index.
-        switch = ("switch", "--quiet", "--no-track", "-c", branch, tip)
+        # Already at the tip (nothing merged since this worktree's last task): the branch
+        # starts here, and git leaves the index as it is instead of writing it again.
+        at = () if now.head == tip else (tip,)
+        switch = ("switch", "--quiet", "--no-track", "-c", branch, *at)
         with self._locked(self._worktree_lock(path)):
             if _git(path, *switch, check=False)[0] != 0:
                 return None  # e.g. the branch exists: nothing was changed

@@ -546,6 +546,10 @@ def test_quick_start_makes_the_branch_at_the_integration_tip(repo: Path, home: P
     assert sha is not None and worktrees.settled(w1) == sha != tip
     assert worktrees.changed_files(w1, "multibot/integration") == ["b.txt"]
     assert gr.quick_start(w1, "t3") == worktrees.TaskStart("multibot/t3", tip)
+    # Already at the tip (t3 did nothing yet): the next branch starts right there.
+    assert gr.quick_start(w1, "t4") == worktrees.TaskStart("multibot/t4", tip)
+    assert git(w1, "symbolic-ref", "--short", "HEAD") == "multibot/t4"
+    assert git(w1, "rev-parse", "HEAD") == tip
 
 
 def test_quick_start_leaves_what_it_cannot_do_to_the_careful_way(repo: Path, home: Path) -> None:
