@@ -55,7 +55,7 @@ SUPERVISE_EVERY_S = 0.25
 EDITS_EVERY_S = 0.5
 # system-state.json is for people and the status view; every worker re-reads it when it changes.
 FLUSH_EVERY_S = 0.5
-START_WAIT_S = 0.5  # how long a turn waits for its assignments to go out (see commit)
+TURN_WAIT_S = 0.5  # how long the loop waits for a turn's writes and messages (see commit)
 AUDIT_MAX_AGE_S = 7 * 86400.0
 AUDIT_MAX_COUNT = 20_000
 
@@ -1347,7 +1347,7 @@ class Master:
 
     def commit(self) -> None:
         """End a turn: write the changed task files, send the messages, and once the files are
-        written, mark the messages taken in and start the checks and merges; do not wait.
+        written, mark the messages taken in and start the checks and merges.
 
         In this order a crash loses nothing: a message is marked handled only once what it
         changed is on disk (else it is handled again after a restart, which is harmless), no
@@ -1355,12 +1355,12 @@ class Master:
         before the task file says it is verifying or verified. Batching the turn's writes and
         marks also spares a file write per transition and a sync per message.
 
-        The loop goes on while the files are written (a write ends with disk syncs, milliseconds
-        each on a busy disk; a file locked by another process holds its write for seconds). A
-        turn is finished once the files of the tasks it changed are written, whatever became of
-        earlier turns; each recipient's messages go (in order) as soon as the files of the tasks
-        they name are written. One write at a time per task file: a change made while its file
-        is being written is written next, and the messages naming it wait for that.
+        The loop waits for that a moment (TURN_WAIT_S) and goes on if a write takes longer (a
+        file locked by another process holds its write for seconds). A turn is finished once
+        the files of the tasks it changed are written, whatever became of earlier turns; each
+        recipient's messages go (in order) as soon as the files of the tasks they name are in
+        place. One write at a time per task file: a change made while its file is being
+        written is written next, and the messages naming it wait for that.
         """
         self.take_writes()
         mono = self.mono()
@@ -1392,22 +1392,23 @@ class Master:
         for message in sending:
             by_recipient.setdefault(message.recipient, []).append(message)
         # Queued behind every write, so a delivery never holds a thread a write waits for.
-        starts = []
+        sends: list[Future[Any]] = []
         for messages in by_recipient.values():
             after = [self.writing[t][2] for m in messages if (t := m.task_id or "") in self.writing]
-            send = self.io.submit(self.deliver, messages, after)
-            send.add_done_callback(self.took_delivery)
-            if any(isinstance(m.payload, protocol.TaskAssignment) for m in messages):
-                starts.append(send)
-        # An assignment is on the way of a worker's start: the loop waits for it to go (a
-        # while at most), as the loop's own work would slow the io threads (one GIL).
-        wait(starts, timeout=START_WAIT_S)
+            sends.append(self.io.submit(self.deliver, messages, after))
+            sends[-1].add_done_callback(self.took_delivery)
         needs = {tid: self.changes[tid] for tid in self.touched}
         taken, self.taken, self.touched = self.taken, [], set()
         turn = Turn(needs, taken, self.checks.seal())
-        if turn.jobs:  # a check or merge waits for these files
-            self.awaited.update(needs)
-        self.turns.append(turn)
+        if needs or turn.taken or turn.jobs:
+            if turn.jobs:  # a check or merge waits for these files
+                self.awaited.update(needs)
+            self.turns.append(turn)
+        # The loop waits for the turn's writes and messages as long as they take a moment:
+        # its own work would slow the io threads (they share one GIL), and an assignment is on
+        # the way of a worker's start. A write that takes longer goes on without the loop.
+        sends += [self.writing[t][1] for t in needs if t in self.writing]
+        wait(sends, TURN_WAIT_S)
         self.take_writes()
 
     def written_one(self, tid: str, _write: Future[Written]) -> None:
