@@ -196,10 +196,13 @@ class StateFile(Generic[M]):
         return self._problem or (self._notices.pop(0) if self._notices else None)
 
     def changed(self) -> bool:
-        """Say cheaply (stat calls) whether the file may differ from what was last read."""
+        """Say cheaply (a stat, and a read of each inode our writes moved away in the last
+        seconds) whether the file may differ from what was last read."""
         self.expire()
-        if self._problem is not None or self._notices or self._racy or self._moved:
-            return True  # (_moved empties a few seconds after our last write)
+        if self._problem is not None or self._notices or self._racy:
+            return True
+        if any(m.late() is not None for m in self._moved):  # a save raced one of our writes
+            return True
         try:
             st = os.stat(self.path)
         except FileNotFoundError:

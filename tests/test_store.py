@@ -313,6 +313,32 @@ def test_a_late_save_into_the_old_inode_is_taken_in(tmp_path: Path) -> None:
     assert sf.update(inc) == Counter(version=3, count=3, notes=["late"])
 
 
+def test_changed_after_our_own_write_reads_nothing_until_a_late_save_arrives(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "s.json"
+    sf = counter_file(path)
+    sf.update(inc)
+    fds: list[int] = []
+
+    def inc_while_an_editor_opens(state: Counter) -> Counter:
+        if not fds:
+            fds.append(os.open(path, os.O_WRONLY))
+        return inc(state)
+
+    sf.update(inc_while_an_editor_opens)
+    os.utime(path, ns=(1, 1))  # an old file time: not a racy stat
+    assert sf.read() == Counter(version=2, count=2)
+    # The previous version's inode is still watched for a late save, but none came.
+    assert not sf.changed()
+    late = set_notes(dumps(Counter(version=1, count=1).model_dump()), ["late"])
+    os.ftruncate(fds[0], 0)
+    os.pwrite(fds[0], late, 0)
+    os.close(fds[0])
+    assert sf.changed()
+    assert sf.read().notes == ["late"]  # taken in, as a read does
+
+
 def test_a_late_save_is_taken_in_by_the_next_read_or_kept_aside(tmp_path: Path) -> None:
     path = tmp_path / "s.json"
     sf = counter_file(path)
