@@ -50,10 +50,8 @@ class Checks:
         held, self._held = self._held, []
         return held
 
-    def release(self, jobs: list[tuple[Hashable, Callable[[], Any]]] | None = None) -> None:
-        """Start jobs from seal() (default: every job held now), in order."""
-        if jobs is None:
-            jobs = self.seal()
+    def release(self, jobs: list[tuple[Hashable, Callable[[], Any]]]) -> None:
+        """Start jobs taken by seal(), in order (none once closed)."""
         if not jobs or self._closed:
             return
         if self._thread is None:

@@ -132,14 +132,14 @@ class Staged:
     tmp: Path
     fsync: bool
 
-    def publish(self, *, sync: bool | None = None) -> Path:
-        """Deliver: link into new/, the link made durable if sync (default: as staged);
-        return the path there."""
+    def publish(self) -> Path:
+        """Deliver: link into new/ (made durable if the message was staged so); return the
+        path there."""
         inbox, new_dir = self.inbox, self.inbox.new
         try:
             target = _link_unique(self.tmp, new_dir, self.name)
             try:
-                if self.fsync if sync is None else sync:
+                if self.fsync:
                     fsync_dir(new_dir)
             except OSError:  # visible but not durable: take it back, the caller gets the error
                 with contextlib.suppress(OSError):

@@ -8,7 +8,6 @@ master killed at any point and started again rebuilds itself from those files an
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import sys
 import time
@@ -133,7 +132,6 @@ class Master:
         self.unwritten: dict[str, float] = {}  # task id -> earliest retry (mono) of its file
         self.changes: dict[str, int] = {}  # task id -> changes made to it (set_task)
         self.touched: set[str] = set()  # tasks changed in this turn
-        self.awaited: set[str] = set()  # tasks whose write, once done, lets the loop act (wake)
         # task id -> (the changes it holds, the write, resolved once the file is in place)
         self.writing: dict[str, tuple[int, Future[Written], Future[None]]] = {}
         self.written: dict[str, int] = {}  # task id -> changes its last finished write held
@@ -1341,8 +1339,6 @@ class Master:
         self.unwritten[rec.id] = 0.0
         self.changes[rec.id] = self.changes.get(rec.id, 0) + 1
         self.touched.add(rec.id)
-        if rec.id in self.writing:  # this change is written once the write under way is done
-            self.awaited.add(rec.id)
         self.dirty = True
 
     def commit(self) -> None:
@@ -1373,59 +1369,45 @@ class Master:
             if behind or message.recipient in held:
                 held.add(message.recipient)
                 self.outbox.append(message)
-                if behind:
-                    self.awaited.add(tid)
             else:
                 sending.append(message)
         due = [t for t, at in self.unwritten.items() if at <= mono and t not in self.writing]
         named = {m.task_id for m in sending if m.task_id is not None}
         # The files messages wait for first in the queue; the rest right behind, not after:
         # a second round of disk syncs would slow every turn.
+        waits: list[Future[Any]] = []
         for tid in sorted(due, key=lambda tid: tid not in named):
             # A copy: the loop changes the record while the io thread writes it. Shallow is
             # enough, as the loop replaces the record's lists and models, never edits them.
             shown: Future[None] = Future()
             write = self.io.submit(self.write_task, tid, self.tasks[tid].model_copy(), shown)
             self.writing[tid] = (self.changes.get(tid, 0), write, shown)
-            write.add_done_callback(functools.partial(self.written_one, tid))
+            waits.append(write)
         by_recipient: dict[str, list[protocol.Envelope]] = {}
         for message in sending:
             by_recipient.setdefault(message.recipient, []).append(message)
         # Queued behind every write, so a delivery never holds a thread a write waits for.
-        sends: list[Future[Any]] = []
         for messages in by_recipient.values():
             after = [self.writing[t][2] for m in messages if (t := m.task_id or "") in self.writing]
-            sends.append(self.io.submit(self.deliver, messages, after))
-            sends[-1].add_done_callback(self.took_delivery)
+            waits.append(self.io.submit(self.deliver, messages, after))
+            waits[-1].add_done_callback(self.took_delivery)
         needs = {tid: self.changes[tid] for tid in self.touched}
         taken, self.taken, self.touched = self.taken, [], set()
         turn = Turn(needs, taken, self.checks.seal())
         if needs or turn.taken or turn.jobs:
-            if turn.jobs:  # a check or merge waits for these files
-                self.awaited.update(needs)
             self.turns.append(turn)
         # The loop waits for the turn's writes and messages as long as they take a moment:
         # its own work would slow the io threads (they share one GIL), and an assignment is on
-        # the way of a worker's start. A write that takes longer goes on without the loop.
-        sends += [self.writing[t][1] for t in needs if t in self.writing]
-        wait(sends, TURN_WAIT_S)
+        # the way of a worker's start. What takes longer (a locked file) goes on without the
+        # loop, whose next turns (every tick at least) take it in.
+        wait(waits, TURN_WAIT_S)
         self.take_writes()
-
-    def written_one(self, tid: str, _write: Future[Written]) -> None:
-        """(io thread) A task's file is written: wake the loop if something waits for it.
-
-        Otherwise the next turn takes it in: a wake per write would make the loop turn for
-        nothing, and take CPU from the workers and from the writes themselves.
-        """
-        if tid in self.awaited:
-            self.wake()
 
     def take_writes(self) -> None:
         """Take in the task files written since the last look; finish the turns now written."""
         for tid, (count, write, _shown) in list(self.writing.items()):
             if write.done():
                 del self.writing[tid]
-                self.awaited.discard(tid)
                 self.took_write(tid, count, write.result())
         while self.undelivered:
             message, exc = self.undelivered.pop(0)
@@ -1445,10 +1427,7 @@ class Master:
 
     def took_delivery(self, sent: Future[list[tuple[protocol.Envelope, MultibotError]]]) -> None:
         """(io thread) Note the messages that could not be sent; their events are the loop's."""
-        failed = sent.result()
-        if failed:
-            self.undelivered.extend(failed)
-            self.wake()
+        self.undelivered.extend(sent.result())
 
     def deliver(
         self, messages: list[protocol.Envelope], after: Sequence[Future[Any]]

@@ -28,7 +28,7 @@ def test_jobs_run_in_order_and_report_values_and_errors() -> None:
     assert checks.busy("merge") and checks.pending(("verify", "a"))
     assert checks.poll() == []  # nothing finished while the first job waits
     assert order == []
-    checks.release()
+    checks.release(checks.seal())
     gate.set()
     results: list[Done] = []
     wait_until(lambda: results.extend(checks.poll()) or len(results) == 2)
@@ -47,7 +47,7 @@ def test_a_job_starts_only_when_released() -> None:
     # Held until the turn that submitted it is committed: no thread exists that could run it.
     assert not [t for t in set(threading.enumerate()) - before if t.name == "master-checks"]
     assert not ran.is_set() and checks.pending("job")
-    checks.release()
+    checks.release(checks.seal())
     assert ran.wait(10)
     results: list[Done] = []
     wait_until(lambda: results.extend(checks.poll()) or bool(results))
