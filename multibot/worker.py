@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, NamedTuple, TextIO
 
 from multibot import mailbox, protocol
 from multibot.agents import Agent, AgentEvent, AgentOutcome, AgentSpec, make_agent
@@ -37,6 +37,22 @@ EXIT_STARTUP = 2
 EXIT_REPLACED = 3
 
 MAX_NOTES = 200
+
+# How long the worker's own check that a worktree has everything committed stands in for a
+# new one when its next task starts there (GitRepo.quick_start's clean_at). Between one task's
+# end and the next assignment no one is meant to touch a worker's worktree: its agent is gone
+# and the master merges in its own (it runs a task's verify command here, so a task with one
+# is not vouched for). A start this soon after the check skips a `git status`; later (a
+# person may have looked in and edited), git looks again.
+CLEAN_TRUST_S = 1.0
+
+
+class Tidy(NamedTuple):
+    """A worktree this process saw with everything committed, at commit `head`."""
+
+    path: str
+    head: str | None  # None: not known (the next start checks with git)
+    at: float  # time.monotonic() of the check
 
 
 class Stopped(MultibotError):
@@ -113,7 +129,7 @@ class Worker:
         self.repos: dict[tuple[str, str], GitRepo] = {}
         # The worktree this process prepared for its last task, which ended with everything
         # committed: its next branch may start the quick way (see GitRepo.quick_start).
-        self.tidy: str | None = None
+        self.tidy: Tidy | None = None
         self.start_commit: str | None = None  # where the current task's new branch began
         self.identities: dict[str, dict[str, str]] = {}  # identity_env per worktree
         # A branch being made the careful way, in a thread (see start_task).
@@ -287,17 +303,21 @@ class Worker:
     def start_task(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
         """Check out the task's branch, then start the agent on it."""
         task_id = m.task_id or "task"
-        tidy, self.tidy = self.tidy == a.working_directory, None  # tidy again once it ends well
+        tidy, self.tidy = self.tidy, None  # tidy again once it ends well
         self.start_commit = None
         if not a.repo:
             self.run_agent(m, a)
             return
         repo = self.repos.get((a.repo, a.base_branch))
-        if tidy and repo is not None:
-            # This process left the worktree with everything committed: two git calls make
-            # the branch, here in the loop (the usual case, and the latency that counts).
+        if tidy and tidy.path == a.working_directory and repo is not None:
+            # This process left the worktree with everything committed: the branch is made
+            # here in the loop (the usual case, and the latency that counts), with at most
+            # two git calls, none if the check that found it clean was moments ago.
+            recent = time.monotonic() - tidy.at <= CLEAN_TRUST_S
             with contextlib.suppress(MultibotError):
-                started = repo.quick_start(Path(a.working_directory), task_id)
+                started = repo.quick_start(
+                    Path(a.working_directory), task_id, clean_at=tidy.head if recent else None
+                )
                 if started is not None:
                     self.branch_ready(m, a, started)
                     return
@@ -528,7 +548,10 @@ class Worker:
             if head is None:
                 commit = self._commit(a, f"multibot: {task_id} {a.title}".rstrip())
             if a.repo:  # prepared by this process (start_task), and now all committed
-                self.tidy = a.working_directory
+                # The master runs the task's verify command here next: what it leaves is
+                # for git to see at the next start.
+                seen = None if a.verify else commit or head
+                self.tidy = Tidy(a.working_directory, seen, time.monotonic())
         except MultibotError as exc:
             self.show(f"✗ commit failed: {exc}")
             outcome = AgentOutcome(False, f"commit failed: {exc}", "git")

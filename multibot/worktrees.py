@@ -24,6 +24,8 @@ from typing import Literal, NamedTuple
 import filelock
 import git
 from git import exc as git_exc
+from git.objects.base import Object
+from git.refs.log import RefLog
 
 from multibot.errors import GitError, InvalidId, LockTimeout
 from multibot.ids import check_branch, check_id
@@ -395,6 +397,7 @@ class GitRepo:
         # other's half-written entries ("failed to read .git/worktrees/w0/commondir").
         self._admin = filelock.FileLock(folder / ".git-worktrees.lock")
         self._worktree_locks: dict[Path, filelock.FileLock] = {}
+        self._views: dict[tuple[Path, Path], git.Repo] = {}  # GitPython's view of worker worktrees
         self._hooks: set[subprocess.Popen[bytes]] = set()  # setup hooks running (stop_hooks)
         # The integration worktree's state is unknown until this object has reset it once.
         self._integration_unclean = True
@@ -482,12 +485,16 @@ class GitRepo:
         self._admin_git(path, "switch", "--quiet", "--no-track", "-c", branch, tip)
         return TaskStart(branch, tip)
 
-    def quick_start(self, worktree: Path, task_id: str) -> TaskStart | None:
-        """Make the task's branch at the integration tip in two git calls, or return None.
+    def quick_start(
+        self, worktree: Path, task_id: str, clean_at: str | None = None
+    ) -> TaskStart | None:
+        """Make the task's branch at the integration tip the quick way, or return None.
 
-        Only for a worktree on some branch with nothing uncommitted (one `git status` checks):
-        anything else (missing, dirty, detached, the branch exists or is checked out there)
-        returns None, having changed nothing, for start_task to handle and explain.
+        Only for a worktree on some branch with nothing uncommitted: one `git status` checks,
+        unless the caller saw it clean at commit `clean_at` moments ago and vouches for it.
+        Anything else (missing, dirty, detached, moved since `clean_at`, the branch exists or
+        is checked out there) returns None, having changed nothing, for start_task to handle
+        and explain.
         """
         branch = self.branch_for(task_id)
         path = self._abs(worktree)
@@ -499,23 +506,75 @@ class GitRepo:
             if self._quick_rev(f"refs/heads/{branch}") is not None:
                 return None  # the task comes back: its branch exists
             tip = self._quick_rev(f"refs/heads/{self.integration}")
-            now = snapshot(path)
+            now = None if clean_at else snapshot(path)
         except GitError:
             return None
-        if tip is None or now.dirty or now.branch is None or now.branch == branch:
+        if tip is None or (now is not None and now.dirty):
             return None
         # Creating a branch reads no other worktree's entry (unlike switching to an existing
         # one), so the repository-wide admin lock, which every worker would queue on, is not
         # needed; but another worker may be switching this worktree off a branch it wants:
-        # this worktree's own lock keeps the two from racing for its index.
-        # Already at the tip (nothing merged since this worktree's last task): the branch
-        # starts here, and git leaves the index as it is instead of writing it again.
-        at = () if now.head == tip else (tip,)
-        switch = ("switch", "--quiet", "--no-track", "-c", branch, *at)
+        # this worktree's own lock keeps the two from racing for its index and HEAD.
         with self._locked(self._worktree_lock(path)):
-            if _git(path, *switch, check=False)[0] != 0:
+            try:
+                head, on = self._head_of(path)
+            except GitError:
+                return None
+            if on is None or on == branch or (now is not None and now.head != head):
+                return None
+            if clean_at is not None and head != clean_at:
+                return None  # it moved since the caller saw it clean
+            if head == tip:
+                # Nothing merged since this worktree's last task: the branch starts here, and
+                # files and index stay as they are, so no git process is needed at all.
+                self._branch_here(path, branch, on, tip)
+            elif _git(path, "switch", "--quiet", "--no-track", "-c", branch, tip, check=False)[0]:
                 return None  # e.g. the branch exists: nothing was changed
         return TaskStart(branch, tip)
+
+    def _head_of(self, path: Path) -> tuple[str | None, str | None]:
+        """Return (commit, branch) of a worktree's HEAD, read without git; Nones if detached."""
+        repo = self._worktree_repo(path)
+        try:
+            ref = git.SymbolicReference(repo, "HEAD").reference.path
+        except TypeError:  # a detached HEAD
+            return None, None
+        except (ValueError, OSError, git_exc.GitError) as e:
+            raise GitError(f"cannot read HEAD of {path}: {e}") from e
+        return self._quick_rev(ref), ref.removeprefix("refs/heads/")
+
+    def _branch_here(self, path: Path, branch: str, on: str, commit: str) -> None:
+        """Do what `git switch -c <branch>` does when HEAD is at commit, with no git process.
+
+        The new branch's ref and HEAD are written through git's own lock files, and their reflog
+        lines too, as git writes them (core.logAllRefUpdates).
+        """
+        # Branches (and their reflogs) live in the repository's common dir, HEAD in the
+        # worktree's own: each is named through the repository whose git dir holds it.
+        target = git.Commit(self._refs, bytes.fromhex(commit))
+        new = git.Head(self._refs, f"refs/heads/{branch}")
+        head = git.SymbolicReference(self._worktree_repo(path), "HEAD")
+        try:
+            new.set_reference(target)
+            head.set_reference(new)
+            if self._reflogs:
+                who = self._committer
+                RefLog.append_entry(
+                    who,
+                    RefLog.path(new),
+                    Object.NULL_BIN_SHA,
+                    target.binsha,
+                    f"branch: Created from {on}",
+                )
+                RefLog.append_entry(
+                    who,
+                    RefLog.path(head),
+                    target.binsha,
+                    target.binsha,
+                    f"checkout: moving from {on} to {branch}",
+                )
+        except (OSError, ValueError, git_exc.GitError) as e:
+            raise GitError(f"cannot make branch {branch} in {path}: {e}") from e
 
     # -- work in a worktree --------------------------------------------------------------
     def commit_all(self, worktree: Path, message: str) -> str | None:
@@ -807,6 +866,29 @@ class GitRepo:
     def _refs(self) -> git.Repo:
         """GitPython's view of the repository, kept to read refs without running git."""
         return git.Repo(self.root)
+
+    def _worktree_repo(self, path: Path) -> git.Repo:
+        """GitPython's view of one worktree (its HEAD), kept while its .git file stays the same."""
+        key = (path, _dirs(path)[0])  # a worktree made again at path may have another git dir
+        repo = self._views.get(key)
+        if repo is None:
+            try:
+                repo = self._views[key] = git.Repo(path)
+            except (git_exc.GitError, OSError) as e:
+                raise GitError(f"{path} is not a git worktree: {e}") from e
+        return repo
+
+    @functools.cached_property
+    def _reflogs(self) -> bool:
+        """Whether git keeps reflogs of branches and HEAD here (core.logAllRefUpdates)."""
+        value = self._refs.config_reader().get_value("core", "logAllRefUpdates", "true")
+        return str(value).lower() not in ("false", "no", "off", "0")
+
+    @functools.cached_property
+    def _committer(self) -> git.Actor:
+        """Who reflog lines name: the committer git would name (env, config), else multibot."""
+        who = git.Actor.committer(self._refs.config_reader())
+        return git.Actor(who.name or _IDENTITY["name"], who.email or _IDENTITY["email"])
 
     @functools.cached_property
     def _common_dir(self) -> Path:

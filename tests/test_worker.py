@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from multibot import mailbox, procs, protocol
+from multibot import worker as worker_module
 from multibot.heartbeat import read_heartbeat
 from multibot.layout import MASTER_ID
 from multibot.worker import Worker
@@ -236,7 +237,9 @@ def slow_setup_first_task(rig: Rig, hook: str) -> subprocess.Popen[bytes]:
     return proc
 
 
-def run_here(w: Worker, rig: Rig, task_id: str, commands: list[str]) -> protocol.Envelope:
+def run_here(
+    w: Worker, rig: Rig, task_id: str, commands: list[str], verify: str | None = None
+) -> protocol.Envelope:
     """Give an in-process worker a task as the master does (it checks out the branch itself)."""
     payload = protocol.TaskAssignment(
         title=task_id,
@@ -244,6 +247,7 @@ def run_here(w: Worker, rig: Rig, task_id: str, commands: list[str]) -> protocol
         branch=f"multibot/{task_id}",
         working_directory=str(rig.home.worktree("w1")),
         commands=commands,
+        verify=verify,
         repo=str(rig.git.root),
     )
     w.handle(protocol.make(payload, sender=MASTER_ID, recipient="w1", task_id=task_id))
@@ -261,12 +265,14 @@ def run_here(w: Worker, rig: Rig, task_id: str, commands: list[str]) -> protocol
 def test_a_tidy_worker_starts_its_next_branch_the_quick_way(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    quick: list[TaskStart | None] = []
+    quick: list[tuple[str | None, TaskStart | None]] = []  # (clean_at, what it made)
     original = GitRepo.quick_start
 
-    def spy(self: GitRepo, worktree: Path, task_id: str) -> TaskStart | None:
-        quick.append(original(self, worktree, task_id))
-        return quick[-1]
+    def spy(
+        self: GitRepo, worktree: Path, task_id: str, clean_at: str | None = None
+    ) -> TaskStart | None:
+        quick.append((clean_at, original(self, worktree, task_id, clean_at)))
+        return quick[-1][1]
 
     monkeypatch.setattr(GitRepo, "quick_start", spy)
     wt = rig.home.worktree("w1")
@@ -278,15 +284,19 @@ def test_a_tidy_worker_starts_its_next_branch_the_quick_way(
         assert isinstance(first, protocol.TaskComplete) and first.files_changed == ["out.txt"]
         assert quick == []  # a new process looks carefully (and makes the worktree)
 
+        # Moments after t1's end found it all committed: that check stands, git is not asked.
         nothing = run_here(w, rig, "t2", ["true"]).payload
-        assert quick == [TaskStart("multibot/t2", tip)]
+        assert quick == [(first.commit, TaskStart("multibot/t2", tip))]
         assert isinstance(nothing, protocol.TaskComplete)
         assert nothing.files_changed == [] and nothing.commit == tip
 
-        # Something left a file in the worktree between tasks (a verify command, a person).
+        # Something left a file in the worktree between tasks (a person, long enough after
+        # the last check that `git status` looks again).
         (wt / "stray.txt").write_text("left behind\n")
-        refused = run_here(w, rig, "t3", ["true"]).payload
-        assert quick[-1] is None
+        with monkeypatch.context() as m:
+            m.setattr(worker_module, "CLEAN_TRUST_S", 0.0)
+            refused = run_here(w, rig, "t3", ["true"]).payload
+        assert quick[-1] == (None, None)
         assert isinstance(refused, protocol.ErrorReport) and refused.kind == "git"
         assert "uncommitted changes (stray.txt)" in refused.message
         (wt / "stray.txt").unlink()
@@ -297,13 +307,23 @@ def test_a_tidy_worker_starts_its_next_branch_the_quick_way(
         commits = run_here(
             w, rig, "t5", ["echo mine > mine.txt && git add mine.txt && git commit -qm mine"]
         ).payload
-        assert len(quick) == 3 and quick[-1] is not None
+        assert len(quick) == 3 and quick[-1][0] == tip and quick[-1][1] is not None
         assert isinstance(commits, protocol.TaskComplete) and commits.files_changed == ["mine.txt"]
         assert commits.commit == git_rev(rig, "multibot/t5") != tip
         assert git_show(rig, "multibot/t5", "mine.txt") == "mine\n"
         left = run_here(w, rig, "t6", ["echo draft > draft.txt"]).payload
         assert isinstance(left, protocol.TaskComplete) and left.files_changed == ["draft.txt"]
         assert left.commit == git_rev(rig, "multibot/t6") != tip
+
+        # The master runs a task's verify command in the worktree after its end: what that
+        # leaves is for git to see, however soon the next task comes.
+        run_here(w, rig, "t7", ["true"], verify="make check")
+        assert quick[-1][0] == left.commit
+        (wt / "check.log").write_text("made by the verify command\n")
+        refused = run_here(w, rig, "t8", ["true"]).payload
+        assert quick[-1] == (None, None)
+        assert isinstance(refused, protocol.ErrorReport)
+        assert "uncommitted changes (check.log)" in refused.message
     finally:
         w.agent.stop(1.0)
         w.inbox.close()

@@ -526,7 +526,9 @@ def test_resolved_conflict_without_diff_is_still_committed(repo: Path, home: Pat
     assert git(repo, "show", "multibot/integration:app.txt") == "from t2"
 
 
-def test_quick_start_makes_the_branch_at_the_integration_tip(repo: Path, home: Path) -> None:
+def test_quick_start_makes_the_branch_at_the_integration_tip(
+    repo: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     gr = make(repo, home)
     w1 = home / "w1"
     do_task(gr, w1, "t1", {"a.txt": "x\n"})
@@ -550,6 +552,28 @@ def test_quick_start_makes_the_branch_at_the_integration_tip(repo: Path, home: P
     assert gr.quick_start(w1, "t4") == worktrees.TaskStart("multibot/t4", tip)
     assert git(w1, "symbolic-ref", "--short", "HEAD") == "multibot/t4"
     assert git(w1, "rev-parse", "HEAD") == tip
+    # Made with no git process: what git sees is what its own `switch -c` leaves.
+    assert git(w1, "reflog", "-1", "--format=%gs", "multibot/t4") == (
+        "branch: Created from multibot/t3"
+    )
+    assert git(w1, "reflog", "-1", "--format=%gs", "HEAD") == (
+        "checkout: moving from multibot/t3 to multibot/t4"
+    )
+    assert git(w1, "status", "--porcelain") == ""
+    git(repo, "fsck", "--no-progress", "--strict")
+    # The caller saw it clean at the tip moments ago: not even `git status` runs.
+    with monkeypatch.context() as m:
+        m.setattr(worktrees, "_git", lambda *a, **k: pytest.fail(f"ran git {a[1:]}"))
+        assert gr.quick_start(w1, "t5", clean_at=tip) == worktrees.TaskStart("multibot/t5", tip)
+    assert git(w1, "symbolic-ref", "--short", "HEAD") == "multibot/t5"
+    # Vouched for at a commit HEAD has left since: nothing done, for the careful way.
+    sha = do_task(gr, w1, "t5", {"c.txt": "z\n"})
+    assert gr.quick_start(w1, "t6", clean_at=tip) is None
+    assert git(w1, "symbolic-ref", "--short", "HEAD") == "multibot/t5"
+    assert gr.quick_start(w1, "t6", clean_at=sha) == worktrees.TaskStart("multibot/t6", tip)
+    assert git(w1, "rev-parse", "HEAD") == tip and not (w1 / "c.txt").exists()
+    git(w1, "switch", "--quiet", "--detach")
+    assert gr.quick_start(w1, "t7", clean_at=tip) is None
 
 
 def test_quick_start_leaves_what_it_cannot_do_to_the_careful_way(repo: Path, home: Path) -> None:
