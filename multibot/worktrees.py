@@ -328,6 +328,15 @@ def _find_dirs(worktree: Path) -> tuple[Path, Path]:
         repo.close()
 
 
+def _log(ref: git.SymbolicReference, old: bytes, new: bytes, message: str, who: git.Actor) -> None:
+    """Append a line to ref's reflog, as git does: a plain append, no lock file of its own
+    (git appends while it holds the ref's lock; ours is the worktree's)."""
+    path = RefLog.path(ref)
+    entry = RefLog.append_entry(who, path, old, new, message, write=False)
+    with open(path, "ab") as f:
+        f.write(entry.format().encode())
+
+
 def _uncommitted(worktree: Path) -> list[str]:
     return list(snapshot(worktree).dirty)
 
@@ -547,7 +556,7 @@ class GitRepo:
         """Do what `git switch -c <branch>` does when HEAD is at commit, with no git process.
 
         The new branch's ref and HEAD are written through git's own lock files, and their reflog
-        lines too, as git writes them (core.logAllRefUpdates).
+        lines as git writes them (core.logAllRefUpdates). The caller holds the worktree's lock.
         """
         # Branches (and their reflogs) live in the repository's common dir, HEAD in the
         # worktree's own: each is named through the repository whose git dir holds it.
@@ -558,21 +567,10 @@ class GitRepo:
             new.set_reference(target)
             head.set_reference(new)
             if self._reflogs:
-                who = self._committer
-                RefLog.append_entry(
-                    who,
-                    RefLog.path(new),
-                    Object.NULL_BIN_SHA,
-                    target.binsha,
-                    f"branch: Created from {on}",
-                )
-                RefLog.append_entry(
-                    who,
-                    RefLog.path(head),
-                    target.binsha,
-                    target.binsha,
-                    f"checkout: moving from {on} to {branch}",
-                )
+                created = f"branch: Created from {on}"
+                _log(new, Object.NULL_BIN_SHA, target.binsha, created, self._committer)
+                moved = f"checkout: moving from {on} to {branch}"
+                _log(head, target.binsha, target.binsha, moved, self._committer)
         except (OSError, ValueError, git_exc.GitError) as e:
             raise GitError(f"cannot make branch {branch} in {path}: {e}") from e
 
