@@ -31,6 +31,11 @@ def fsync_dir(path: Path) -> None:
 
 def write_durable(path: Path, data: bytes, *, fsync: bool = True) -> None:
     """Write data to a new file at path (which must not exist), flushed to disk if fsync."""
+    os.close(_write_new(path, data, fsync))
+
+
+def _write_new(path: Path, data: bytes, fsync: bool) -> int:
+    """Write data to a new file at path; return its descriptor, open for writing."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         view = memoryview(data)
@@ -44,7 +49,7 @@ def write_durable(path: Path, data: bytes, *, fsync: bool = True) -> None:
         with contextlib.suppress(OSError):
             os.unlink(path)
         raise
-    os.close(fd)
+    return fd
 
 
 def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
@@ -53,17 +58,25 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
     A reader sees either the old content or the new, never a half-written file; on any error
     (disk full, failed fsync) the temp file is removed and path is untouched.
     """
+    os.close(atomic_replace(path, data, fsync=fsync))
+
+
+def atomic_replace(path: Path, data: bytes, *, fsync: bool = True) -> int:
+    """Replace path with data as atomic_write does; return a descriptor of the new file, open
+    for writing, for its writer to rewrite it in place later (the caller closes it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{unique_name()}.tmp")
-    write_durable(tmp, data, fsync=fsync)
+    fd = _write_new(tmp, data, fsync)
     try:
         os.replace(tmp, path)
     except BaseException:
+        os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     if fsync:
         fsync_dir(path.parent)
+    return fd
 
 
 _closing: queue.SimpleQueue[int] = queue.SimpleQueue()

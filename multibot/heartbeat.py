@@ -8,9 +8,11 @@ loop), which no wall-clock jump in either direction can fool.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -18,9 +20,11 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from multibot.atomic import atomic_write
+from multibot.atomic import atomic_replace
 
 _MAX_BYTES = 64 * 1024  # a heartbeat is a few hundred bytes; anything bigger is garbage
+_RECORD = 512  # a beat is padded with spaces to a multiple of this: rewritten whole in place
+_READS = 3  # a read that caught a rewrite half done is read again, this many times in all
 
 
 class Heartbeat(BaseModel):
@@ -37,6 +41,21 @@ class Heartbeat(BaseModel):
     interval: float  # how often the writer means to beat
     seq: int  # +1 per beat written: the observer's tracker watches this advance
     host: str
+    # CRC-32 (hex) of this beat's JSON without this field: a read that caught a rewrite half
+    # done does not match it. None in a beat written by something else: not checked.
+    check: str | None = None
+
+    def sealed(self) -> Heartbeat:
+        """This beat with its check filled in."""
+        return self.model_copy(update={"check": _crc(self)})
+
+    def intact(self) -> bool:
+        """False if the check does not match: the bytes read mix two beats."""
+        return self.check is None or self.check == _crc(self)
+
+
+def _crc(hb: Heartbeat) -> str:
+    return f"{zlib.crc32(hb.model_dump_json(exclude={'check'}).encode()):08x}"
 
 
 class HeartbeatWriter:
@@ -56,6 +75,7 @@ class HeartbeatWriter:
         self.seq = 0
         self.last_error: OSError | None = None
         self._last: tuple[str, float] | None = None  # status and monotonic time of the last write
+        self._file: tuple[int, int, int, int] | None = None  # fd, device, inode, size written
 
     def beat(self, status: str) -> bool:
         """Write a beat if status changed or interval/3 has passed; say whether one was written.
@@ -80,27 +100,65 @@ class HeartbeatWriter:
             host=socket.gethostname(),
         )
         try:
-            # No fsync: a beat lost in a crash would be stale by the time anyone read it after
-            # a reboot, and fsync every few seconds costs disk flushes for nothing. The rename
-            # still makes every beat whole for readers.
-            atomic_write(self.path, hb.model_dump_json().encode(), fsync=False)
+            self._write(hb.sealed().model_dump_json().encode())
         except OSError as e:
             self.last_error = e
             return False
         self.seq, self._last, self.last_error = hb.seq, (status, mono), None
         return True
 
+    def close(self) -> None:
+        """Let go of the heartbeat file (it stays, with the last beat)."""
+        if self._file is not None:
+            fd, self._file = self._file[0], None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _write(self, data: bytes) -> None:
+        """Rewrite the heartbeat file in place, whole; make it anew the first time, or when it
+        is gone or another process's file stands at its path.
+
+        Not a new file per beat: many workers beating at once made the heartbeat folder's
+        lock a queue, long enough on a busy machine for a loop to miss three beats. No fsync:
+        a beat lost in a crash would be stale by the time anyone read it after a reboot. A
+        beat is padded to a fixed size, so each write covers the last one whole, and its
+        check lets readers tell a read that caught a write half done (read_heartbeat reads
+        again).
+        """
+        size = -(-len(data) // _RECORD) * _RECORD
+        if self._file is not None:
+            fd, dev, ino, written = self._file
+            try:
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and (st.st_dev, st.st_ino) == (dev, ino):
+                size = max(size, written)
+                os.pwrite(fd, data.ljust(size), 0)
+                self._file = (fd, dev, ino, size)
+                return
+            self.close()
+        fd = atomic_replace(self.path, data.ljust(size), fsync=False)
+        st = os.fstat(fd)
+        self._file = (fd, st.st_dev, st.st_ino, size)
+
 
 def read_heartbeat(path: Path) -> Heartbeat | None:
     """Return the heartbeat at path, or None if it is missing or not a valid heartbeat."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_BYTES + 1)
-        if len(raw) > _MAX_BYTES:
+    for _ in range(_READS):  # a beat is rewritten in place: a read may catch half of one
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(_MAX_BYTES + 1)
+            if len(raw) > _MAX_BYTES:
+                return None
+            hb = Heartbeat.model_validate_json(raw)
+        except FileNotFoundError:
             return None
-        return Heartbeat.model_validate_json(raw)
-    except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
-        return None
+        except (OSError, ValueError):  # pydantic's ValidationError is a ValueError
+            continue
+        if hb.intact():
+            return hb
+    return None
 
 
 class State(StrEnum):

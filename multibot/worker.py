@@ -208,6 +208,7 @@ class Worker:
             self.agent.stop(2.0)
         finally:
             self.inbox.close()
+            self.heartbeat.close()
             self._log.close()
         return EXIT_OK
 

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from multibot.heartbeat import (
@@ -66,6 +66,51 @@ def test_beats_are_throttled_unless_the_status_changes(tmp_path: Path) -> None:
     assert hb is not None and (hb.seq, hb.status, hb.time) == (3, "busy", 10.0)
 
 
+def test_beats_rewrite_one_file_in_place_whole(tmp_path: Path) -> None:
+    path = tmp_path / "hb" / "w1.json"
+    mono = Clock(0.0)
+    writer = HeartbeatWriter(path, "w1", 1, 1.0, monotonic=mono)
+    assert writer.beat("working on a rather long status line")
+    first = os.stat(path)
+    assert first.st_size % 512 == 0
+    mono.now = 1.0
+    assert writer.beat("idle")  # shorter: padded to the size already written, nothing left over
+    assert os.stat(path).st_ino == first.st_ino and os.stat(path).st_size == first.st_size
+    hb = read_heartbeat(path)
+    assert hb is not None and (hb.seq, hb.status) == (2, "idle") and hb.intact()
+    assert path.read_bytes().rstrip(b" ").endswith(b"}")
+    assert [p.name for p in path.parent.iterdir()] == ["w1.json"], "no temp file left"
+    # Someone else's file at the path (a new incarnation), or none: the writer makes its own.
+    other = HeartbeatWriter(path, "w1", 2, 1.0, monotonic=mono)
+    assert other.beat("idle")
+    mono.now = 2.0
+    assert writer.beat("idle")
+    hb = read_heartbeat(path)
+    assert hb is not None and (hb.generation, hb.seq) == (1, 3)
+    path.unlink()
+    mono.now = 3.0
+    assert writer.beat("idle")
+    hb = read_heartbeat(path)
+    assert hb is not None and hb.seq == 4
+    writer.close()
+    other.close()
+
+
+def test_a_read_that_catches_a_beat_half_written_is_not_taken(tmp_path: Path) -> None:
+    path = tmp_path / "w1.json"
+    old = beat(7, time=1000.0).sealed().model_dump_json().encode()
+    new = beat(8, time=1001.5).sealed().model_dump_json().encode()
+    assert len(old) == len(new) and old != new
+    cut = old.index(b'"monotonic"')  # new up to the middle, old after: valid JSON, wrong values
+    path.write_bytes(new[:cut] + old[cut:])
+    assert json.loads(path.read_bytes())["seq"] == 7  # it parses, but is neither beat
+    assert read_heartbeat(path) is None
+    path.write_bytes(new.ljust(512))
+    assert read_heartbeat(path) == beat(8, time=1001.5).sealed()
+    path.write_bytes(beat(9).model_dump_json(exclude={"check"}).encode())
+    assert read_heartbeat(path) == beat(9), "a beat without a check (not ours) is taken as is"
+
+
 def test_a_failed_beat_is_kept_and_retried_next_call(tmp_path: Path) -> None:
     blocker = tmp_path / "hb"
     blocker.write_text("a file where the folder should be")
@@ -101,6 +146,7 @@ def test_garbage_heartbeat_files_read_as_none(tmp_path: Path) -> None:
     assert read_heartbeat(tmp_path) is None, "a folder is not a heartbeat"
 
 
+@settings(deadline=None)  # a file per example: this machine's disk takes its time now and then
 @given(raw=st.binary(max_size=300))
 def test_read_heartbeat_never_raises(raw: bytes) -> None:
     with tempfile.TemporaryDirectory() as folder:
