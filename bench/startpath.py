@@ -9,8 +9,9 @@
    and the time per task. This is what every no-op task costs a worker on this machine, with
    nothing else running: on a loaded machine the same CPU is what the workers compete for.
 2. `git switch -c <branch> <tip>` against `git switch -c <branch>` in a worktree already at
-   the tip (the worker's quick start takes the second when it can: git then leaves the index
-   alone), alternated.
+   the tip, and against the worker's quick start there (`GitRepo.quick_start` with the
+   worktree vouched clean: no `git status`, and GitPython writes the refs, no git process),
+   alternated.
 3. Putting a message into an inbox (`mailbox.stage` then `publish`), synced and not synced
    (assignments are not synced: their task file is the record), alternated.
 
@@ -120,7 +121,8 @@ def alternated(runs: int, **ways: Callable[[int], None]) -> dict[str, list[float
 
 
 def steps(tmp: Path, runs: int) -> dict[str, list[float]]:
-    """Time git switch -c with and without the tip, and a message synced or not."""
+    """Time git switch -c with and without the tip and the quick start, and a message synced
+    or not."""
     repo = make_repo(tmp / "steps-repo")
     wt = tmp / "steps-wt"
     subprocess.run(["git", "worktree", "add", "-q", "-b", "w", str(wt)], cwd=repo, check=True)
@@ -135,6 +137,13 @@ def steps(tmp: Path, runs: int) -> dict[str, list[float]]:
 
         return way
 
+    git = GitRepo(repo, tmp / "steps-home" / "_integration")
+    git.ensure_integration()
+
+    def quick(i: int) -> None:
+        if git.quick_start(wt, f"q{i}", clean_at=tip) is None:
+            raise RuntimeError("the quick start fell back to the careful way")
+
     home = Home(tmp / "steps-home")
     mailbox.create_inbox(home, "w1")
 
@@ -147,7 +156,12 @@ def steps(tmp: Path, runs: int) -> dict[str, list[float]]:
 
     return {
         **alternated(
-            runs, **{"git switch -c <b> <tip>": switch(tip), "git switch -c <b>": switch()}
+            runs,
+            **{
+                "git switch -c <b> <tip>": switch(tip),
+                "git switch -c <b>": switch(),
+                "quick start, no git": quick,
+            },
         ),
         **alternated(
             runs * 2, **{"message into an inbox, synced": put(True), "not synced": put(False)}
@@ -177,7 +191,7 @@ def main() -> int:
         for k, v in times.items()
     ]
     print(table(["step", "n", "p50", "p90", "p99"], rows))
-    keys = ["switch_tip", "switch_here", "message_synced", "message_unsynced"]
+    keys = ["switch_tip", "switch_here", "quick_start", "message_synced", "message_unsynced"]
     print()
     print(
         kv_line(
