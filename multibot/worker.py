@@ -312,8 +312,8 @@ class Worker:
         repo = self.repos.get((a.repo, a.base_branch))
         if tidy and tidy.path == a.working_directory and repo is not None:
             # This process left the worktree with everything committed: the branch is made
-            # here in the loop (the usual case, and the latency that counts), with at most
-            # two git calls, none if the check that found it clean was moments ago.
+            # here in the loop (the usual case, and the latency that counts): no `git status`
+            # if the check that found it clean was moments ago, no git at all at the tip.
             recent = time.monotonic() - tidy.at <= CLEAN_TRUST_S
             with contextlib.suppress(MultibotError):
                 started = repo.quick_start(
