@@ -10,8 +10,8 @@
    nothing else running: on a loaded machine the same CPU is what the workers compete for.
 2. `git switch -c <branch> <tip>` against `git switch -c <branch>` in a worktree already at
    the tip, and against the worker's quick start there (`GitRepo.quick_start` with the
-   worktree vouched clean: no `git status`, and GitPython writes the refs, no git process),
-   alternated.
+   worktree vouched clean: its lock, HEAD read by GitPython, no `git status`, then
+   `git switch -c <branch>`), alternated.
 3. Putting a message into an inbox (`mailbox.stage` then `publish`), synced and not synced
    (assignments are not synced: their task file is the record), alternated.
 
@@ -160,7 +160,7 @@ def steps(tmp: Path, runs: int) -> dict[str, list[float]]:
             **{
                 "git switch -c <b> <tip>": switch(tip),
                 "git switch -c <b>": switch(),
-                "quick start, no git": quick,
+                "quick start, vouched clean": quick,
             },
         ),
         **alternated(

@@ -24,8 +24,6 @@ from typing import Literal, NamedTuple
 import filelock
 import git
 from git import exc as git_exc
-from git.objects.base import Object
-from git.refs.log import RefLog
 
 from multibot.errors import GitError, InvalidId, LockTimeout
 from multibot.ids import check_branch, check_id
@@ -328,15 +326,6 @@ def _find_dirs(worktree: Path) -> tuple[Path, Path]:
         repo.close()
 
 
-def _log(ref: git.SymbolicReference, old: bytes, new: bytes, message: str, who: git.Actor) -> None:
-    """Append a line to ref's reflog, as git does: a plain append, no lock file of its own
-    (git appends while it holds the ref's lock; ours is the worktree's)."""
-    path = RefLog.path(ref)
-    entry = RefLog.append_entry(who, path, old, new, message, write=False)
-    with open(path, "ab") as f:
-        f.write(entry.format().encode())
-
-
 def _uncommitted(worktree: Path) -> list[str]:
     return list(snapshot(worktree).dirty)
 
@@ -497,7 +486,7 @@ class GitRepo:
     def quick_start(
         self, worktree: Path, task_id: str, clean_at: str | None = None
     ) -> TaskStart | None:
-        """Make the task's branch at the integration tip the quick way, or return None.
+        """Make the task's branch at the integration tip with `git switch -c`, or return None.
 
         Only for a worktree on some branch with nothing uncommitted: one `git status` checks,
         unless the caller saw it clean at commit `clean_at` moments ago and vouches for it.
@@ -515,10 +504,9 @@ class GitRepo:
             if self._quick_rev(f"refs/heads/{branch}") is not None:
                 return None  # the task comes back: its branch exists
             tip = self._quick_rev(f"refs/heads/{self.integration}")
-            now = None if clean_at else snapshot(path)
+            if tip is None or (clean_at is None and snapshot(path).dirty):
+                return None
         except GitError:
-            return None
-        if tip is None or (now is not None and now.dirty):
             return None
         # Creating a branch reads no other worktree's entry (unlike switching to an existing
         # one), so the repository-wide admin lock, which every worker would queue on, is not
@@ -529,15 +517,13 @@ class GitRepo:
                 head, on = self._head_of(path)
             except GitError:
                 return None
-            if on is None or on == branch or (now is not None and now.head != head):
-                return None
-            if clean_at is not None and head != clean_at:
-                return None  # it moved since the caller saw it clean
-            if head == tip:
-                # Nothing merged since this worktree's last task: the branch starts here, and
-                # files and index stay as they are, so no git process is needed at all.
-                self._branch_here(path, branch, on, tip)
-            elif _git(path, "switch", "--quiet", "--no-track", "-c", branch, tip, check=False)[0]:
+            if on is None or on == branch or (clean_at is not None and head != clean_at):
+                return None  # detached, on the task's branch, or moved since seen clean
+            # Already at the tip (nothing merged since this worktree's last task): the branch
+            # starts here, and git leaves the index as it is instead of writing it again.
+            at = () if head == tip else (tip,)
+            switch = ("switch", "--quiet", "--no-track", "-c", branch, *at)
+            if _git(path, *switch, check=False)[0] != 0:
                 return None  # e.g. the branch exists: nothing was changed
         return TaskStart(branch, tip)
 
@@ -551,28 +537,6 @@ class GitRepo:
         except (ValueError, OSError, git_exc.GitError) as e:
             raise GitError(f"cannot read HEAD of {path}: {e}") from e
         return self._quick_rev(ref), ref.removeprefix("refs/heads/")
-
-    def _branch_here(self, path: Path, branch: str, on: str, commit: str) -> None:
-        """Do what `git switch -c <branch>` does when HEAD is at commit, with no git process.
-
-        The new branch's ref and HEAD are written through git's own lock files, and their reflog
-        lines as git writes them (core.logAllRefUpdates). The caller holds the worktree's lock.
-        """
-        # Branches (and their reflogs) live in the repository's common dir, HEAD in the
-        # worktree's own: each is named through the repository whose git dir holds it.
-        target = git.Commit(self._refs, bytes.fromhex(commit))
-        new = git.Head(self._refs, f"refs/heads/{branch}")
-        head = git.SymbolicReference(self._worktree_repo(path), "HEAD")
-        try:
-            new.set_reference(target)
-            head.set_reference(new)
-            if self._reflogs:
-                created = f"branch: Created from {on}"
-                _log(new, Object.NULL_BIN_SHA, target.binsha, created, self._committer)
-                moved = f"checkout: moving from {on} to {branch}"
-                _log(head, target.binsha, target.binsha, moved, self._committer)
-        except (OSError, ValueError, git_exc.GitError) as e:
-            raise GitError(f"cannot make branch {branch} in {path}: {e}") from e
 
     # -- work in a worktree --------------------------------------------------------------
     def commit_all(self, worktree: Path, message: str) -> str | None:
@@ -875,18 +839,6 @@ class GitRepo:
             except (git_exc.GitError, OSError) as e:
                 raise GitError(f"{path} is not a git worktree: {e}") from e
         return repo
-
-    @functools.cached_property
-    def _reflogs(self) -> bool:
-        """Whether git keeps reflogs of branches and HEAD here (core.logAllRefUpdates)."""
-        value = self._refs.config_reader().get_value("core", "logAllRefUpdates", "true")
-        return str(value).lower() not in ("false", "no", "off", "0")
-
-    @functools.cached_property
-    def _committer(self) -> git.Actor:
-        """Who reflog lines name: the committer git would name (env, config), else multibot."""
-        who = git.Actor.committer(self._refs.config_reader())
-        return git.Actor(who.name or _IDENTITY["name"], who.email or _IDENTITY["email"])
 
     @functools.cached_property
     def _common_dir(self) -> Path:
