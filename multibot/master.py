@@ -55,6 +55,7 @@ EDITS_EVERY_S = 0.5
 # system-state.json is for people and the status view; every worker re-reads it when it changes.
 FLUSH_EVERY_S = 0.5
 TURN_WAIT_S = 0.5  # how long the loop waits for a turn's writes and messages (see commit)
+LAZY_WRITE_S = 0.5  # how long a lazy task change waits for company (see set_task)
 AUDIT_MAX_AGE_S = 7 * 86400.0
 AUDIT_MAX_COUNT = 20_000
 
@@ -424,7 +425,9 @@ class Master:
             rec = self.tasks[tid]
             if rec.status == "assigned" and rec.worker == wid:
                 rec.started_at = self.clock()
-                self.set_task(rec, "running")
+                # Lazy: a machine crash that loses it leaves the task assigned, and the
+                # worker takes the assignment sent again at start for the one it runs.
+                self.set_task(rec, "running", lazy=True)
         elif p.kind == "discovery":
             self.share_discovery(wid, tid, p.progress)
         elif p.kind == "follow_up" and tid in self.tasks:
@@ -1331,15 +1334,23 @@ class Master:
         if wid in self.sys.workers:
             self.sys.workers[wid].cost_usd += usd
 
-    def set_task(self, rec: TaskRecord, status: TaskStatus) -> None:
-        """Move a task along its lifecycle; its file is written at the end of the turn."""
+    def set_task(self, rec: TaskRecord, status: TaskStatus, *, lazy: bool = False) -> None:
+        """Move a task along its lifecycle; its file is written at the end of the turn.
+
+        A lazy change is one nothing waits on (a task's start): it is written with the task's
+        next change if that comes within LAZY_WRITE_S (a short task's end), else on its own
+        then, and the turn that made it does not wait for it.
+        """
         rec.status = task_transition(rec.status, status, f"task {rec.id}")
         self.tasks[rec.id] = rec
         self.index.note(rec)
-        self.unwritten[rec.id] = 0.0
         self.changes[rec.id] = self.changes.get(rec.id, 0) + 1
-        self.touched.add(rec.id)
         self.dirty = True
+        if lazy:
+            self.unwritten.setdefault(rec.id, self.mono() + LAZY_WRITE_S)
+            return
+        self.unwritten[rec.id] = 0.0
+        self.touched.add(rec.id)
 
     def commit(self) -> None:
         """End a turn: write the changed task files, send the messages, and once the files are
@@ -1419,7 +1430,10 @@ class Master:
                 self.inbox.done(*turn.taken)
 
     def settle(self) -> None:
-        """Commit, and wait until every task file due is written and every turn finished."""
+        """Commit, and wait until every task file due is written and every turn finished.
+
+        The lazy changes are due now."""
+        self.unwritten = {tid: min(at, 0.0) for tid, at in self.unwritten.items()}
         self.commit()
         while self.writing:
             wait([write for _count, write, _shown in self.writing.values()])

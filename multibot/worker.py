@@ -45,6 +45,9 @@ MAX_NOTES = 200
 # is not vouched for). A start this soon after the check skips a `git status`; later (a
 # person may have looked in and edited), git looks again.
 CLEAN_TRUST_S = 1.0
+# A task's start is written to the worker's state file this long after it, if the task has not
+# ended by then (the end's write then says it all): a short task costs one write, not two.
+LAZY_STATE_S = 0.5
 
 
 class Tidy(NamedTuple):
@@ -57,6 +60,10 @@ class Tidy(NamedTuple):
 
 class Stopped(MultibotError):
     """The process was told to stop by a signal (its pane closed, or kill)."""
+
+
+def _as_is(s: WorkerState) -> WorkerState:
+    return s
 
 
 def _raise_stopped(signum: int, frame: object) -> None:
@@ -130,6 +137,9 @@ class Worker:
         # The worktree this process prepared for its last task, which ended with everything
         # committed: its next branch may start the quick way (see GitRepo.quick_start).
         self.tidy: Tidy | None = None
+        # State changes not written yet (see _update_state), and when they are due.
+        self.lazy: list[Callable[[WorkerState], WorkerState]] = []
+        self.lazy_due: float | None = None
         self.start_commit: str | None = None  # where the current task's new branch began
         self.identities: dict[str, dict[str, str]] = {}  # identity_env per worktree
         # A branch being made the careful way, in a thread (see start_task).
@@ -216,6 +226,8 @@ class Worker:
         """One turn of the main loop: heartbeat, pause, inbox, agent."""
         self.heartbeat.beat(self.status)
         self._check_pause()
+        if self.lazy_due is not None and time.monotonic() >= self.lazy_due:
+            self._update_state(_as_is)
         for message in self.inbox.fetch():
             self.handle(message)
             self.inbox.done(message)
@@ -452,7 +464,7 @@ class Worker:
         # crash would kill too, and the master learns the rest from the task's outcome.
         update = self._status_update("started", f"started {title}")
         self.send(update, task_id=task_id, durable=False)
-        self._update_state(started)
+        self._update_state(started, lazy=True)
 
     def _on_terminate(self, t: protocol.Terminate) -> None:
         self.show(f"■ terminate: {t.reason or 'asked by master'}")
@@ -656,12 +668,23 @@ class Worker:
         self._update_state(put)
         self.heartbeat.beat(status)
 
-    def _update_state(self, fn: Callable[[WorkerState], WorkerState]) -> None:
+    def _update_state(self, fn: Callable[[WorkerState], WorkerState], lazy: bool = False) -> None:
+        """Apply fn to the state file, with the lazy changes before it; if lazy, only note it,
+        for the next write or LAZY_STATE_S from now, whichever comes first."""
+        self.lazy.append(fn)
+        if lazy:
+            if self.lazy_due is None:
+                self.lazy_due = time.monotonic() + LAZY_STATE_S
+            return
+        fns, self.lazy, self.lazy_due = self.lazy, [], None
+
         def guarded(s: WorkerState) -> WorkerState:
             if s.generation > self.generation:
                 raise Replaced(f"generation {s.generation} is newer than mine")
             s.communication.last_master_contact = self.master_contact
-            return fn(s)
+            for each in fns:
+                s = each(s)
+            return s
 
         self._update(self.state, guarded)
 

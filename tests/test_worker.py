@@ -16,6 +16,8 @@ from multibot import mailbox, procs, protocol
 from multibot import worker as worker_module
 from multibot.heartbeat import read_heartbeat
 from multibot.layout import MASTER_ID
+from multibot.state import WorkerState
+from multibot.store import StateFile
 from multibot.worker import Worker
 from multibot.worktrees import GitRepo, TaskStart
 from tests.helpers import wait_until
@@ -49,6 +51,27 @@ def test_a_task_runs_commits_and_reports(rig: Rig) -> None:
     assert git_show(rig, p.commit, "out.txt") == "hello\n"
     state = json.loads(rig.home.worker_state("w1").read_text())
     assert state["status"] == "idle" and state["current_task"] is None
+
+
+def test_a_short_task_costs_one_state_write_a_longer_one_shows_while_it_runs(rig: Rig) -> None:
+    rig.start_worker()
+    path = rig.home.worker_state("w1")
+    rig.assign("quick", [])
+    rig.expect(protocol.TaskComplete)
+    before = json.loads(path.read_text())
+    rig.assign("quick2", [])
+    rig.expect(protocol.TaskComplete)
+    after = json.loads(path.read_text())
+    # Its start was still unwritten when it ended: the end's write says both.
+    assert after["version"] == before["version"] + 1
+    assert after["git"]["branch"] == "multibot/quick2" and after["current_task"] is None
+    rig.assign("slow", [f"sleep {worker_module.LAZY_STATE_S * 6}"])
+    rig.expect(protocol.StatusUpdate, kind="started")
+    state = StateFile(path, WorkerState)  # reads it whole even while the worker writes it
+    running = wait_until(lambda: state.read().current_task, 10)
+    assert running.task_id == "slow" and state.read().status == "working"
+    rig.expect(protocol.TaskComplete)
+    assert json.loads(path.read_text())["current_task"] is None
 
 
 def test_a_question_is_answered_through_the_bus(rig: Rig) -> None:
