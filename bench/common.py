@@ -270,6 +270,8 @@ class BenchRun:
         self.launched_at = 0.0
         self.master_pid: int | None = None
         self.leftovers: list[int] = []
+        self.read_messages: set[str] = set()  # names of the master's cur/ files read
+        self.starts: dict[tuple[str, str], float] = {}  # see started_at
 
     # -- set-up ------------------------------------------------------------------------------
     def configure(self, master: dict[str, Any], worker: dict[str, Any] | None = None) -> None:
@@ -351,27 +353,30 @@ class BenchRun:
         f.update(lambda r: r.model_copy(update={"hold": hold}))
 
     def master_messages(self) -> list[dict[str, Any]]:
-        """Return every message the master received (its inbox keeps claimed files in cur/)."""
+        """Return the messages the master received since the last call (its inbox keeps claimed
+        files in cur/, and a file there never changes: each is read once)."""
         out = []
         cur = self.home.inbox(MASTER_ID).cur
         for path in sorted(cur.glob("*.json")):
+            if path.name in self.read_messages:
+                continue
             with contextlib.suppress(OSError, ValueError):
                 out.append(json.loads(path.read_bytes()))
+                self.read_messages.add(path.name)
         return out
 
     def started_at(self) -> dict[tuple[str, str], float]:
         """Return when each worker started each task, by its own clock: (task, worker) -> time.
 
-        The time is the sent_at of the worker's STATUS_UPDATE kind "started", made right after
-        the worker started the agent and wrote its state file. A task started twice (a retry)
-        keeps its last start.
+        The time is the sent_at of the worker's STATUS_UPDATE kind "started", sent right after
+        the worker started the agent (its state file says so later: a lazy write). A task
+        started twice (a retry) keeps its last start.
         """
-        out: dict[tuple[str, str], float] = {}
         for m in self.master_messages():
             p = m.get("payload", {})
             if p.get("type") == "STATUS_UPDATE" and p.get("kind") == "started" and m.get("task_id"):
-                out[(m["task_id"], m["sender"])] = float(m["sent_at"])
-        return out
+                self.starts[(m["task_id"], m["sender"])] = float(m["sent_at"])
+        return dict(self.starts)
 
     def master_done(self) -> bool:
         return self.master_pid is not None and not alive(self.master_pid)

@@ -54,8 +54,6 @@ from bench.common import (
     table,
     wait_for,
 )
-from multibot.state import WorkerState
-from multibot.store import StateFile
 
 MISSES = 3
 BACKOFF = 0.2
@@ -105,6 +103,7 @@ class MasterRun:
     tasks: int = 0
     merged_once: int = 0
     merged_twice: int = 0
+    recovered_after_merged: int = 0  # seen merged, then recovered as merged by the next master
     failed: int = 0
 
 
@@ -188,21 +187,32 @@ def loaded_cases(interval: float, workers: int, hows: list[str]) -> list[WorkerC
 
 
 def _break_worker(run: BenchRun, c: WorkerCase) -> None:
-    """Signal c.worker 0.5 s into a task (c.task, or any) and time what the master does."""
+    """Signal c.worker INTO_TASK_S into a task (c.task, or any it starts from now on) and time
+    what the master does.
+
+    The start is the worker's own "started" message (its state file names the task only
+    LAZY_STATE_S later): a task picked by its state file could end, with a busy worker, before
+    the signal, which then fell on the next one.
+    """
     wid = c.worker
-    state = StateFile(run.home.worker_state(wid), WorkerState, default=None)
+    looking = time.time()
 
-    def on_task() -> tuple[int, int, str] | None:
+    def on_task() -> tuple[int, int, str, float] | None:
         hb = run.heartbeats().get(wid)
-        if hb is None or hb.status != "working" or not run.home.worker_state(wid).exists():
+        if hb is None or hb.status != "working":
             return None
-        s = state.read()
-        if s.current_task is None or s.current_task.task_id != (c.task or s.current_task.task_id):
+        starts = [
+            (at, tid)
+            for (tid, w), at in run.started_at().items()
+            if w == wid and (tid == c.task if c.task else at >= looking)
+        ]
+        if not starts:
             return None
-        return hb.pid, hb.generation, s.current_task.task_id
+        at, tid = max(starts)
+        return hb.pid, hb.generation, tid, at
 
-    pid, gen, c.task = wait_for(on_task, 60, 0.02, f"{wid} to start {c.task or 'a task'}")
-    time.sleep(INTO_TASK_S)  # mid-task on purpose
+    pid, gen, c.task, started = wait_for(on_task, 60, 0.02, f"{wid} to start {c.task or 'a task'}")
+    time.sleep(max(0.0, started + INTO_TASK_S - time.time()))  # mid-task on purpose
     run.timeline.poll()
     dead_before = len(run.timeline.find("worker-dead", worker=wid))
     t0 = time.time()
@@ -289,14 +299,18 @@ def master_cases(restarts: int) -> MasterRun:
             )
         wait_for(run.master_done, 120, 0.1, "the run to finish")
         run.timeline.poll()
-        counts: dict[str, int] = {}
-        # A merge that landed just before a kill is recorded by the next master as
-        # "merge-recovered" (git says it is in): it counts as that task's one merge.
-        for e in [*run.timeline.find("merged"), *run.timeline.find("merge-recovered")]:
-            if e.get("task"):
-                counts[e["task"]] = counts.get(e["task"], 0) + 1
-        out.merged_once = sum(1 for n in counts.values() if n == 1)
-        out.merged_twice = sum(1 for n in counts.values() if n > 1)
+        # A merge is done twice if the master says "merged" twice. A merge that landed just
+        # before a kill is recorded by the next master as "merge-recovered" (git says it is in,
+        # and nothing is done): that task's one merge, or the same one again if the kill fell
+        # between the "merged" line and the task file that says so.
+        merges: dict[str, int] = {}
+        for e in run.timeline.find("merged"):
+            merges[e.get("task", "")] = merges.get(e.get("task", ""), 0) + 1
+        recovered = {e.get("task", "") for e in run.timeline.find("merge-recovered")}
+        merged = {t for t in (merges.keys() | recovered) if t}
+        out.merged_once = sum(1 for t in merged if merges.get(t, 0) <= 1)
+        out.merged_twice = sum(1 for t in merged if merges.get(t, 0) > 1)
+        out.recovered_after_merged = sum(1 for t in recovered if merges.get(t, 0))
         out.failed = len(run.timeline.find("task-failed"))
     return out
 
@@ -372,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["", "restart issued", "master-restarted", "first assign/merge"], mrows))
     print(
         f"tasks: {master.tasks}, merged once: {master.merged_once}, merged twice: "
-        f"{master.merged_twice}, failed: {master.failed}"
+        f"{master.merged_twice}, failed: {master.failed} (merges seen again after a kill: "
+        f"{master.recovered_after_merged})"
     )
 
     kill_detect = max((c.detect_intervals for c in cases if c.how == "kill"), default=float("nan"))
