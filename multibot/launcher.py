@@ -57,6 +57,10 @@ class Launcher(Protocol):
     def pid(self, handle: str) -> int | None:
         """Return the process id at handle, if known."""
 
+    def find(self, pid: int) -> str | None:
+        """Return the handle of the worker process pid (one this master did not start), if
+        it runs where this launcher starts workers."""
+
     def dead(self, handles: Sequence[str]) -> set[str]:
         """Return which of handles no longer run a process (one look for all of them)."""
 
@@ -108,6 +112,9 @@ class ProcessLauncher:
     def pid(self, handle: str) -> int | None:
         child = self.children.get(handle)
         return child.pid if child else None
+
+    def find(self, pid: int) -> str | None:
+        return str(pid) if procs.runs(pid, "worker", str(self.home.root)) else None
 
     def stop(self, handle: str) -> None:
         child = self.children.pop(handle, None)
@@ -162,6 +169,15 @@ class TmuxLauncher:
             return self.tmux.pane_pid(handle)
         except TmuxError:
             return None
+
+    def find(self, pid: int) -> str | None:
+        # The pane's own process is the worker, or the shell tmux started it with.
+        around = {pid, procs.parent(pid)}
+        try:
+            panes = self.tmux.list_panes()
+        except TmuxError:
+            return None
+        return next((p.pane_id for p in panes if p.pid is not None and p.pid in around), None)
 
     def stop(self, handle: str) -> None:
         try:

@@ -152,6 +152,7 @@ class Master:
         self.pane_look: tuple[float, Future[set[str]]] | None = None  # (started, look)
         self.title_job: Future[None] | None = None
         self.launched: dict[str, float] = {}  # worker id -> when (mono) its process was started
+        self.sought: set[int] = set()  # pids of adopted workers whose pane was looked for
 
     # == start-up =============================================================================
     def open_repo(self) -> None:
@@ -273,7 +274,8 @@ class Master:
                 info.generation = ws.generation  # restarted just before: watch the new one
 
     def reconcile_workers(self) -> None:
-        """Free workers whose task ended after system-state.json was last written."""
+        """Free workers whose task ended after system-state.json was last written, and put
+        back on their task those it did not name."""
         # Task files are written at every change, system-state.json a moment later: a worker
         # may still be recorded on a task that is verifying or merged, and would never be
         # given work again.
@@ -284,6 +286,17 @@ class Master:
             ):
                 info.current_task, info.idle_since = None, self.clock()
                 self.dirty = True
+        # And the other way: a worker adopted (or written down late) is on its task.
+        for rec in self.tasks.values():
+            on = self.sys.workers.get(rec.worker or "")
+            if (
+                rec.status in ("assigned", "running")
+                and on
+                and on.current_task is None
+                and on.status in LIVE_WORKER
+            ):
+                on.current_task, on.branch = rec.id, rec.branch
+                on.model, self.dirty = rec.task.model, True
 
     def load_tasks_from_plan(self) -> None:
         """Create a task file for every planned task not already known."""
@@ -966,6 +979,8 @@ class Master:
             liveness = tracker.observe(hb, mono)
             if hb is not None and hb.generation == info.generation:
                 info.last_heartbeat = hb.time
+                if info.pane_id is None and hb.pid not in self.sought:
+                    self.find_worker(wid, info, hb.pid)
                 status = hb.status if hb.status in LIVE_WORKER else info.status
                 if status != info.status and info.status != "blocked":
                     info.status = status  # type: ignore[assignment]
@@ -997,6 +1012,15 @@ class Master:
         if self.pane_look is None and handles:
             self.pane_look = (mono, self.chores.submit(self.launcher.dead, handles))
         return gone
+
+    def find_worker(self, wid: str, info: WorkerInfo, pid: int) -> None:
+        """Find the pane of a worker adopted after a restart (started by the master that
+        crashed before it wrote down where), so it is titled, watched and restarted in place."""
+        self.sought.add(pid)
+        handle = self.launcher.find(pid)
+        if handle is not None:
+            info.pane_id, info.pid = handle, pid
+            self.event("worker-found", f"{wid} runs in {handle} (pid {pid})", worker=wid)
 
     def worker_died(self, wid: str, info: WorkerInfo, reason: str, now: float) -> None:
         info.restarts += 1

@@ -46,17 +46,22 @@ def pids() -> list[int]:
     return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
 
 
+def parent(pid: int) -> int | None:
+    """Return the parent of process pid, None if it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(")")[2].split()[1])  # the name may hold spaces and ')'
+
+
 def ancestors() -> set[int]:
     """Return this process and its ancestors (never to be stopped by cleanup)."""
     found: set[int] = set()
-    pid = os.getpid()
-    while pid > 1 and pid not in found:
+    pid: int | None = os.getpid()
+    while pid is not None and pid > 1 and pid not in found:
         found.add(pid)
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            break
-        pid = int(stat.rpartition(")")[2].split()[1])  # the name may hold spaces and ')'
+        pid = parent(pid)
     return found
 
 

@@ -217,6 +217,9 @@ class Run:
     def pane_ids(self) -> list[str]:
         return [p.pane_id for p in self.tmux.list_panes()]
 
+    def pane_title(self, pane: str) -> str:
+        return next((p.title for p in self.tmux.list_panes() if p.pane_id == pane), "")
+
     # -- the end ------------------------------------------------------------------------
     def assert_done(self, tasks: list[str], code: int) -> None:
         """Every task merged exactly once, the run done, nothing else merged."""
@@ -750,11 +753,16 @@ def test_a_worker_launched_just_before_a_master_crash_is_adopted(make_run: Any) 
     wait_until(lambda: run.mark("t1.runs"), 60)
     wait_until(lambda: run.task("t1")["status"] == "running", 30)
     pid = run.heartbeat_pid("w1")
+    pane = run.worker("w1")["pane_id"]
     run.kill_master()
     # As if the master died between starting w1 and writing system-state.json.
     hand_edit(run.home.system_state, lambda d: d["workers"].clear())
+    run.tmux.set_title(pane, "not titled yet")
     run.start_master()
     wait_until(lambda: run.has_event("worker-adopted", worker="w1"), 30)
+    # Found in its pane (from its heartbeat's pid), which gets its title back.
+    wait_until(lambda: run.worker("w1").get("pane_id") == pane, 30)
+    wait_until(lambda: run.pane_title(pane).startswith("w1 · t1"), 30)
     release(run, "go")
     run.assert_done(["t1", "t2"], run.finish())
     assert len(run.mark("t1.runs")) == 1
