@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from multibot.errors import PlanError
 from multibot.lifecycle import TASK_TRANSITIONS, BadTransition, task_transition
 from multibot.plan import find_cycle, load_plan_file, topological_order, validate_plan
-from multibot.scheduler import TaskIndex, WorkerSlot, overlaps, ready_tasks, schedule
+from multibot.scheduler import PlanOrder, TaskIndex, WorkerSlot, overlaps, ready_tasks, schedule
 from multibot.state import PlanTask, TaskRecord
 from multibot.supervisor import backoff
 
@@ -133,7 +133,8 @@ def test_the_task_index_agrees_with_looking_at_every_task(data: st.DataObject) -
             and all(d in tasks and tasks[d].status == "merged" for d in r.task.dependencies)
         }
         assert set(index.ready()) == ready
-        assert ready_tasks(tasks, ids, index) == ready_tasks(tasks, ids)
+        order = PlanOrder(ids)
+        assert ready_tasks(tasks, order, index) == ready_tasks(tasks, order)
 
 
 @pytest.mark.parametrize(
@@ -181,3 +182,14 @@ def test_lifecycle_refuses_bad_moves() -> None:
 
 def test_backoff_doubles_up_to_the_cap() -> None:
     assert [backoff(n, 1.0, 5.0) for n in range(0, 6)] == [0.0, 1.0, 2.0, 4.0, 5.0, 5.0]
+
+
+def test_plan_order_breaks_ties_and_keeps_first_places() -> None:
+    order = PlanOrder(["b", "a", "b"])
+    order.add("c")
+    order.add("a")
+    assert list(order) == ["b", "a", "c"] and order.place("zz") == 3
+    tasks = {t: task(t, []) for t in ("a", "b", "c")}
+    assert [t.id for t in ready_tasks(tasks, order)] == ["b", "a", "c"]
+    tasks["c"].task.priority = 1
+    assert [t.id for t in ready_tasks(tasks, order)] == ["c", "b", "a"]
