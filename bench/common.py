@@ -150,6 +150,43 @@ def pressure() -> str:
     return " ".join(said) or "-"
 
 
+@contextlib.contextmanager
+def cpu_limit(cpus: float | None) -> Iterator[None]:
+    """Run the block, and every process it starts (master, workers, git, tmux, baselines),
+    on at most `cpus` cores' worth of CPU: a cgroup with a CPU quota (root; cgroup v1's cpu
+    controller, or v2). None: no limit. The same quota on machines of different speed, or at
+    different moments, does not make them equal, but it shows what multibot does with less."""
+    if cpus is None:
+        yield
+        return
+    period = 10_000  # µs: a short period throttles in small slices instead of 0.1 s stalls
+    v1 = Path("/sys/fs/cgroup/cpu")
+    root = v1 if (v1 / "cgroup.procs").exists() else Path("/sys/fs/cgroup")
+    group = root / f"multibot-bench-{os.getpid()}"
+    try:
+        group.mkdir()
+        if root == v1:
+            (group / "cpu.cfs_period_us").write_text(str(period))
+            (group / "cpu.cfs_quota_us").write_text(str(int(cpus * period)))
+        else:
+            (group / "cpu.max").write_text(f"{int(cpus * period)} {period}")
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            group.rmdir()
+        raise SystemExit(f"--cpus needs root and a cgroup cpu controller: {exc}") from exc
+    try:
+        yield
+    finally:
+        (root / "cgroup.procs").write_text(str(os.getpid()))
+        for _ in range(50):  # processes the block started may take a moment to go
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
 def print_machine(info: dict[str, str]) -> None:
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
 

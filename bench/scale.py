@@ -1,7 +1,7 @@
 """Benchmark scale: N shell-backend workers in a private tmux server running no-op tasks.
 
     .venv/bin/python bench/scale.py [--quick] [--workers 10,25,50] [--tasks M] [--window S]
-                                    [--profile DIR]
+                                    [--profile DIR] [--cpus C]
 
 Each run starts a real master (`python -m multibot master --backend shell`) in a private tmux
 server, with max_workers N, idle_worker_timeout 3600 s, heartbeat_interval 1 s, no verify.
@@ -64,6 +64,7 @@ from bench.common import (
     LIVE,
     PY,
     BenchRun,
+    cpu_limit,
     cpu_seconds,
     fmt,
     kv_line,
@@ -711,14 +712,22 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="run the throughput run's master under cProfile, keep it here",
     )
+    parser.add_argument(
+        "--cpus",
+        type=float,
+        default=None,
+        help="run everything on at most this many cores' worth of CPU (a cgroup quota; root)",
+    )
     args = parser.parse_args(argv)
     info = machine()
+    if args.cpus is not None:
+        info["cpu quota"] = f"{args.cpus:g} cores"
     print_machine(info)
     profile = args.profile.resolve() / "master.prof" if args.profile else None
     if profile:
         profile.parent.mkdir(parents=True, exist_ok=True)
     results: list[ScaleResult] = []
-    with sigterm_as_exit():
+    with sigterm_as_exit(), cpu_limit(args.cpus):
         if args.quick:
             main_run = run_scale(10, args.tasks or 30, 2, 5, 4.0, 25.0, profile)
             results.append(main_run)
