@@ -125,6 +125,14 @@ class ScaleResult:
     failed: int = 0
     notes: list[str] = field(default_factory=list)
 
+    def cpu_ms_per_task(self, part: str = "") -> float:
+        """CPU of the bulk phase per task merged in it, in ms: of one part (master_all, tmux,
+        workers) or of all three."""
+        b = self.busy
+        parts = [part] if part else ["master_all", "tmux", "workers"]
+        total = sum(v for p in parts if (v := getattr(b, p)) == v)  # nan: not measured
+        return total / 100 * b.seconds / self.bulk_done * 1000 if self.bulk_done else float("nan")
+
     @property
     def tasks_per_min(self) -> float:
         return self.bulk_done / self.bulk_s * 60 if self.bulk_s > 0 else float("nan")
@@ -510,7 +518,9 @@ def print_profile(path: Path, lines: int = 25) -> None:
         stats.sort_stats("tottime").print_stats(lines)
 
 
-def report(results: list[ScaleResult], main: ScaleResult, base: Baselines) -> dict[str, object]:
+def report(
+    results: list[ScaleResult], main: ScaleResult, base: Baselines, cores: float
+) -> dict[str, object]:
     mb = 1024.0
     print("\n== start-up, idle and busy cost by number of workers (CPU in % of one core)")
     rows = []
@@ -593,6 +603,13 @@ def report(results: list[ScaleResult], main: ScaleResult, base: Baselines) -> di
         ["git floor (3 git commands/task)", "", "", fmt(base.git_per_min, 0), "", ""],
     ]
     print(table(["", "tasks", "seconds", "tasks/min", "assign→start p50 ms", "p99 ms"], tput))
+    print(
+        f"CPU per merged task in the bulk phase: {fmt(main.cpu_ms_per_task(), 1)} ms (master "
+        f"with its git and tmux clients {fmt(main.cpu_ms_per_task('master_all'), 1)}, workers "
+        f"with their git {fmt(main.cpu_ms_per_task('workers'), 1)}, tmux server "
+        f"{fmt(main.cpu_ms_per_task('tmux'), 1)}): {cores:g} cores allow about "
+        f"{fmt(cores * 60_000 / main.cpu_ms_per_task(), 0)} tasks/min"
+    )
     lat = [
         ["multibot chains: ready → assigned", *_p(main.chain_ready_to_assigned_ms)],
         ["multibot chains: assigned → started", *_p(main.chain_assigned_to_started_ms)],
@@ -667,6 +684,7 @@ def report(results: list[ScaleResult], main: ScaleResult, base: Baselines) -> di
         "rss_mb_max": rss_max,
         "tput_workers": main.workers,
         "tasks_per_min": main.tasks_per_min,
+        "cpu_ms_per_task": main.cpu_ms_per_task(),
         "verified_per_min": main.verified_per_min,
         "fanout_tasks_per_min": base.fanout_per_min,
         "git_floor_tasks_per_min": base.git_per_min,
@@ -738,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(main_run)
             results.sort(key=lambda r: r.workers)
         base = baselines(main_run.workers, args.quick)
-    summary = report(results, main_run, base)
+    summary = report(results, main_run, base, args.cpus or os.cpu_count() or 1)
     if profile:
         print(
             f"\nnote: the {main_run.workers}-worker run's master ran under cProfile: its "
