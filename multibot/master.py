@@ -155,6 +155,8 @@ class Master:
         self.title_job: Future[None] | None = None
         self.launched: dict[str, float] = {}  # worker id -> when (mono) its process was started
         self.sought: set[int] = set()  # pids of adopted workers whose pane was looked for
+        # Each task's entry of system-state.json's branch list, and what it was made from.
+        self.branches: dict[str, tuple[tuple[str, str | None, str | None, bool], BranchInfo]] = {}
 
     # == start-up =============================================================================
     def open_repo(self) -> None:
@@ -1108,14 +1110,17 @@ class Master:
     # == assignments ==========================================================================
     def assign_ready(self) -> None:
         live = self.live_workers()
-        last = self.last_tasks()
         # A verify command runs in the worktree of the task's worker: not a new branch there.
         checking = {self.tasks[t].worker for t in self.index.ids("verifying")}
-        idle = [
-            WorkerSlot(w, frozenset(i.capabilities), last.get(w))
+        free = [
+            (w, i)
             for w, i in live.items()
             if i.status in ("idle", "starting") and i.current_task is None and w not in checking
         ]
+        if not free and len(live) >= self.config.max_workers:
+            return  # every worker busy: most turns of a busy run
+        last = self.last_tasks()
+        idle = [WorkerSlot(w, frozenset(i.capabilities), last.get(w)) for w, i in free]
         plan = schedule(
             self.tasks,
             idle,
@@ -1555,17 +1560,19 @@ class Master:
         """Derive the task lists, branches and merge queue of system-state.json from the tasks."""
         git = self.sys.git
         git.merge_queue = sorted(self.index.ids("verified"), key=self.order.place)
-        git.branches = [
-            BranchInfo.model_construct(  # from validated task records: no need to check again
-                name=r.branch,
-                task_id=t,
-                worker=r.worker,
-                last_commit=r.commit,
-                merged=r.status == "merged",
-            )
-            for t, r in self.tasks.items()
-            if r.branch
-        ]
+        branches = []
+        for t, r in self.tasks.items():
+            if not r.branch:
+                continue
+            shown = (r.branch, r.worker, r.commit, r.status == "merged")
+            known = self.branches.get(t)
+            if known is None or known[0] != shown:  # made anew only when it changed
+                info = BranchInfo.model_construct(  # from validated task records: checked
+                    name=r.branch, task_id=t, worker=r.worker, last_commit=r.commit, merged=shown[3]
+                )
+                known = self.branches[t] = (shown, info)
+            branches.append(known[1])
+        git.branches = branches
         idx = self.sys.tasks
         idx.active = [
             t
