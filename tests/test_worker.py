@@ -74,6 +74,24 @@ def test_a_short_task_costs_one_state_write_a_longer_one_shows_while_it_runs(rig
     assert json.loads(path.read_text())["current_task"] is None
 
 
+def test_an_assignment_sent_again_runs_once(rig: Rig) -> None:
+    """A master that restarted sends again the assignments its task files hold (a task's start
+    is written lazily): the worker on that task, or done with it, runs it once, quietly."""
+    rig.start_worker()
+    go, runs = rig.tmp / "go", rig.tmp / "runs"
+    first = rig.assign("dup", [f"echo run >> {runs}", f"until [ -e {go} ]; do sleep 0.05; done"])
+    rig.expect(protocol.StatusUpdate, kind="started")
+    rig.send(first.payload, task_id="dup")  # again, while it runs
+    go.touch()
+    rig.expect(protocol.TaskComplete, task_id="dup")
+    rig.send(first.payload, task_id="dup")  # and again, once it is done
+    rig.assign("after", [])  # handled in order: after both of the above
+    rig.expect(protocol.TaskComplete, task_id="after")
+    assert runs.read_text() == "run\n"
+    assert not rig.received(protocol.ErrorReport), rig.output()
+    assert not rig.received(protocol.TaskComplete), "dup was reported twice"
+
+
 def test_a_question_is_answered_through_the_bus(rig: Rig) -> None:
     rig.start_worker()
     rig.assign("t2", ["multibot ask 'which port?' --timeout 30 > port.txt"])
