@@ -143,7 +143,7 @@ def ready_tasks(
     names, when given one that has noted every task).
 
     Lazily: a heap, not a sort, so a turn that takes the best few of thousands of ready tasks
-    pays for those few (a sort of 3,000 on every turn made the master's loop the bottleneck).
+    pays little for the rest (sorting 3,000 on every turn cost the master milliseconds).
     """
     order = order or PlanOrder()
     if index is None:
