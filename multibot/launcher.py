@@ -59,7 +59,7 @@ class Launcher(Protocol):
 
     def find(self, pid: int) -> str | None:
         """Return the handle of the worker process pid (one this master did not start), if
-        it runs where this launcher starts workers."""
+        it runs where this launcher starts workers; TmuxError if tmux did not answer."""
 
     def dead(self, handles: Sequence[str]) -> set[str]:
         """Return which of handles no longer run a process (one look for all of them)."""
@@ -173,10 +173,7 @@ class TmuxLauncher:
     def find(self, pid: int) -> str | None:
         # The pane's own process is the worker, or the shell tmux started it with.
         around = {pid, procs.parent(pid)}
-        try:
-            panes = self.tmux.list_panes()
-        except TmuxError:
-            return None
+        panes = self.tmux.list_panes()
         return next((p.pane_id for p in panes if p.pid is not None and p.pid in around), None)
 
     def stop(self, handle: str) -> None:

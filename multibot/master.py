@@ -22,7 +22,14 @@ from multibot import mailbox, procs, protocol, worktrees
 from multibot.advisor import Advice, Advisor
 from multibot.checks import Checks, Done
 from multibot.config import MasterConfig, WorkerTemplate
-from multibot.errors import GitError, LockTimeout, MultibotError, PlanError, StateError
+from multibot.errors import (
+    GitError,
+    LockTimeout,
+    MultibotError,
+    PlanError,
+    StateError,
+    TmuxError,
+)
 from multibot.heartbeat import HeartbeatTracker, read_heartbeat
 from multibot.launcher import Launcher, worker_argv
 from multibot.layout import MASTER_ID, Home
@@ -1032,8 +1039,11 @@ class Master:
     def find_worker(self, wid: str, info: WorkerInfo, pid: int) -> None:
         """Find the pane of a worker adopted after a restart (started by the master that
         crashed before it wrote down where), so it is titled, watched and restarted in place."""
+        try:
+            handle = self.launcher.find(pid)
+        except TmuxError:
+            return  # tmux did not answer: look again next time
         self.sought.add(pid)
-        handle = self.launcher.find(pid)
         if handle is not None:
             info.pane_id, info.pid = handle, pid
             self.event("worker-found", f"{wid} runs in {handle} (pid {pid})", worker=wid)
