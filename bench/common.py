@@ -175,16 +175,19 @@ def cpu_limit(cpus: float | None) -> Iterator[None]:
         with contextlib.suppress(OSError):
             group.rmdir()
         raise SystemExit(f"--cpus needs root and a cgroup cpu controller: {exc}") from exc
+
+    def removed() -> bool:
+        with contextlib.suppress(OSError):
+            group.rmdir()
+        return not group.exists()
+
     try:
         yield
     finally:
         (root / "cgroup.procs").write_text(str(os.getpid()))
-        for _ in range(50):  # processes the block started may take a moment to go
-            try:
-                group.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        # Processes the block started may take a moment to go; a group left is harmless.
+        with contextlib.suppress(TimeoutError):
+            wait_for(removed, 5, 0.1, f"cgroup {group} to empty")
 
 
 def print_machine(info: dict[str, str]) -> None:

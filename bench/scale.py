@@ -47,6 +47,7 @@ Ends with one line of key=value pairs. docs/benchmarks.md explains the figures.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import pstats
@@ -130,7 +131,7 @@ class ScaleResult:
         workers) or of all three."""
         b = self.busy
         parts = [part] if part else ["master_all", "tmux", "workers"]
-        total = sum(v for p in parts if (v := getattr(b, p)) == v)  # nan: not measured
+        total = sum(v for p in parts if not math.isnan(v := getattr(b, p)))  # nan: not measured
         return total / 100 * b.seconds / self.bulk_done * 1000 if self.bulk_done else float("nan")
 
     @property

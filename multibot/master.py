@@ -162,8 +162,7 @@ class Master:
         self.title_job: Future[None] | None = None
         self.launched: dict[str, float] = {}  # worker id -> when (mono) its process was started
         self.sought: set[int] = set()  # pids of adopted workers whose pane was looked for
-        # Each task's entry of system-state.json's branch list, and what it was made from.
-        self.branches: dict[str, tuple[tuple[str, str | None, str | None, bool], BranchInfo]] = {}
+        self.branches: dict[str, BranchInfo] = {}  # each task's entry in system-state.json
 
     # == start-up =============================================================================
     def open_repo(self) -> None:
@@ -306,8 +305,8 @@ class Master:
                 and on.current_task is None
                 and on.status in LIVE_WORKER
             ):
-                on.current_task, on.branch = rec.id, rec.branch
-                on.model, self.dirty = rec.task.model, True
+                on.current_task, on.branch, on.model = rec.id, rec.branch, rec.task.model
+                self.dirty = True
 
     def load_tasks_from_plan(self) -> None:
         """Create a task file for every planned task not already known."""
@@ -1127,9 +1126,7 @@ class Master:
             for w, i in live.items()
             if i.status in ("idle", "starting") and i.current_task is None and w not in checking
         ]
-        if not free and len(live) >= self.config.max_workers:
-            return  # every worker busy: most turns of a busy run
-        last = self.last_tasks()
+        last = self.last_tasks() if free else {}  # it looks at every ready task
         idle = [WorkerSlot(w, frozenset(i.capabilities), last.get(w)) for w, i in free]
         plan = schedule(
             self.tasks,
@@ -1574,14 +1571,13 @@ class Master:
         for t, r in self.tasks.items():
             if not r.branch:
                 continue
-            shown = (r.branch, r.worker, r.commit, r.status == "merged")
-            known = self.branches.get(t)
-            if known is None or known[0] != shown:  # made anew only when it changed
-                info = BranchInfo.model_construct(  # from validated task records: checked
-                    name=r.branch, task_id=t, worker=r.worker, last_commit=r.commit, merged=shown[3]
+            now = (r.branch, r.worker, r.commit, r.status == "merged")
+            info = self.branches.get(t)
+            if info is None or (info.name, info.worker, info.last_commit, info.merged) != now:
+                info = self.branches[t] = BranchInfo.model_construct(  # from validated records
+                    name=r.branch, task_id=t, worker=r.worker, last_commit=r.commit, merged=now[3]
                 )
-                known = self.branches[t] = (shown, info)
-            branches.append(known[1])
+            branches.append(info)
         git.branches = branches
         idx = self.sys.tasks
         idx.active = [

@@ -183,10 +183,10 @@ def schedule(
     free = list(idle)
     can_start = max(0, max_workers - running_workers)
     plan: list[Assignment] = []
-    if not free and can_start == 0:
-        return plan  # every worker busy, as most turns of a busy run
-    for t in ready_tasks(tasks, order, index):
-        if not free and can_start <= 0:
+    ready = ready_tasks(tasks, order, index)  # lazy: nothing is looked at while no one is free
+    while free or can_start > 0:
+        t = next(ready, None)
+        if t is None:
             break
         needs = frozenset(t.task.capabilities)
         fit = [w for w in free if needs <= w.capabilities]

@@ -62,10 +62,6 @@ class Stopped(MultibotError):
     """The process was told to stop by a signal (its pane closed, or kill)."""
 
 
-def _as_is(s: WorkerState) -> WorkerState:
-    return s
-
-
 def _raise_stopped(signum: int, frame: object) -> None:
     raise Stopped(signal.Signals(signum).name)
 
@@ -227,7 +223,7 @@ class Worker:
         self.heartbeat.beat(self.status)
         self._check_pause()
         if self.lazy_due is not None and time.monotonic() >= self.lazy_due:
-            self._update_state(_as_is)
+            self._update_state()  # the lazy changes, on their own
         for message in self.inbox.fetch():
             self.handle(message)
             self.inbox.done(message)
@@ -668,10 +664,13 @@ class Worker:
         self._update_state(put)
         self.heartbeat.beat(status)
 
-    def _update_state(self, fn: Callable[[WorkerState], WorkerState], lazy: bool = False) -> None:
+    def _update_state(
+        self, fn: Callable[[WorkerState], WorkerState] | None = None, lazy: bool = False
+    ) -> None:
         """Apply fn to the state file, with the lazy changes before it; if lazy, only note it,
         for the next write or LAZY_STATE_S from now, whichever comes first."""
-        self.lazy.append(fn)
+        if fn is not None:
+            self.lazy.append(fn)
         if lazy:
             if self.lazy_due is None:
                 self.lazy_due = time.monotonic() + LAZY_STATE_S
