@@ -36,6 +36,26 @@ class MasterConfig(_Config):
     )
     override_window: float = Field(30.0, ge=0, description="Seconds for auto_with_window.")
     verify_attempts: int = Field(3, ge=1, description="Tries of a task whose verify fails.")
+    verify_concurrency: int | None = Field(
+        None,
+        ge=1,
+        description="Verify commands run at once; null: the machine's cores, at least 2.",
+    )
+    verify_timeout_minutes: float = Field(
+        10.0, gt=0, description="A verify command running longer is killed and fails."
+    )
+    check_concurrency: int = Field(
+        2,
+        ge=1,
+        description="Project checks run at once: above 1, the next batch is checked on top of "
+        "the one being checked (speculative), and thrown away if that one fails.",
+    )
+    merge_batch_max: int = Field(
+        8, ge=1, description="Most tasks merged and checked together (1: a check per merge)."
+    )
+    check_timeout_minutes: float = Field(
+        30.0, gt=0, description="A project check running longer is killed and fails."
+    )
     review: bool = Field(False, description="Have Opus review each diff before merging.")
     verify: str | None = Field(None, description="Project check run after every merge.")
     integration_branch: str = Field(

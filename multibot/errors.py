@@ -98,6 +98,18 @@ class GitError(MultibotError):
     """A git operation failed, or the repository is not usable."""
 
 
+class MergeBlocked(GitError):
+    """The merge queue cannot move the integration branch now; no task is to blame.
+
+    kind is "checked-out" (a person has the branch checked out), "moved" (the branch moved
+    under the queue: a person's commit) or "locked" (a git lock held by a live process).
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message)
+
+
 class TmuxError(MultibotError):
     """A tmux operation failed."""
 

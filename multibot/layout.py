@@ -177,6 +177,20 @@ class Home:
         """Where merges into the integration branch happen (never the user's checkout)."""
         return self.worktrees_dir / "_integration"
 
+    def merge_worktree(self, slot: int) -> Path:
+        """Where the merge queue's candidate number slot (from 1) is built and checked."""
+        if slot <= 1:
+            return self.integration_worktree
+        return self.worktrees_dir / f"_integration-{slot}"
+
+    def verify_worktree(self, slot: int) -> Path:
+        """Where tasks' verify commands run, one at a time each, on the task's commit."""
+        return self.worktrees_dir / f"_verify-{slot}"
+
+    @property
+    def merge_queue(self) -> Path:
+        return self.state_dir / "merge-queue.json"
+
     @property
     def archive_dir(self) -> Path:
         """Earlier runs' state, moved aside when a new run starts."""

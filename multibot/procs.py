@@ -46,6 +46,21 @@ def pids() -> list[int]:
     return [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()]
 
 
+def working_in(folder: Path, name: str) -> list[int]:
+    """Return the pids of processes called name whose working directory is inside folder."""
+    found = []
+    for pid in pids():
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() != name:
+                continue
+            cwd = Path(os.readlink(f"/proc/{pid}/cwd"))
+        except OSError:
+            continue
+        if cwd == folder or cwd.is_relative_to(folder):
+            found.append(pid)
+    return found
+
+
 def parent(pid: int) -> int | None:
     """Return the parent of process pid, None if it is gone."""
     try:

@@ -174,6 +174,18 @@ class BranchInfo(Record):
         return check_branch(v)
 
 
+class QueueView(Record):
+    """The verify and merge pipeline as the status view shows it (see state/merge-queue.json)."""
+
+    verifying: list[str] = Field([], description="Tasks whose verify command runs now.")
+    checking: list[list[str]] = Field([], description="Batches in flight, the next to land first.")
+    waiting: list[str] = Field([], description="Verified tasks waiting for a batch.")
+    bisecting: bool = Field(False, description="A failed batch is being split.")
+    paused: str | None = Field(None, description="Why the queue waits, if it does.")
+    checks: int = Field(0, description="Project checks run in this run.")
+    last_check_s: float | None = Field(None, description="How long the last check took.")
+
+
 class GitState(Record):
     repo: str = ""
     base: str = ""
@@ -181,7 +193,29 @@ class GitState(Record):
     branches: list[BranchInfo] = []
     merge_queue: list[str] = []
     last_merge_commit: str | None = None
-    merging: str | None = Field(None, description="Task being merged now (crash recovery).")
+    merging: str | None = Field(None, description="First task of the batch being merged now.")
+    queue: QueueView = QueueView()
+
+
+class QueueGroup(Record):
+    """One batch of the merge queue and its candidate (multibot/master/merging.py)."""
+
+    ids: list[str]
+    suspect: bool = Field(False, description="A half of a failed batch, checked apart.")
+    state: Literal["waiting", "building", "checking", "passed", "failed"] = "waiting"
+    slot: int = 0
+    base: str | None = None
+    commit: str | None = None
+    merges: dict[str, str | None] = {}
+    output: str = ""
+    token: int = 0
+
+
+class MergeQueueRecord(StateFileModel):
+    """state/merge-queue.json: the merge queue's batches, written before each is acted on."""
+
+    groups: list[QueueGroup] = []
+    checks: int = 0
 
 
 class Totals(Record):

@@ -41,9 +41,8 @@ MAX_NOTES = 200
 # How long the worker's own check that a worktree has everything committed stands in for a
 # new one when its next task starts there (GitRepo.quick_start's clean_at). Between one task's
 # end and the next assignment no one is meant to touch a worker's worktree: its agent is gone
-# and the master merges in its own (it runs a task's verify command here, so a task with one
-# is not vouched for). A start this soon after the check skips a `git status`; later (a
-# person may have looked in and edited), git looks again.
+# and the master verifies and merges in worktrees of its own. A start this soon after the
+# check skips a `git status`; later (a person may have looked in and edited), git looks again.
 CLEAN_TRUST_S = 1.0
 # A task's start is written to the worker's state file this long after it, if the task has not
 # ended by then (the end's write then says it all): a short task costs one write, not two.
@@ -557,10 +556,7 @@ class Worker:
             if head is None:
                 commit = self._commit(a, f"multibot: {task_id} {a.title}".rstrip())
             if a.repo:  # prepared by this process (start_task), and now all committed
-                # The master runs the task's verify command here next: what it leaves is
-                # for git to see at the next start.
-                seen = None if a.verify else commit or head
-                self.tidy = Tidy(a.working_directory, seen, time.monotonic())
+                self.tidy = Tidy(a.working_directory, commit or head, time.monotonic())
         except MultibotError as exc:
             self.show(f"✗ commit failed: {exc}")
             outcome = AgentOutcome(False, f"commit failed: {exc}", "git")

@@ -25,7 +25,8 @@ import filelock
 import git
 from git import exc as git_exc
 
-from multibot.errors import GitError, InvalidId, LockTimeout
+from multibot import procs
+from multibot.errors import GitError, InvalidId, LockTimeout, MergeBlocked
 from multibot.ids import check_branch, check_id
 
 TASK_PREFIX = "multibot/"
@@ -46,12 +47,23 @@ class Conflict(NamedTuple):
 class MergeOutcome:
     """What happened to one task branch in the merge queue."""
 
-    status: Literal["merged", "conflict", "verify_failed", "nothing"]
+    status: Literal["merged", "conflict", "verify_failed", "nothing", "missing"]
     task_id: str
     branch: str
     commit: str | None = None
     conflicts: tuple[Conflict, ...] = ()
     output: str = ""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A merge candidate: base with task branches merged into it, not landed yet."""
+
+    base: str  # the commit it was built on
+    commit: str  # base with every merged branch: what the project check runs on
+    merges: tuple[tuple[str, str | None], ...]  # (task id, its merge commit; None: in already)
+    conflicts: tuple[MergeOutcome, ...] = ()  # the branches left out, each with its conflict
+    notes: tuple[str, ...] = ()  # what had to be mended first (a stale lock)
 
 
 @dataclass(frozen=True)
@@ -397,8 +409,9 @@ class GitRepo:
         self._worktree_locks: dict[Path, filelock.FileLock] = {}
         self._views: dict[tuple[Path, Path], git.Repo] = {}  # GitPython's view of worker worktrees
         self._hooks: set[subprocess.Popen[bytes]] = set()  # setup hooks running (stop_hooks)
-        # The integration worktree's state is unknown until this object has reset it once.
-        self._integration_unclean = True
+        # Scratch worktree -> the commit it is known to be clean at (builds skip a reset).
+        self._clean_at: dict[Path, str] = {}
+        self._slots: set[Path] = set()  # scratch worktrees known to exist
 
     def stop_hooks(self) -> None:
         """Kill the setup hooks running (from another thread): their worktrees are removed."""
@@ -573,81 +586,133 @@ class GitRepo:
         return not self._unmerged(self.root, f"refs/heads/{branch}")
 
     # -- merge queue -----------------------------------------------------------------------
-    def merge(
-        self, task_id: str, title: str, branch: str | None = None, verify_cmd: str | None = None
-    ) -> MergeOutcome:
-        """Merge a task branch into integration (--no-ff), verify it, or undo it and say why."""
-        task_id = check_id(task_id, "task id")
-        branch = self.branch_for(task_id) if branch is None else check_branch(branch)
-        title = " ".join(title.split())
-        message = f"multibot: merge task {task_id}" + (f" ({title})" if title else "")
-        wt = self.integration_worktree
+    def build(
+        self, slot: Path, items: Sequence[tuple[str, str, str]], base: str | None = None
+    ) -> Candidate:
+        """Build a merge candidate in a scratch worktree (slot): base, then every branch of the
+        (task id, title, branch) items merged --no-ff in order, those that conflict left out.
+
+        base None means the integration tip, read under the integration lock. The slot is
+        made on first use, detached; nothing but HEAD there moves, no branch does.
+        """
+        path = self._slot(slot)
+        with self._locked(self._slot_lock(path)):
+            notes = self._clear_stale_lock(path)
+            if base is None:
+                with self._locked():
+                    base = self._integration_tip()
+            fmt, where = "--format=%(refname)", "refs/heads/multibot/"
+            listed = _out(self.root, "for-each-ref", fmt, "--merged", base, where)
+            merged = {ref.removeprefix("refs/heads/") for ref in listed.splitlines()}
+            self._put_slot(path, base)
+            self._clean_at.pop(path, None)  # until this build ends
+            merges: list[tuple[str, str | None]] = []
+            conflicts: list[MergeOutcome] = []
+            for task_id, title, branch in items:
+                task_id, branch = check_id(task_id, "task id"), check_branch(branch)
+                if not self._branch_exists(branch):
+                    gone = f"branch {branch} does not exist (deleted by hand?)"
+                    conflicts.append(MergeOutcome("missing", task_id, branch, None, (), gone))
+                    continue
+                if branch in merged:  # in already (a task that changed nothing, or landed)
+                    merges.append((task_id, None))
+                    continue
+                output, found = self._try_merge(
+                    path, f"refs/heads/{branch}", _message(task_id, title)
+                )
+                if found:
+                    conflicts.append(MergeOutcome("conflict", task_id, branch, None, found, output))
+                else:
+                    merges.append((task_id, _out(path, "rev-parse", "HEAD")))
+            commit = _out(path, "rev-parse", "HEAD")
+            self._clean_at[path] = commit
+        return Candidate(base, commit, tuple(merges), tuple(conflicts), notes)
+
+    def check(
+        self,
+        slot: Path,
+        command: str,
+        timeout: float | None,
+        running: set[subprocess.Popen[bytes]] | None = None,
+    ) -> tuple[int, str]:
+        """Run a check command in a slot (its process group killed at timeout; running holds
+        the process while it runs, for the caller to stop it)."""
+        path = self._slot(slot)
+        self._clean_at.pop(path, None)  # the check may leave anything there
+        return run_shell(command, path, timeout, running)
+
+    def check_out(self, slot: Path, commit: str) -> tuple[str, ...]:
+        """Put a scratch worktree (made on first use) exactly at commit, detached and clean;
+        return notes on what had to be mended (a stale lock)."""
+        path = self._slot(slot)
+        with self._locked(self._slot_lock(path)):
+            notes = self._clear_stale_lock(path)
+            self._put_slot(path, self._rev(commit))
+            self._clean_at.pop(path, None)  # what runs there next may leave anything
+        return notes
+
+    def land(self, commit: str, base: str, what: str = "") -> bool:
+        """Move the integration branch from base to commit, a candidate built on base; return
+        False if it points at commit already (landed before a restart).
+
+        Raises MergeBlocked, and changes nothing, when the branch moved from base (a commit
+        a person added: the candidate is built again on it, so the commit stays), when it is
+        checked out somewhere, or when its ref is locked.
+        """
+        ref = f"refs/heads/{self.integration}"
         with self._locked():
-            self._require_branch(branch)
-            if not self._unmerged(self.root, f"refs/heads/{branch}"):
-                # Nothing to bring in (a task that changed nothing): no need to touch anything.
-                return MergeOutcome("nothing", task_id, branch, None, (), "already merged")
+            tip = self._integration_tip()
+            if tip == commit:
+                return False
+            if tip != base:
+                raise MergeBlocked(
+                    "moved",
+                    f"{self.integration} moved to {tip[:12]} while a candidate was built on "
+                    f"{base[:12]}; the queue builds it again on the new tip",
+                )
+            if _git(self.root, "merge-base", "--is-ancestor", base, commit, check=False)[0]:
+                raise GitError(f"candidate {commit[:12]} does not descend from {base[:12]}")
             holder = self._holder(self.integration)
             if holder is not None:
                 # Moving a branch checked out somewhere would leave that checkout out of step.
-                raise GitError(
-                    f"{self.integration} is checked out in {holder}; switch that checkout to "
-                    "another branch so multibot can merge into it"
+                raise MergeBlocked(
+                    "checked-out",
+                    f"{self.integration} is checked out in {holder}; the queue waits until "
+                    "that checkout switches to another branch",
                 )
-            self._ensure_integration_worktree()
-            old = self._integration_tip()
-            if self._integration_unclean:  # first merge here, or a check ran in the worktree
-                self._reset_integration(old)
-            self._integration_unclean = True  # until this merge ends cleanly
-            done = False
-            try:  # any way out but a verified, recorded merge puts the worktree back at old
-                output, conflicts = self._try_merge(wt, f"refs/heads/{branch}", message)
-                if conflicts:
-                    return MergeOutcome("conflict", task_id, branch, None, conflicts, output)
-                new = _out(wt, "rev-parse", "HEAD")
-                if verify_cmd:
-                    vcode, output = run_shell(verify_cmd, wt, self.command_timeout)
-                    if vcode != 0:
-                        report = f"verify command {verify_cmd!r} exited {vcode}:\n{output}"
-                        return MergeOutcome("verify_failed", task_id, branch, None, (), report)
-                ref = f"refs/heads/{self.integration}"
-                code, _, err = _git(
-                    self.root, "update-ref", "-m", message, ref, new, old, check=False
-                )
-                if code != 0:
-                    raise GitError(f"{self.integration} moved during the merge of {branch}: {err}")
-                done = True
-                # Without a check nothing but the merge touched the worktree: it is clean at new.
-                self._integration_unclean = bool(verify_cmd)
-                return MergeOutcome("merged", task_id, branch, new, (), output)
-            finally:
-                if not done:
-                    self._reset_integration(old)
-                    self._integration_unclean = False
+            message = f"multibot: land {what or commit[:12]}"
+            code, _, err = _git(
+                self.root, "update-ref", "-m", message, ref, commit, base, check=False
+            )
+            if code != 0:
+                kind = "locked" if "lock" in err else "moved"
+                raise MergeBlocked(kind, f"{self.integration} could not be moved: {err.strip()}")
+        return True
 
-    def merge_all(
-        self, items: Sequence[tuple[str, str, str]], verify_cmd: str | None = None
-    ) -> list[tuple[str, MergeOutcome | GitError]]:
-        """Merge (task id, title, branch) items in order, as merge() does each; return each
-        task id with its outcome or the GitError that stopped it. One git call settles every
-        branch that is in already (a task that changed nothing), whatever their number."""
-        with self._locked():
-            fmt, where = "--format=%(refname)", "refs/heads/multibot/"
-            into = f"refs/heads/{self.integration}"
-            listed = _out(self.root, "for-each-ref", fmt, "--merged", into, where)
-        merged = {ref.removeprefix("refs/heads/") for ref in listed.splitlines()}
-        results: list[tuple[str, MergeOutcome | GitError]] = []
-        for task_id, title, branch in items:
-            outcome: MergeOutcome | GitError
-            if branch in merged:  # the integration branch only moves forward: still in
-                outcome = MergeOutcome("nothing", task_id, branch, None, (), "already merged")
-            else:
-                try:
-                    outcome = self.merge(task_id, title, branch, verify_cmd)
-                except GitError as exc:
-                    outcome = exc
-            results.append((task_id, outcome))
-        return results
+    def merge(
+        self, task_id: str, title: str, branch: str | None = None, verify_cmd: str | None = None
+    ) -> MergeOutcome:
+        """Merge one task branch into integration (--no-ff) in the integration worktree,
+        check it, and move the branch only if the check passed; say what happened."""
+        task_id = check_id(task_id, "task id")
+        branch = self.branch_for(task_id) if branch is None else check_branch(branch)
+        self._require_branch(branch)
+        if not self._unmerged(self.root, f"refs/heads/{branch}"):
+            return MergeOutcome("nothing", task_id, branch, None, (), "already merged")
+        wt = self.integration_worktree
+        candidate = self.build(wt, [(task_id, title, branch)])
+        if candidate.conflicts:
+            return candidate.conflicts[0]
+        output = ""
+        if verify_cmd:
+            vcode, output = self.check(wt, verify_cmd, self.command_timeout)
+            if vcode != 0:
+                with self._locked():
+                    self._reset_integration(candidate.base)  # as it was: nothing merged
+                report = f"verify command {verify_cmd!r} exited {vcode}:\n{output}"
+                return MergeOutcome("verify_failed", task_id, branch, None, (), report)
+        self.land(candidate.commit, candidate.base, task_id)
+        return MergeOutcome("merged", task_id, branch, candidate.commit, (), output)
 
     def recover(self) -> Recovery:
         """Undo a merge a crash left in the integration worktree; say what was done."""
@@ -931,9 +996,52 @@ class GitRepo:
         if self._find(self.integration_worktree) is None:
             self._add_worktree(self.integration_worktree, self._integration_tip())
 
+    def _slot(self, slot: Path) -> Path:
+        """Return a scratch worktree's path, made (detached at the tip) on first use."""
+        path = self._abs(slot)
+        if path in self._slots and (path / ".git").exists():
+            return path  # seen as a worktree by this object, and still there
+        if self._find(path) is None:
+            self._add_worktree(path, self._integration_tip())
+        self._slots.add(path)
+        return path
+
+    def _slot_lock(self, path: Path) -> filelock.FileLock:
+        """The lock of a scratch worktree: the integration lock for the integration worktree
+        (one file, so one object: a second lock object on it would wait for the first)."""
+        return self._lock if path == self.integration_worktree else self._worktree_lock(path)
+
+    def _put_slot(self, path: Path, commit: str) -> None:
+        """Put a scratch worktree at commit: a checkout when it is known clean, else a reset."""
+        clean = self._clean_at.get(path)
+        if clean == commit:
+            return
+        if clean is not None:
+            _git(path, "checkout", "--quiet", "--detach", commit)
+        else:
+            self._reset_worktree(path, commit)
+        self._clean_at[path] = commit
+
+    def _clear_stale_lock(self, path: Path) -> tuple[str, ...]:
+        """Remove an index.lock that no live git process in path holds; say so."""
+        try:
+            lock = _dirs(path)[0] / "index.lock"
+        except GitError:
+            return ()
+        if not lock.exists() or procs.working_in(path, "git"):
+            return ()
+        # Only multibot works in its scratch worktrees, and this one is ours for now: a lock
+        # no git holds was left by a git killed mid-command, and would block every later one.
+        lock.unlink(missing_ok=True)
+        self._clean_at.pop(path, None)
+        return (f"removed a stale {lock} (no git process runs there)",)
+
     def _reset_integration(self, commit: str) -> None:
-        """Put the integration worktree, detached, exactly at commit, dropping any merge state."""
-        wt = self.integration_worktree
+        self._reset_worktree(self.integration_worktree, commit)
+        self._clean_at[self.integration_worktree] = commit
+
+    def _reset_worktree(self, wt: Path, commit: str) -> None:
+        """Put a scratch worktree, detached, exactly at commit, dropping any merge state."""
         _git(wt, "merge", "--abort", check=False)
         _git(wt, "reset", "--quiet", "--hard")  # HEAD only: never moves a branch
         _git(wt, "checkout", "--quiet", "--detach", commit)
@@ -974,6 +1082,11 @@ class GitRepo:
             content = f"Subproject commit {sha}\n" if mode == "160000" else _blob(cwd, sha)
             sides.setdefault(path, {})[stage] = content
         return tuple(Conflict(p, s.get("2"), s.get("3")) for p, s in sorted(sides.items()))
+
+
+def _message(task_id: str, title: str) -> str:
+    title = " ".join(title.split())
+    return f"multibot: merge task {task_id}" + (f" ({title})" if title else "")
 
 
 def _some(paths: list[str], limit: int = 5) -> str:

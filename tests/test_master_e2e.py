@@ -85,6 +85,13 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
+def proc_cmd(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
 def proc_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
@@ -908,7 +915,7 @@ def test_a_broken_hand_edit_of_a_task_file_is_kept_and_the_task_written_once_fix
     assert run.merges() == Counter({"a": 1, "b": 1})
 
 
-def test_a_worker_gets_no_new_task_while_its_last_one_is_checked_in_its_worktree(
+def test_a_worker_takes_its_next_task_while_its_last_one_is_verified_elsewhere(
     make_run: Any,
 ) -> None:
     run: Run = make_run(max_workers=1)
@@ -918,10 +925,11 @@ def test_a_worker_gets_no_new_task_while_its_last_one_is_checked_in_its_worktree
             shell_task(
                 "a",
                 "echo a > a.txt",
+                "echo left behind > untracked.txt",  # committed by the worker: it is a's work
                 priority=1,
                 verify=(
                     f"touch {run.marks / 'a.verifying'}; {wait_for(run, 'a-go')}; "
-                    f"git rev-parse --abbrev-ref HEAD > {checked}; test -f a.txt"
+                    f'echo "$PWD $(git rev-parse HEAD)" > {checked}; test -f a.txt'
                 ),
             ),
             shell_task("b", "echo b > b.txt"),
@@ -929,15 +937,138 @@ def test_a_worker_gets_no_new_task_while_its_last_one_is_checked_in_its_worktree
     )
     run.start_master()
     wait_until(lambda: (run.marks / "a.verifying").exists(), 60)
-    hold_for(
-        lambda: run.task("b")["status"] == "pending",
-        1.0,
-        "b was given to the worker whose worktree a's check runs in",
-    )
+    # The one worker is not held while a's check runs: b is done meanwhile.
+    wait_until(lambda: run.task("b")["status"] in ("verified", "merged"), 30)
+    assert run.task("a")["status"] == "verifying"
     release(run, "a-go")
     assert run.finish() == 0
-    assert checked.read_text() == "multibot/a\n"  # the check saw a's branch to the end
+    where, commit = checked.read_text().split()
+    assert Path(where).name.startswith("_verify-")  # not the worker's worktree
+    assert commit == run.task("a")["commit"]  # exactly what a's worker committed
     assert run.merges() == Counter({"a": 1, "b": 1})
+
+
+def test_a_hanging_verify_is_killed_at_its_timeout_and_holds_up_no_merge(
+    make_run: Any,
+) -> None:
+    run: Run = make_run(max_workers=2, verify_timeout_minutes=0.05)  # 3 s
+    hung = run.marks / "h.hung"
+    run.plan(
+        [
+            # Its first check hangs (and would for ten minutes); the second passes.
+            shell_task(
+                "h",
+                "echo h > h.txt",
+                verify=f"if [ ! -f {hung} ]; then touch {hung}; sleep 600; fi",
+                priority=2,
+            ),
+            shell_task("x", wait_for(run, "h.hung"), "echo x > x.txt"),
+            shell_task("y", wait_for(run, "h.hung"), "echo y > y.txt"),
+        ]
+    )
+    run.start_master()
+    wait_until(hung.exists, 60)
+    wait_until(lambda: run.task("x")["status"] == "merged", 30)
+    wait_until(lambda: run.task("y")["status"] == "merged", 30)
+    assert run.task("h")["status"] == "verifying"  # x and y were merged past it
+    assert run.finish() == 0
+    h = run.task("h")
+    assert h["attempts"] == 2 and "timed out" in h["feedback"][0]
+    assert run.merges() == Counter({"h": 1, "x": 1, "y": 1})
+    assert not [p for p in processes_of(run.home.root, run.socket) if "sleep 600" in proc_cmd(p)]
+
+
+def test_a_commit_a_person_puts_on_the_integration_branch_is_kept(make_run: Any) -> None:
+    run: Run = make_run(max_workers=2)
+    run.plan(
+        [
+            shell_task("z", "echo z > z.txt", owns=["z.txt"]),
+            shell_task("a", wait_for(run, "a-go"), "echo a > a.txt", owns=["a.txt"]),
+            shell_task("b", "echo b > b.txt", owns=["b.txt"], dependencies=["a"]),
+        ]
+    )
+    run.start_master()
+    wait_until(lambda: run.task("z")["status"] == "merged", 60)
+    # A person commits on multibot/integration in a checkout of their own, then leaves it.
+    mine = run.tmp / "mine"
+    git = ["git", "-c", "user.name=p", "-c", "user.email=p@p"]
+    subprocess.run(
+        [*git, "worktree", "add", "-q", str(mine), "multibot/integration"], cwd=run.repo, check=True
+    )
+    (mine / "person.txt").write_text("by hand\n")
+    subprocess.run([*git, "add", "person.txt"], cwd=mine, check=True)
+    subprocess.run([*git, "commit", "-qm", "a person's commit"], cwd=mine, check=True)
+    person = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=mine, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    subprocess.run(["git", "switch", "-q", "--detach"], cwd=mine, check=True)
+    release(run, "a-go")
+    run.assert_done(["z", "a", "b"], run.finish())
+    ancestor = ["git", "merge-base", "--is-ancestor", person, "multibot/integration"]
+    assert subprocess.run(ancestor, cwd=run.repo).returncode == 0, "the person's commit was lost"
+    assert run.show("person.txt") == "by hand\n"
+    for t in ("z", "a", "b"):  # b started from the person's commit: not blamed for its file
+        assert run.task(t)["attempts"] == 1, run.task(t)["feedback"]
+
+
+def test_a_batch_that_breaks_the_project_check_is_bisected_and_never_lands(
+    make_run: Any,
+) -> None:
+    run: Run = make_run(max_workers=4, check_concurrency=1)
+    once = run.marks / "bad.once"
+    bad = f"if [ -f {once} ]; then git rm -q bad.txt; else touch {once}; echo broken > bad.txt; fi"
+    checks, failed, waited = (run.marks / n for n in ("checks", "failed", "waited"))
+    run.plan(
+        [
+            shell_task(
+                t,
+                wait_for(run, "go"),
+                *([bad, "sleep 0.5"] if t == "t3" else []),  # never first: it is batched
+                f"echo {t} > {t}.txt",
+            )
+            for t in ("t1", "t2", "t3", "t4")
+        ],
+        # The project check: its first run waits until the test has seen every task verified
+        # (so the rest come in one batch); it fails while bad.txt is there; and its first run
+        # after a failure (a step of the bisection) waits, for the master to be killed then.
+        verify=(
+            f"echo $$ >> {checks}; "
+            f"if [ $(wc -l < {checks}) -eq 1 ]; then {wait_for(run, 'first-go')}; fi; "
+            f"if [ -f {failed} ] && [ ! -f {waited} ]; then touch {waited}; "
+            f"{wait_for(run, 'check-go')}; fi; "
+            f"if [ -f bad.txt ]; then touch {failed}; exit 1; fi"
+        ),
+    )
+    run.start_master()
+    release(run, "go")
+    wait_until(lambda: len(run.mark("checks")) == 1, 60)
+    wait_until(
+        lambda: sum(run.task(t)["status"] == "verified" for t in ("t1", "t2", "t3", "t4")) == 4, 60
+    )
+    release(run, "first-go")
+    wait_until(waited.exists, 60)
+    run.kill_master()  # in the middle of the bisection
+    queue = json.loads(run.home.merge_queue.read_text())
+    assert any(g["suspect"] for g in queue["groups"])  # the bisection was written down
+    run.start_master()
+    release(run, "check-go")
+    run.assert_done(["t1", "t2", "t3", "t4"], run.finish())
+    assert run.task("t3")["attempts"] == 2
+    assert "project check" in run.task("t3")["feedback"][0]
+    for t in ("t1", "t2", "t4"):
+        assert run.task(t)["attempts"] == 1, t
+    assert run.has_event("culprit", task="t3")
+    # No tip of the integration branch ever held the breakage.
+    tips = subprocess.run(
+        ["git", "rev-list", "--first-parent", "multibot/integration"],
+        cwd=run.repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for tip in tips:
+        held = subprocess.run(["git", "cat-file", "-e", f"{tip}:bad.txt"], cwd=run.repo)
+        assert held.returncode != 0, f"{tip} holds bad.txt"
 
 
 def test_a_task_file_locked_by_another_process_holds_up_only_that_task(make_run: Any) -> None:

@@ -11,7 +11,7 @@ import filelock
 import pytest
 
 from multibot import worktrees
-from multibot.errors import GitError, InvalidId, LockTimeout
+from multibot.errors import GitError, InvalidId, LockTimeout, MergeBlocked
 from multibot.worktrees import GitRepo, task_id_of
 
 USER = ("-c", "user.name=User", "-c", "user.email=user@example.com")
@@ -85,35 +85,89 @@ def do_task(gr: GitRepo, wt: Path, task_id: str, files: dict[str, str]) -> str:
     return sha
 
 
-def test_merge_all_merges_in_order_and_reports_each_task(repo: Path, home: Path) -> None:
+def test_a_candidate_is_built_in_order_with_conflicts_left_out_and_lands(
+    repo: Path, home: Path
+) -> None:
     gr = make(repo, home)
     w1, w2, w3 = home / "w1", home / "w2", home / "w3"
     gr.start_task(w1, "empty")  # changes nothing: settled by the one listing call
     do_task(gr, w2, "t1", {"app.txt": "from t1\n"})
     do_task(gr, w3, "t2", {"app.txt": "from t2\n"})  # conflicts with t1, merged first
-    results = gr.merge_all(
+    tip = git(repo, "rev-parse", "multibot/integration")
+    slot = home / "_integration-2"
+    c = gr.build(
+        slot,
         [
             ("empty", "Nothing", "multibot/empty"),
             ("t1", "One", "multibot/t1"),
             ("t2", "Two", "multibot/t2"),
             ("gone", "Gone", "multibot/gone"),
         ],
-        verify_cmd="test -f app.txt",
     )
-    assert [tid for tid, _ in results] == ["empty", "t1", "t2", "gone"]
-    outcomes = dict(results)
-    assert isinstance(outcomes["empty"], worktrees.MergeOutcome)
-    assert outcomes["empty"].status == "nothing"
-    assert isinstance(outcomes["t1"], worktrees.MergeOutcome)
-    assert outcomes["t1"].status == "merged"
-    assert isinstance(outcomes["t2"], worktrees.MergeOutcome)
-    assert outcomes["t2"].status == "conflict"
-    assert [c.path for c in outcomes["t2"].conflicts] == ["app.txt"]
-    assert isinstance(outcomes["gone"], GitError)
-    assert "multibot/gone" in str(outcomes["gone"])
+    assert c.base == tip and c.commit != tip
+    merges = dict(c.merges)
+    assert merges["empty"] is None and merges["t1"] == c.commit
+    assert {o.task_id: o.status for o in c.conflicts} == {"t2": "conflict", "gone": "missing"}
+    assert [x.path for x in c.conflicts[0].conflicts] == ["app.txt"]
+    # Built, not landed: the branch moves only when told, and only from the base.
+    assert git(repo, "rev-parse", "multibot/integration") == tip
+    assert gr.check(slot, "test \"$(cat app.txt)\" = 'from t1'", 10)[0] == 0
+    assert gr.land(c.commit, c.base, "t1")
+    assert not gr.land(c.commit, c.base, "t1")  # landed already: said so, nothing done
     assert git(repo, "show", "multibot/integration:app.txt") == "from t1"
     log = git(repo, "log", "--format=%s", "multibot/integration")
     assert log.splitlines()[0] == "multibot: merge task t1 (One)"
+
+
+def test_a_commit_a_person_adds_to_the_integration_branch_is_kept(
+    repo: Path, home: Path, tmp_path: Path
+) -> None:
+    gr = make(repo, home)
+    do_task(gr, home / "w1", "t1", {"a.txt": "a\n"})
+    assert gr.merge("t1", "A").status == "merged"  # the integration worktree is at t1's merge
+    do_task(gr, home / "w1", "t2", {"b.txt": "b\n"})
+    # A person commits on multibot/integration from a checkout of their own, then leaves it.
+    mine = tmp_path / "mine"
+    git(repo, "worktree", "add", "-q", str(mine), "multibot/integration")
+    (mine / "person.txt").write_text("mine\n")
+    git(mine, "add", "person.txt")
+    git(mine, "commit", "-q", "-m", "a person's commit")
+    person = git(mine, "rev-parse", "HEAD")
+    git(mine, "switch", "-q", "--detach")
+    assert gr.merge("t2", "B").status == "merged"
+    # The merge was built on the person's commit, not on the worktree's stale HEAD.
+    git(repo, "merge-base", "--is-ancestor", person, "multibot/integration")
+    assert git(repo, "show", "multibot/integration:person.txt") == "mine"
+    # A candidate built before a person's commit does not land over it.
+    do_task(gr, home / "w1", "t3", {"c.txt": "c\n"})
+    c = gr.build(home / "_integration", [("t3", "C", "multibot/t3")])
+    git(mine, "switch", "-q", "multibot/integration")
+    (mine / "late.txt").write_text("late\n")
+    git(mine, "add", "late.txt")
+    git(mine, "commit", "-q", "-m", "another")
+    with pytest.raises(MergeBlocked) as moved:
+        gr.land(c.commit, c.base, "t3")
+    assert moved.value.kind == "moved"
+    again = gr.build(home / "_integration", [("t3", "C", "multibot/t3")])
+    with pytest.raises(MergeBlocked) as out:  # and a checkout of it holds every landing
+        gr.land(again.commit, again.base, "t3")
+    assert out.value.kind == "checked-out" and str(mine) in str(out.value)
+    git(mine, "switch", "-q", "--detach")
+    assert gr.land(again.commit, again.base, "t3")
+    assert git(repo, "show", "multibot/integration:late.txt") == "late"
+
+
+def test_a_stale_index_lock_in_a_scratch_worktree_is_cleared(repo: Path, home: Path) -> None:
+    gr = make(repo, home)
+    do_task(gr, home / "w1", "t1", {"a.txt": "a\n"})
+    slot = home / "_verify-1"
+    gr.check_out(slot, "multibot/t1")
+    gitdir = Path(git(slot, "rev-parse", "--absolute-git-dir"))
+    (gitdir / "index.lock").write_text("")  # a git killed mid-command left it
+    notes = gr.check_out(slot, "multibot/integration")
+    assert notes and "index.lock" in notes[0]
+    assert not (gitdir / "index.lock").exists() and not (slot / "a.txt").exists()
+    assert gr.check_out(slot, "multibot/t1") == () and (slot / "a.txt").exists()
 
 
 def test_tasks_merged_in_dependency_order_and_user_untouched(

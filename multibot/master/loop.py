@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,6 @@ from typing import Any, TextIO
 
 from multibot import mailbox, procs, protocol, worktrees
 from multibot.advisor import Advice, Advisor
-from multibot.checks import Checks, Done
 from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import (
     GitError,
@@ -34,6 +33,15 @@ from multibot.heartbeat import HeartbeatTracker, read_heartbeat
 from multibot.launcher import Launcher, worker_argv
 from multibot.layout import MASTER_ID, Home
 from multibot.lifecycle import task_transition
+from multibot.master.jobs import Held, Jobs
+from multibot.master.pipeline import (
+    BrokeCheck,
+    Conflicted,
+    Merged,
+    Outcome,
+    Pipeline,
+    Verified,
+)
 from multibot.plan import graph_problems, topological_order, validate_plan
 from multibot.scheduler import ACTIVE, PlanOrder, TaskIndex, WorkerSlot, overlaps, schedule
 from multibot.state import (
@@ -52,7 +60,7 @@ from multibot.state import (
 from multibot.store import StateFile
 from multibot.supervisor import backoff
 from multibot.timeline import Timeline
-from multibot.worktrees import GitRepo, MergeOutcome, run_shell
+from multibot.worktrees import GitRepo, MergeOutcome
 
 EXIT_DONE = 0
 EXIT_FAILED = 1
@@ -78,7 +86,7 @@ class Turn:
 
     needs: dict[str, int]  # task id -> the change count its written file must reach
     taken: list[protocol.Envelope]  # messages handled in the turn, marked so once it is written
-    jobs: list[tuple[Hashable, Callable[[], Any]]]  # checks and merges, started then
+    jobs: list[Held]  # verify commands and the merge queue's jobs, started then
 
     def written(self, done: dict[str, int]) -> bool:
         return all(done.get(tid, -1) >= n for tid, n in self.needs.items())
@@ -122,7 +130,8 @@ class Master:
         self.questions: dict[str, StateFile[QuestionRecord]] = {}
         self.watches: dict[str, HeartbeatTracker] = {}
         self.titles: dict[str, str] = {}
-        self.checks = Checks(wake=self.wake)
+        self.jobs = Jobs(self.wake, Pipeline.lanes(config))
+        self.pipeline = Pipeline(home, config, self.jobs, self.event, monotonic)
         self.last_prune = 0.0
         self.last_supervise = 0.0
         self.last_edits = 0.0
@@ -174,6 +183,7 @@ class Master:
             setup_hook=self.config.worktree_setup,
         )
         self.git.ensure_integration(self.config.base_branch)
+        self.pipeline.git = self.git
         note = self.git.recover()
         if note:
             self.event("merge-recovered", str(note))
@@ -235,7 +245,7 @@ class Master:
         for rec in list(self.tasks.values()):
             if rec.status == "verified":
                 self.recover_merge(rec.id)
-        self.sys.git.merging = None
+        self.pipeline.restore()
         self.adopt_workers()
         now = self.mono()
         for wid, info in self.sys.workers.items():
@@ -383,7 +393,7 @@ class Master:
             self.inbox.ring()
 
     def close(self) -> None:
-        self.checks.close()
+        self.jobs.close()
         self.settle()
         self.io.shutdown()
         self.flush(force=True)
@@ -652,19 +662,17 @@ class Master:
         if problem is not None:
             self.retry(rec, problem)
             return
-        if rec.task.verify and rec.worker:
-            command, cwd = rec.task.verify, self.home.worktree(rec.worker)
-            timeout = self.config.task_timeout_minutes * 60
-            self.checks.submit(("verify", rec.id), lambda: run_shell(command, cwd, timeout))
+        if rec.task.verify:
+            self.pipeline.verify(
+                rec.id, rec.commit or rec.branch or f"multibot/{rec.id}", rec.task.verify
+            )
             return
         self.verified(rec)
 
-    def on_verify(self, rec: TaskRecord, code: int, output: str) -> None:
+    def on_verify(self, rec: TaskRecord, ok: bool, output: str) -> None:
         """Take in a verify command's result."""
-        if rec.status != "verifying":
-            return  # cancelled (or otherwise moved on) while the check ran
-        if code != 0:
-            self.retry(rec, f"verify `{rec.task.verify}` failed (exit {code}):\n{output[-3000:]}")
+        if not ok:
+            self.retry(rec, f"verify `{rec.task.verify}` failed:\n{output[-3000:]}")
             return
         self.verified(rec)
 
@@ -682,39 +690,32 @@ class Master:
         self.set_task(rec, "verified")
 
     def handle_checks(self) -> None:
-        """Take in the verify commands and merges finished in the background."""
-        for done in self.checks.poll():
-            assert isinstance(done.key, tuple)
-            if done.key[0] == "merge":
-                self.on_merge_batch(done.key[1], done)
-                continue
-            kind, tid = str(done.key[0]), str(done.key[1])
-            rec = self.tasks.get(tid)
-            if rec is None:
-                continue
-            if kind == "verify":
-                if done.error is not None:
-                    self.on_verify(rec, -1, f"the check could not run: {done.error}")
-                else:
-                    code, output = done.value
-                    self.on_verify(rec, code, output)
+        """Take in the verify commands and merge queue jobs finished in the background."""
+        for done in self.jobs.poll():
+            for outcome in self.pipeline.take(done):
+                self.take_outcome(outcome)
 
-    def on_merge_batch(self, ids: tuple[str, ...], done: Done) -> None:
-        """Take in a merge job's outcomes, task by task."""
-        self.sys.git.merging = None
-        err = done.error  # the job itself failed (the lock, say): every task goes back
-        results = [(tid, err) for tid in ids] if err is not None else done.value
-        for tid, outcome in results:
-            rec = self.tasks.get(tid)
-            if rec is None:
-                continue
-            if rec.status != "verified":  # cancelled (or sent back by hand) meanwhile
-                self.event("merge-ignored", f"{tid} is {rec.status} now", task=tid)
-            elif isinstance(outcome, BaseException):
-                self.event("merge-failed", f"{tid}: {outcome}", task=tid)
-                self.retry(rec, f"merging failed: {outcome}")
-            else:
-                self.on_merged(rec, outcome)
+    def take_outcome(self, outcome: Outcome) -> None:
+        """Act on what the pipeline found for one task."""
+        tid = outcome.outcome.task_id if isinstance(outcome, Conflicted) else outcome.task_id
+        rec = self.tasks.get(tid)
+        if rec is None:
+            return
+        wanted = "verifying" if isinstance(outcome, Verified) else "verified"
+        if rec.status != wanted:  # cancelled (or sent back by hand) meanwhile
+            self.event("merge-ignored", f"{tid} is {rec.status} now", task=tid)
+        elif isinstance(outcome, Verified):
+            self.on_verify(rec, outcome.ok, outcome.output)
+        elif isinstance(outcome, Merged):
+            self.on_merged(rec, outcome.merge_commit)
+        elif isinstance(outcome, Conflicted):
+            self.retry(rec, self.conflict_feedback(outcome.outcome))
+        elif isinstance(outcome, BrokeCheck):
+            self.retry(
+                rec,
+                f"the project check failed with {rec.id} merged, so it was not merged:\n"
+                f"{outcome.output[-3000:]}",
+            )
 
     def on_review(self, advice: Advice) -> None:
         rec = self.tasks.get(advice.key)
@@ -1119,12 +1120,10 @@ class Master:
     # == assignments ==========================================================================
     def assign_ready(self) -> None:
         live = self.live_workers()
-        # A verify command runs in the worktree of the task's worker: not a new branch there.
-        checking = {self.tasks[t].worker for t in self.index.ids("verifying")}
         free = [
             (w, i)
             for w, i in live.items()
-            if i.status in ("idle", "starting") and i.current_task is None and w not in checking
+            if i.status in ("idle", "starting") and i.current_task is None
         ]
         last = self.last_tasks() if free else {}  # it looks at every ready task
         idle = [WorkerSlot(w, frozenset(i.capabilities), last.get(w)) for w, i in free]
@@ -1261,79 +1260,63 @@ class Master:
 
     # == merging ==============================================================================
     def merge_next(self) -> None:
-        """Start merging, in plan order, every verified task whose dependencies are merged."""
-        if self.git is None or self.checks.busy("merge") or not self.index.ids("verified"):
+        """Queue, in plan order, every verified task whose dependencies are merged."""
+        if self.git is None:
             return
-        batch = [
-            rec
-            for tid in sorted(self.index.ids("verified"), key=self.order.place)
-            if (rec := self.tasks.get(tid)) is not None
+        verified = self.index.ids("verified")
+        ready = [
+            (rec.id, rec.task.title, rec.branch or f"multibot/{rec.id}")
+            for tid in sorted(verified, key=self.order.place)
+            if (rec := self.tasks[tid]) is not None
             and all(
                 self.tasks[d].status == "merged" for d in rec.task.dependencies if d in self.tasks
             )
         ]
-        if batch:
-            self.merge(batch)
+        before = (self.pipeline.merging(), self.pipeline.blocked)
+        self.pipeline.step(ready, self.plan.verify or self.config.verify, set(verified))
+        if (self.pipeline.merging(), self.pipeline.blocked) != before:
+            self.dirty = True
 
-    def merge(self, batch: list[TaskRecord]) -> None:
-        """Merge tasks in the background, one job for the lot (their dependents wait for it)."""
-        git = self.git
-        assert git is not None
-        items = [(r.id, r.task.title, r.branch or f"multibot/{r.id}") for r in batch]
-        # Recorded for the status view; a restart finds a cut merge from git itself (resume).
-        self.sys.git.merging = batch[0].id
-        self.dirty = True
-        verify = self.plan.verify or self.config.verify
-        ids = tuple(r.id for r in batch)
-        self.checks.submit(("merge", ids), lambda: git.merge_all(items, verify))
-
-    def on_merged(self, rec: TaskRecord, outcome: MergeOutcome) -> None:
-        """Take in a merge's outcome: merged, or sent back with the conflict or check output."""
+    def on_merged(self, rec: TaskRecord, merge_commit: str | None) -> None:
+        """A task is on the integration branch: its dependents may become ready."""
         assert self.git is not None
-        branch = outcome.branch
-        if outcome.status in ("merged", "nothing"):
-            rec.merge_commit = outcome.commit
-            self.set_task(rec, "merged")
-            self.sys.git.last_merge_commit = outcome.commit or self.sys.git.last_merge_commit
-            self.sys.metrics.tasks_merged += 1
-            now = self.clock()
-            for tid in self.dependents().get(rec.id, []):  # dependents become ready now
-                other = self.tasks[tid]
-                if all(
-                    self.tasks[d].status == "merged"
-                    for d in other.task.dependencies
-                    if d in self.tasks
-                ):
-                    other.ready_at = now
-            self.event(
-                "merged",
-                f"{rec.id} merged into {self.git.integration} ({(outcome.commit or '')[:10]})",
-                task=rec.id,
-            )
-        elif outcome.status == "conflict":
-            files = ", ".join(c.path for c in outcome.conflicts)
-            sides = "\n".join(
-                f"--- {c.path} on {self.git.integration}:\n{(c.ours or '(deleted)')[:1500]}\n"
-                f"--- {c.path} on {branch}:\n{(c.theirs or '(deleted)')[:1500]}"
-                for c in outcome.conflicts[:10]
-            )
-            self.retry(
-                rec,
-                f"merging {branch} into {self.git.integration} conflicts in {files}. "
-                f"Merge {self.git.integration} into your branch, resolve the conflicts "
-                f"and commit.\n{sides}",
-            )
-        else:
-            self.retry(
-                rec,
-                f"the project check failed after merging {rec.id}, so the merge was "
-                f"undone:\n{outcome.output[-3000:]}",
-            )
+        rec.merge_commit = merge_commit
+        self.set_task(rec, "merged")
+        self.sys.git.last_merge_commit = merge_commit or self.sys.git.last_merge_commit
+        self.sys.metrics.tasks_merged += 1
+        now = self.clock()
+        for tid in self.dependents().get(rec.id, []):  # dependents become ready now
+            other = self.tasks[tid]
+            if all(
+                self.tasks[d].status == "merged" for d in other.task.dependencies if d in self.tasks
+            ):
+                other.ready_at = now
+        self.event(
+            "merged",
+            f"{rec.id} merged into {self.git.integration} ({(merge_commit or '')[:10]})",
+            task=rec.id,
+        )
+
+    def conflict_feedback(self, outcome: MergeOutcome) -> str:
+        """What a task whose branch could not join a candidate is told."""
+        assert self.git is not None
+        branch, into = outcome.branch, self.git.integration
+        if outcome.status == "missing":
+            return f"{outcome.output}; the task is done again"
+        files = ", ".join(c.path for c in outcome.conflicts)
+        sides = "\n".join(
+            f"--- {c.path} on {into}:\n{(c.ours or '(deleted)')[:1500]}\n"
+            f"--- {c.path} on {branch}:\n{(c.theirs or '(deleted)')[:1500]}"
+            for c in outcome.conflicts[:10]
+        )
+        return (
+            f"merging {branch} into {into} conflicts in {files}. Merge {into} into your "
+            f"branch, resolve the conflicts and commit.\n{sides}"
+        )
 
     def recover_merge(self, tid: str) -> None:
         assert self.git is not None
         rec = self.tasks.get(tid)
-        self.sys.git.merging = None
         if rec is None:
             return
         if rec.status == "verified" and self.git.is_merged(rec.branch or f"multibot/{tid}"):
@@ -1453,7 +1436,7 @@ class Master:
             waits[-1].add_done_callback(self.took_delivery)
         needs = {tid: self.changes[tid] for tid in self.touched}
         taken, self.taken, self.touched = self.taken, [], set()
-        turn = Turn(needs, taken, self.checks.seal())
+        turn = Turn(needs, taken, self.jobs.seal())
         if needs or turn.taken or turn.jobs:
             self.turns.append(turn)
         # The loop waits for the turn's writes and messages as long as they take a moment:
@@ -1474,7 +1457,7 @@ class Master:
             self.event("send-failed", f"{message.type} to {message.recipient}: {exc}")
         for turn in [turn for turn in self.turns if turn.written(self.written)]:
             self.turns.remove(turn)
-            self.checks.release(turn.jobs)
+            self.jobs.release(turn.jobs)
             if turn.taken and self.inbox is not None:
                 self.inbox.done(*turn.taken)
 
@@ -1567,6 +1550,8 @@ class Master:
         """Derive the task lists, branches and merge queue of system-state.json from the tasks."""
         git = self.sys.git
         git.merge_queue = sorted(self.index.ids("verified"), key=self.order.place)
+        git.merging = self.pipeline.merging()
+        git.queue = self.pipeline.view(git.merge_queue)
         branches = []
         for t, r in self.tasks.items():
             if not r.branch:

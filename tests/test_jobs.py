@@ -1,15 +1,15 @@
-"""The master's background jobs: one at a time, results and errors reported, keys unique."""
+"""The master's background jobs: in lanes, results and errors reported, keys unique."""
 
 from __future__ import annotations
 
 import threading
 
-from multibot.checks import Checks, Done
+from multibot.master.jobs import Done, Jobs
 from tests.helpers import wait_until
 
 
 def test_jobs_run_in_order_and_report_values_and_errors() -> None:
-    checks = Checks()
+    checks = Jobs()
     gate = threading.Event()
     order: list[str] = []
 
@@ -41,11 +41,11 @@ def test_jobs_run_in_order_and_report_values_and_errors() -> None:
 
 def test_a_job_starts_only_when_released() -> None:
     before = set(threading.enumerate())
-    checks = Checks()
+    checks = Jobs()
     ran = threading.Event()
     assert checks.submit("job", ran.set)
     # Held until the turn that submitted it is committed: no thread exists that could run it.
-    assert not [t for t in set(threading.enumerate()) - before if t.name == "master-checks"]
+    assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("master-")]
     assert not ran.is_set() and checks.pending("job")
     checks.release(checks.seal())
     assert ran.wait(10)
@@ -57,7 +57,7 @@ def test_a_job_starts_only_when_released() -> None:
 
 def test_sealed_jobs_start_when_their_batch_is_released_and_never_after_close() -> None:
     before = set(threading.enumerate())
-    checks = Checks()
+    checks = Jobs()
     first, second = threading.Event(), threading.Event()
     assert checks.submit("first", first.set)
     turn = checks.seal()
@@ -71,10 +71,39 @@ def test_sealed_jobs_start_when_their_batch_is_released_and_never_after_close() 
     checks.close()
 
     # A master shutting down with a turn still being written: its sealed merge must not start.
-    closing = Checks()
+    closing = Jobs()
     assert closing.submit("merge", second.set)
     batch = closing.seal()
     closing.close()
     closing.release(batch)
-    assert not [t for t in set(threading.enumerate()) - before if t.name == "master-checks"]
+    assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("master-")]
     assert not second.is_set()
+
+
+def test_lanes_run_side_by_side_up_to_their_size() -> None:
+    jobs = Jobs(lanes={"verify": 3, "build": 1})
+    gate = threading.Event()
+    started: list[str] = []
+    lock = threading.Lock()
+
+    def job(name: str) -> object:
+        def run() -> str:
+            with lock:
+                started.append(name)
+            gate.wait(10)
+            return name
+
+        return run
+
+    for n in range(4):
+        assert jobs.submit(("verify", n), job(f"v{n}"), "verify")
+    assert jobs.submit(("build", 0), job("b0"), "build")
+    jobs.release(jobs.seal())
+    # Three verifies and the build run at once; the fourth verify waits for a free thread.
+    wait_until(lambda: len(started) == 4)
+    assert sorted(started) == ["b0", "v0", "v1", "v2"]
+    gate.set()
+    results: list[Done] = []
+    wait_until(lambda: results.extend(jobs.poll()) or len(results) == 5)
+    assert sorted(str(d.value) for d in results) == ["b0", "v0", "v1", "v2", "v3"]
+    jobs.close()
