@@ -103,6 +103,7 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
             "elapsed_s": round((m.finished_at or now) - m.started_at, 1),
         },
         "integration_branch": system.git.integration_branch,
+        "pipeline": system.git.queue.model_dump(),
         "problems": problems,
     }
 
@@ -129,6 +130,25 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return [fmt.format(*header), *[fmt.format(*map(str, r)) for r in rows]]
+
+
+def _pipeline(q: dict[str, Any]) -> list[str]:
+    """The verify and merge pipeline, in a few lines (nothing when it is idle)."""
+    if not (q["verifying"] or q["checking"] or q["waiting"] or q["paused"] or q["checks"]):
+        return []
+    batches = " then ".join("[" + ", ".join(b) + "]" for b in q["checking"]) or "-"
+    last = "-" if q["last_check_s"] is None else f"{q['last_check_s']:.1f}s"
+    lines = [
+        "",
+        "PIPELINE"
+        + ("  [BISECTING]" if q["bisecting"] else "")
+        + (f"  [WAITING: {q['paused']}]" if q["paused"] else ""),
+        f"  verifying  {', '.join(q['verifying']) or '-'}",
+        f"  checking   {batches}",
+        f"  queued     {', '.join(q['waiting']) or '-'}",
+        f"  checks     {q['checks']} run, last took {last}",
+    ]
+    return lines
 
 
 def render(s: dict[str, Any]) -> str:
@@ -170,6 +190,7 @@ def render(s: dict[str, Any]) -> str:
         ]
         lines += ["", "TASKS"]
         lines += _table(rows, ["id", "status", "worker", "deps", "prio", "model", "cost", "title"])
+    lines += _pipeline(s["pipeline"])
     if s["questions"]:
         lines += ["", "QUESTIONS WAITING FOR YOU (multibot answer ID TEXT)"]
         lines += [f"  {q['id']}  {q['worker']}: {q['question']}" for q in s["questions"]]

@@ -36,7 +36,7 @@ from multibot.store import StateFile
 from multibot.worktrees import Candidate, GitRepo, MergeOutcome, run_shell
 
 BACKOFF_FIRST_S = 0.5
-BACKOFF_MAX_S = 30.0
+BACKOFF_MAX_S = 5.0
 
 Item = tuple[str, str, str]  # (task id, title, branch)
 
@@ -167,8 +167,7 @@ class Pipeline:
             self.save()
         for item in ready:
             self.items[item[0]] = item
-        if self.queue.admit(item[0] for item in ready):
-            self.save(lazy=True)
+        self.queue.admit(item[0] for item in ready)  # written with its first decision
         if self.blocked is not None and self.mono() < self.blocked[1]:
             return
         front = self.queue.front()
@@ -360,9 +359,9 @@ class Pipeline:
         self.blocked = (why, self.mono() + delay)
 
     # -- the record and the view ---------------------------------------------------------------
-    def save(self, lazy: bool = False) -> None:
+    def save(self) -> None:
         """Write the queue down before acting on it (only when a check makes it last)."""
-        if self.check_cmd is None or lazy:
+        if self.check_cmd is None:
             return
         record = MergeQueueRecord(
             groups=[
