@@ -8,7 +8,7 @@
 Each scenario runs a real master (shell backend, private tmux server) on a fresh repository,
 once per pipeline setting, in the same run:
 * multibot: the defaults (merge_batch_max 8, check_concurrency 2: the next batch is checked
-  on top of the one being checked), and the same with one check at a time;
+  on top of the one being checked), and one-check: the same with one check at a time;
 * baseline: merge_batch_max 1 and check_concurrency 1, a project check per merge, one at a time.
 A task is `sleep WORK` and a file of its own; its verify command is `sleep VERIFY` (a task in
 --fail-verify fails its first one); the project check is `sleep CHECK` and fails while a file
@@ -51,7 +51,7 @@ from bench.common import (
 
 SETTINGS = {
     "multibot": {"merge_batch_max": 8, "check_concurrency": 2},
-    "multibot, 1 check": {"merge_batch_max": 8, "check_concurrency": 1},
+    "one-check": {"merge_batch_max": 8, "check_concurrency": 1},
     "baseline": {"merge_batch_max": 1, "check_concurrency": 1},
 }
 
@@ -131,7 +131,7 @@ def test_work(n):
 
 
 def run_one(s: Scenario, setting: str) -> Result:
-    with BenchRun(f"pipeline-{setting.split(',')[0]}") as run:
+    with BenchRun(f"pipeline-{setting}") as run:
         marks = run.tmp / "marks"
         marks.mkdir()
         if s.suite_s:

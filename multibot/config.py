@@ -53,6 +53,12 @@ class MasterConfig(_Config):
     merge_batch_max: int = Field(
         8, ge=1, description="Most tasks merged and checked together (1: a check per merge)."
     )
+    merge_batch_wait: float = Field(
+        1.0,
+        ge=0,
+        description="Seconds a batch that is not full waits for more tasks while some are "
+        "being verified (a burst of tasks goes in one batch).",
+    )
     check_timeout_minutes: float = Field(
         30.0, gt=0, description="A project check running longer is killed and fails."
     )

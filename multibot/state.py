@@ -209,6 +209,8 @@ class QueueGroup(Record):
     merges: dict[str, str | None] = {}
     output: str = ""
     token: int = 0
+    since: float = 0.0
+    split: int = 0
 
 
 class MergeQueueRecord(StateFileModel):

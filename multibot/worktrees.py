@@ -595,7 +595,7 @@ class GitRepo:
         base None means the integration tip, read under the integration lock. The slot is
         made on first use, detached; nothing but HEAD there moves, no branch does.
         """
-        path = self._slot(slot)
+        path = self.scratch(slot)
         with self._locked(self._slot_lock(path)):
             notes = self._clear_stale_lock(path)
             if base is None:
@@ -628,6 +628,18 @@ class GitRepo:
             self._clean_at[path] = commit
         return Candidate(base, commit, tuple(merges), tuple(conflicts), notes)
 
+    def scratch(self, slot: Path) -> Path:
+        """Return the path of a scratch worktree (where candidates are built and tasks
+        verified), made detached at the tip, with the setup hook, on first use."""
+        path = self._abs(slot)
+        if path in self._slots and (path / ".git").exists():
+            return path  # seen as a worktree by this object, and still there
+        with self._locked(self._slot_lock(path)):
+            if self._find(path) is None:
+                self._add_worktree(path, self._integration_tip())
+        self._slots.add(path)
+        return path
+
     def check(
         self,
         slot: Path,
@@ -637,14 +649,14 @@ class GitRepo:
     ) -> tuple[int, str]:
         """Run a check command in a slot (its process group killed at timeout; running holds
         the process while it runs, for the caller to stop it)."""
-        path = self._slot(slot)
+        path = self.scratch(slot)
         self._clean_at.pop(path, None)  # the check may leave anything there
         return run_shell(command, path, timeout, running)
 
     def check_out(self, slot: Path, commit: str) -> tuple[str, ...]:
         """Put a scratch worktree (made on first use) exactly at commit, detached and clean;
         return notes on what had to be mended (a stale lock)."""
-        path = self._slot(slot)
+        path = self.scratch(slot)
         with self._locked(self._slot_lock(path)):
             notes = self._clear_stale_lock(path)
             self._put_slot(path, self._rev(commit))
@@ -995,16 +1007,6 @@ class GitRepo:
     def _ensure_integration_worktree(self) -> None:
         if self._find(self.integration_worktree) is None:
             self._add_worktree(self.integration_worktree, self._integration_tip())
-
-    def _slot(self, slot: Path) -> Path:
-        """Return a scratch worktree's path, made (detached at the tip) on first use."""
-        path = self._abs(slot)
-        if path in self._slots and (path / ".git").exists():
-            return path  # seen as a worktree by this object, and still there
-        if self._find(path) is None:
-            self._add_worktree(path, self._integration_tip())
-        self._slots.add(path)
-        return path
 
     def _slot_lock(self, path: Path) -> filelock.FileLock:
         """The lock of a scratch worktree: the integration lock for the integration worktree

@@ -183,7 +183,7 @@ class Master:
             setup_hook=self.config.worktree_setup,
         )
         self.git.ensure_integration(self.config.base_branch)
-        self.pipeline.git = self.git
+        self.pipeline.attach(self.git)
         note = self.git.recover()
         if note:
             self.event("merge-recovered", str(note))

@@ -103,14 +103,18 @@ class Pipeline:
             monotonic,
         )
         self.git: GitRepo | None = None  # set once the repository is open
-        self.queue = MergeQueue(config.merge_batch_max, config.check_concurrency)
+        self.queue = MergeQueue(
+            config.merge_batch_max, config.check_concurrency, config.merge_batch_wait
+        )
         self.file = StateFile(home.merge_queue, MergeQueueRecord, default=MergeQueueRecord)
         self.check_cmd: str | None = None
         self.items: dict[str, Item] = {}
         self.slots: queue.SimpleQueue[int] = queue.SimpleQueue()
         for n in range(verify_slots(config)):
             self.slots.put(n + 1)
-        self.running: dict[Hashable, set[subprocess.Popen[bytes]]] = {}  # to cancel checks
+        self.running: dict[
+            tuple[str, Hashable], set[subprocess.Popen[bytes]]
+        ] = {}  # to cancel checks
         self.landing: Group | None = None
         self.blocked: tuple[str, float] | None = None  # (why, retry at mono)
         self.failures = 0  # blocked tries in a row (the backoff)
@@ -124,6 +128,19 @@ class Pipeline:
     def lanes(config: MasterConfig) -> dict[str, int]:
         """The job lanes the pipeline needs, sized by the config."""
         return {"verify": verify_slots(config), "build": 1, "check": config.check_concurrency}
+
+    def attach(self, git: GitRepo) -> None:
+        """Use this repository; make the scratch worktrees now, in the background (a new
+        worktree is a checkout, and its setup hook may install packages)."""
+        self.git = git
+        paths = [self.home.verify_worktree(n + 1) for n in range(verify_slots(self.config))]
+        paths += [self.home.merge_worktree(n + 1) for n in range(self.config.check_concurrency)]
+
+        def prepare() -> None:
+            for path in paths:
+                git.scratch(path)
+
+        self.jobs.submit(("prepare", 0), prepare, "build")
 
     def verify(self, task_id: str, commit: str, command: str) -> None:
         """Run a task's verify command on its commit, beside the others (a job)."""
@@ -163,11 +180,12 @@ class Pipeline:
         self.check_cmd = check_cmd
         gone = self.queue.queued() - verified
         if gone:
-            self.cancel(self.queue.drop(gone))
+            self.queue.drop(gone)
+            self._stop_void_checks()
             self.save()
         for item in ready:
             self.items[item[0]] = item
-        self.queue.admit(item[0] for item in ready)  # written with its first decision
+        self.queue.admit((item[0] for item in ready), self.mono())  # written when acted on
         if self.blocked is not None and self.mono() < self.blocked[1]:
             return
         front = self.queue.front()
@@ -175,7 +193,8 @@ class Pipeline:
             self.land(front)
         if check_cmd is None and self.queue.in_flight():
             return  # without a check a batch lands as it is built: nothing to build on
-        while (group := self.queue.next_build()) is not None:
+        more = bool(self.verifying)  # tasks about to join: a batch not full waits a moment
+        while (group := self.queue.next_build(self.mono(), more)) is not None:
             self.save()
             self.build(group)
 
@@ -221,18 +240,30 @@ class Pipeline:
             ("check", group.token), lambda: git.check(slot, command, timeout, running), "check"
         )
 
-    def cancel(self, groups: Sequence[Group]) -> None:
-        """Stop the checks of discarded candidates (their results would be ignored anyway)."""
-        for g in groups:
-            for proc in list(self.running.get(("check", g.token), ())):
-                _kill_group(proc)
-
     # -- results -------------------------------------------------------------------------------
     def take(self, done: Done) -> list[Outcome]:
         """Take in a finished job of the pipeline; return what it means for tasks."""
+        try:
+            return self._take(done)
+        finally:
+            self._stop_void_checks()
+
+    def _stop_void_checks(self) -> None:
+        """Kill the checks of candidates the queue has let go of: their lane is wanted."""
+        live = {g.token for g in self.queue.groups if g.state == "checking"}
+        for key, procs in self.running.items():
+            if key[0] == "check" and key[1] not in live:
+                for proc in list(procs):
+                    _kill_group(proc)
+
+    def _take(self, done: Done) -> list[Outcome]:
         assert isinstance(done.key, tuple)
         kind, key = done.key[0], done.key[1]
-        self.running.pop(done.key, None)
+        self.running.pop((str(done.key[0]), done.key[1]), None)
+        if kind == "prepare":
+            if done.error is not None:  # each is made again on first use, or says why then
+                self.event("worktree-failed", f"scratch worktrees: {done.error}")
+            return []
         if kind == "verify":
             self.verifying.discard(str(key))
             if done.error is not None:
@@ -327,7 +358,7 @@ class Pipeline:
             return []
         if isinstance(done.error, MergeBlocked) and done.error.kind == "moved":
             self.event("queue-rebuilt", str(done.error))
-            self.cancel(self.queue.moved())
+            self.queue.moved()  # its checks are stopped as this result is taken
             self.save()
             return []
         if done.error is not None:
@@ -336,13 +367,14 @@ class Pipeline:
         return self._merged(group)
 
     def _merged(self, group: Group) -> list[Outcome]:
-        self.queue.landed(group)
+        out: list[Outcome] = [Merged(t, group.merges.get(t)) for t in group.ids]
+        for verdict in self.queue.landed(group):
+            out += self._verdict(verdict)
         self.failures = 0
         if self.blocked is not None:
             self.event("queue-resumed", "the merge queue goes on")
             self.blocked = None
         self.save()
-        out: list[Outcome] = [Merged(t, group.merges.get(t)) for t in group.ids]
         return out
 
     def _blocked(self, error: BaseException) -> None:
