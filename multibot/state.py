@@ -383,6 +383,7 @@ def state_models() -> dict[str, type[BaseModel]]:
         "worker-memory": ContextMemory,
         "context": SharedContext,
         "question": QuestionRecord,
+        "merge-queue": MergeQueueRecord,
     }
 
 
