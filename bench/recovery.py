@@ -16,6 +16,11 @@ the next generation with a live status (its own time stamp, polled every 10 ms);
 the task's "merged" event (the replacement runs the 2 s task again from the start). Baseline:
 heartbeat_interval x heartbeat_misses, the detection bound the configuration promises.
 
+Merge queue scenario (4 workers, 16 tasks, a 1.5 s project check that two tasks break on
+their first attempt): the master is killed while a batch is checked, and again while a half of
+a failed batch is checked (a bisection), and started again each time; every task must be
+merged exactly once, with nothing failed.
+
 Master scenario (3 workers, 60 tasks `sleep 0.3`): SIGKILL to the master mid-run; as soon as
 its pane is dead the benchmark starts it again in the same pane (resuming from state/).
 Measured: kill to the timeline's "master-restarted" event (state rebuilt), and to the first
@@ -242,6 +247,109 @@ def _break_worker(run: BenchRun, c: WorkerCase) -> None:
         os.kill(pid, signal.SIGKILL)  # the master should have; never leave it stopped
 
 
+def kill_and_restart(run: BenchRun) -> MasterCase:
+    """SIGKILL the run's master, start it again in its pane; time its way back."""
+    c = MasterCase()
+    assert run.master_pid is not None
+    restarted_before = len(run.timeline.find("master-restarted"))
+    t0 = time.time()
+    os.kill(run.master_pid, signal.SIGKILL)
+    wait_for(lambda: not alive(run.master_pid or 0), 10, 0.005, "the master to die")
+    wait_for(lambda: run.tmux.is_dead(run.master_pane()), 10, 0.005, "its pane")
+    c.respawn_s = time.time() - t0
+    run.start_master(None)
+
+    def back(before: int = restarted_before) -> tuple[float, float] | None:
+        run.timeline.poll()
+        found = run.timeline.find("master-restarted")[before:]
+        if not found:
+            return None
+        t_restart = found[0]["t"]
+        acts = [
+            e["t"]
+            for e in run.timeline.events
+            if e["event"] in ("assigned", "merged", "check-started") and e["t"] >= t_restart
+        ]
+        return (t_restart, min(acts)) if acts else None
+
+    t_restart, t_act = wait_for(back, 60, 0.02, "the master to act again")
+    c.restarted_s, c.control_s = t_restart - t0, t_act - t0
+    return c
+
+
+def count_merges(run: BenchRun, out: MasterRun) -> None:
+    """Fill out's merge counts from the run's timeline."""
+    # A merge is done twice if the master says "merged" twice. A merge that landed just
+    # before a kill is recorded by the next master as "merge-recovered" (git says it is in,
+    # and nothing is done): that task's one merge, or the same one again if the kill fell
+    # between the "merged" line and the task file that says so.
+    merges: dict[str, int] = {}
+    for e in run.timeline.find("merged"):
+        merges[e.get("task", "")] = merges.get(e.get("task", ""), 0) + 1
+    recovered = {e.get("task", "") for e in run.timeline.find("merge-recovered")}
+    merged = {t for t in (merges.keys() | recovered) if t}
+    out.merged_once = sum(1 for t in merged if merges.get(t, 0) <= 1)
+    out.merged_twice = sum(1 for t in merged if merges.get(t, 0) > 1)
+    out.recovered_after_merged = sum(1 for t in recovered if merges.get(t, 0))
+    out.failed = len(run.timeline.find("task-failed"))
+
+
+def queue_cases() -> MasterRun:
+    """The master killed in a batch's project check, then in a bisection, and started again.
+
+    4 workers, 16 tasks `sleep 0.3`, a project check of 1.5 s that fails while a file left by
+    q03 or q11 (on their first attempt) is there; check_concurrency 2. Each kill falls while
+    the check runs: the first on a batch, the second on a half of a failed batch.
+    """
+    out = MasterRun(tasks=16)
+    print("\n== master recovery in the merge queue: killed in a batch check, in a bisection")
+    with BenchRun("recovery-q") as run:
+        marks = run.tmp / "marks"
+        marks.mkdir()
+        run.configure(
+            {
+                "max_workers": 4,
+                "heartbeat_interval": 0.5,
+                "heartbeat_misses": MISSES,
+                "idle_worker_timeout": 3600,
+                "check_concurrency": 2,
+                "verify": "sleep 1.5; ! ls broken-* >/dev/null 2>&1",
+            }
+        )
+        tasks = []
+        for i in range(1, out.tasks + 1):
+            tid, cmds = f"q{i:02d}", ["sleep 0.3"]
+            if tid in ("q03", "q11"):
+                once = marks / tid
+                cmds.append(
+                    f"if [ -f {once} ]; then git rm -q broken-{tid}; "
+                    f"else touch {once}; echo x > broken-{tid}; fi"
+                )
+            tasks.append(noop_task(tid, [], cmds))
+        run.start_master(run.write_plan(tasks))
+        for bisecting in (False, True):
+
+            def checking(bisecting: bool = bisecting) -> bool:
+                run.timeline.poll()
+                started = run.timeline.find("check-started")
+                last = started[-1] if started else None
+                return last is not None and ("bisecting" in last["text"]) == bisecting
+
+            wait_for(checking, 120, 0.02, "a check to run")
+            out.cases.append(kill_and_restart(run))
+            c = out.cases[-1]
+            where = "a bisection" if bisecting else "a batch check"
+            print(
+                f"   killed in {where}: restarted after {c.restarted_s:.2f}s, checking or "
+                f"merging again after {c.control_s:.2f}s",
+                flush=True,
+            )
+        wait_for(run.master_done, 180, 0.1, "the run to finish")
+        run.timeline.poll()
+        count_merges(run, out)
+    return out
+
+
 def master_cases(restarts: int) -> MasterRun:
     """Run 3 workers through 60 short tasks, killing and restarting the master `restarts` times."""
     out = MasterRun(tasks=60)
@@ -266,31 +374,7 @@ def master_cases(restarts: int) -> MasterRun:
                 return len(run.timeline.find("merged")) >= 6 * (k + 1)
 
             wait_for(merged_enough, 60, 0.05, "tasks to merge before the kill")
-            c = MasterCase()
-            assert run.master_pid is not None
-            restarted_before = len(run.timeline.find("master-restarted"))
-            t0 = time.time()
-            os.kill(run.master_pid, signal.SIGKILL)
-            wait_for(lambda: not alive(run.master_pid or 0), 10, 0.005, "the master to die")
-            wait_for(lambda: run.tmux.is_dead(run.master_pane()), 10, 0.005, "its pane")
-            c.respawn_s = time.time() - t0
-            run.start_master(None)
-
-            def back(before: int = restarted_before) -> tuple[float, float] | None:
-                run.timeline.poll()
-                found = run.timeline.find("master-restarted")[before:]
-                if not found:
-                    return None
-                t_restart = found[0]["t"]
-                acts = [
-                    e["t"]
-                    for e in run.timeline.events
-                    if e["event"] in ("assigned", "merged") and e["t"] >= t_restart
-                ]
-                return (t_restart, min(acts)) if acts else None
-
-            t_restart, t_act = wait_for(back, 60, 0.02, "the master to act again")
-            c.restarted_s, c.control_s = t_restart - t0, t_act - t0
+            c = kill_and_restart(run)
             out.cases.append(c)
             print(
                 f"   kill {k + 1}: restarted after {c.restarted_s:.2f}s, in control after "
@@ -299,19 +383,7 @@ def master_cases(restarts: int) -> MasterRun:
             )
         wait_for(run.master_done, 120, 0.1, "the run to finish")
         run.timeline.poll()
-        # A merge is done twice if the master says "merged" twice. A merge that landed just
-        # before a kill is recorded by the next master as "merge-recovered" (git says it is in,
-        # and nothing is done): that task's one merge, or the same one again if the kill fell
-        # between the "merged" line and the task file that says so.
-        merges: dict[str, int] = {}
-        for e in run.timeline.find("merged"):
-            merges[e.get("task", "")] = merges.get(e.get("task", ""), 0) + 1
-        recovered = {e.get("task", "") for e in run.timeline.find("merge-recovered")}
-        merged = {t for t in (merges.keys() | recovered) if t}
-        out.merged_once = sum(1 for t in merged if merges.get(t, 0) <= 1)
-        out.merged_twice = sum(1 for t in merged if merges.get(t, 0) > 1)
-        out.recovered_after_merged = sum(1 for t in recovered if merges.get(t, 0))
-        out.failed = len(run.timeline.find("task-failed"))
+        count_merges(run, out)
     return out
 
 
@@ -329,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         load_hows = ["kill"] if args.quick else ["kill", "freeze", "kill"]
         cases += loaded_cases(0.5, 10, load_hows)
         master = master_cases(restarts)
+        queue = queue_cases()
         floor = process_start_cost([PY, "-c", MASTER_IMPORTS], 3 if args.quick else 5)
 
     print("\n== worker recovery (seconds after the signal; 'intervals' = detection / interval)")
@@ -390,6 +463,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{master.recovered_after_merged})"
     )
 
+    print(
+        f"merge queue: tasks {queue.tasks}, merged once: {queue.merged_once}, merged twice: "
+        f"{queue.merged_twice}, failed: {queue.failed}; back in control after "
+        + ", ".join(f"{c.control_s:.2f}s" for c in queue.cases)
+        + " (a batch check, a bisection)"
+    )
+
     kill_detect = max((c.detect_intervals for c in cases if c.how == "kill"), default=float("nan"))
     freeze_detect = max(
         (c.detect_intervals for c in cases if c.how == "freeze"), default=float("nan")
@@ -420,6 +500,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{master.merged_once}/{master.tasks} once, {master.merged_twice} twice",
             master.merged_once == master.tasks and not master.merged_twice,
         ),
+        (
+            "master kill in a batch check and a bisection",
+            "every task merged once",
+            f"{queue.merged_once}/{queue.tasks} once, {queue.merged_twice} twice",
+            queue.merged_once == queue.tasks and not queue.merged_twice and not queue.failed,
+        ),
     ]
     print("\n== targets")
     print(
@@ -448,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         "master_control_s": pct([c.control_s for c in master.cases], 0.5),
         "master_start_floor_s": floor,
         "merged_twice": master.merged_twice,
+        "queue_merged_twice": queue.merged_twice,
+        "queue_merged_once": queue.merged_once,
         "failed": master.failed,
         "targets_met": sum(d for *_, d in targets),
         "targets_missed": sum(not d for *_, d in targets),

@@ -179,7 +179,6 @@ class QueueView(Record):
 
     verifying: list[str] = Field([], description="Tasks whose verify command runs now.")
     checking: list[list[str]] = Field([], description="Batches in flight, the next to land first.")
-    waiting: list[str] = Field([], description="Verified tasks waiting for a batch.")
     bisecting: bool = Field(False, description="A failed batch is being split.")
     paused: str | None = Field(None, description="Why the queue waits, if it does.")
     checks: int = Field(0, description="Project checks run in this run.")

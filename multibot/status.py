@@ -103,7 +103,7 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
             "elapsed_s": round((m.finished_at or now) - m.started_at, 1),
         },
         "integration_branch": system.git.integration_branch,
-        "pipeline": system.git.queue.model_dump(),
+        "pipeline": {**system.git.queue.model_dump(), "queued": queued(system)},
         "problems": problems,
     }
 
@@ -132,9 +132,15 @@ def _table(rows: list[list[str]], header: list[str]) -> list[str]:
     return [fmt.format(*header), *[fmt.format(*map(str, r)) for r in rows]]
 
 
+def queued(system: SystemState) -> list[str]:
+    """The verified tasks not in a batch being checked, in plan order."""
+    checking = {t for batch in system.git.queue.checking for t in batch}
+    return [t for t in system.git.merge_queue if t not in checking]
+
+
 def _pipeline(q: dict[str, Any]) -> list[str]:
     """The verify and merge pipeline, in a few lines (nothing when it is idle)."""
-    if not (q["verifying"] or q["checking"] or q["waiting"] or q["paused"] or q["checks"]):
+    if not (q["verifying"] or q["checking"] or q["queued"] or q["paused"] or q["checks"]):
         return []
     batches = " then ".join("[" + ", ".join(b) + "]" for b in q["checking"]) or "-"
     last = "-" if q["last_check_s"] is None else f"{q['last_check_s']:.1f}s"
@@ -145,7 +151,7 @@ def _pipeline(q: dict[str, Any]) -> list[str]:
         + (f"  [WAITING: {q['paused']}]" if q["paused"] else ""),
         f"  verifying  {', '.join(q['verifying']) or '-'}",
         f"  checking   {batches}",
-        f"  queued     {', '.join(q['waiting']) or '-'}",
+        f"  queued     {', '.join(q['queued']) or '-'}",
         f"  checks     {q['checks']} run, last took {last}",
     ]
     return lines

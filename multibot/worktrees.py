@@ -600,32 +600,37 @@ class GitRepo:
             notes = self._clear_stale_lock(path)
             if base is None:
                 with self._locked():
-                    base = self._integration_tip()
+                    base = self._quick_rev(f"refs/heads/{self.integration}")
+                    if base is None:
+                        raise GitError(f"{self.root} has no branch {self.integration}")
             fmt, where = "--format=%(refname)", "refs/heads/multibot/"
             listed = _out(self.root, "for-each-ref", fmt, "--merged", base, where)
             merged = {ref.removeprefix("refs/heads/") for ref in listed.splitlines()}
-            self._put_slot(path, base)
-            self._clean_at.pop(path, None)  # until this build ends
             merges: list[tuple[str, str | None]] = []
             conflicts: list[MergeOutcome] = []
+            commit, placed = base, False
             for task_id, title, branch in items:
                 task_id, branch = check_id(task_id, "task id"), check_branch(branch)
-                if not self._branch_exists(branch):
-                    gone = f"branch {branch} does not exist (deleted by hand?)"
-                    conflicts.append(MergeOutcome("missing", task_id, branch, None, (), gone))
-                    continue
                 if branch in merged:  # in already (a task that changed nothing, or landed)
                     merges.append((task_id, None))
                     continue
-                output, found = self._try_merge(
-                    path, f"refs/heads/{branch}", _message(task_id, title)
-                )
+                if self._quick_rev(f"refs/heads/{branch}") is None:
+                    gone = f"branch {branch} does not exist (deleted by hand?)"
+                    conflicts.append(MergeOutcome("missing", task_id, branch, None, (), gone))
+                    continue
+                if not placed:  # the first merge: the slot goes to the base first
+                    self._put_slot(path, base)
+                    self._clean_at.pop(path, None)  # until this build ends
+                    placed = True
+                message = _message(task_id, title)
+                output, found = self._try_merge(path, f"refs/heads/{branch}", message)
                 if found:
                     conflicts.append(MergeOutcome("conflict", task_id, branch, None, found, output))
                 else:
-                    merges.append((task_id, _out(path, "rev-parse", "HEAD")))
-            commit = _out(path, "rev-parse", "HEAD")
-            self._clean_at[path] = commit
+                    commit = _out(path, "rev-parse", "HEAD")
+                    merges.append((task_id, commit))
+            if placed:  # clean at the candidate (a conflict's merge was aborted)
+                self._clean_at[path] = commit
         return Candidate(base, commit, tuple(merges), tuple(conflicts), notes)
 
     def scratch(self, slot: Path) -> Path:
@@ -673,7 +678,9 @@ class GitRepo:
         """
         ref = f"refs/heads/{self.integration}"
         with self._locked():
-            tip = self._integration_tip()
+            tip = self._quick_rev(ref)
+            if tip is None:
+                raise GitError(f"{self.root} has no branch {self.integration}")
             if tip == commit:
                 return False
             if tip != base:

@@ -258,3 +258,12 @@ def test_after_a_restart_a_lost_check_is_built_again_and_passed_ones_kept() -> N
     assert [g.state for g in q.groups] == ["passed", "waiting", "waiting"]  # failed: again
     g = q.next_build()
     assert g is lost and g.base == "c1" and g.token > 6
+
+
+def test_without_a_check_every_waiting_task_goes_in_one_batch() -> None:
+    q = MergeQueue(batch_max=4, concurrency=2)
+    q.admit([f"t{n}" for n in range(10)])
+    assert len(q.groups) == 3
+    g = q.next_build(lanes=1, batch_max=100)  # nothing to split a batch for: one, whole
+    assert g is not None and len(g.ids) == 10 and len(q.groups) == 1
+    assert q.next_build(lanes=1, batch_max=100) is None  # one in flight at a time

@@ -1261,8 +1261,8 @@ class Master:
     # == merging ==============================================================================
     def merge_next(self) -> None:
         """Queue, in plan order, every verified task whose dependencies are merged."""
-        if self.git is None:
-            return
+        if self.git is None or self.pipeline.idle():
+            return  # it takes them in at its next step, whatever came meanwhile
         verified = self.index.ids("verified")
         ready = [
             (rec.id, rec.task.title, rec.branch or f"multibot/{rec.id}")
@@ -1551,7 +1551,7 @@ class Master:
         git = self.sys.git
         git.merge_queue = sorted(self.index.ids("verified"), key=self.order.place)
         git.merging = self.pipeline.merging()
-        git.queue = self.pipeline.view(git.merge_queue)
+        git.queue = self.pipeline.view()
         branches = []
         for t, r in self.tasks.items():
             if not r.branch:

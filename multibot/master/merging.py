@@ -157,17 +157,27 @@ class MergeQueue:
         self.groups = [g for g in self.groups if g.ids]
         return discarded
 
-    def next_build(self, now: float = 0.0, more_coming: bool = False) -> Group | None:
+    def next_build(
+        self,
+        now: float = 0.0,
+        more_coming: bool = False,
+        lanes: int | None = None,
+        batch_max: int | None = None,
+    ) -> Group | None:
         """Return the next group to build, marked building, or None.
 
-        One build at a time, and no more groups in flight than concurrency allows. A group
+        One build at a time, and no more groups in flight than lanes (default: concurrency;
+        1 when there is no check, as a batch then lands as it is built) allow; batch_max
+        (default: the queue's) may be raised when there is no check to split a batch for.
+        A group
         is built on the last candidate in flight before it (so it lands right after that
         one), else on the tip; the second half of a failed batch on the base of the first.
         A batch that is not full waits while more_coming, up to batch_wait after its first
         task.
         """
+        lanes = self.concurrency if lanes is None else lanes
         flying = self.in_flight()
-        if any(g.state == "building" for g in flying) or len(flying) >= self.concurrency:
+        if any(g.state == "building" for g in flying) or len(flying) >= lanes:
             return None
         n, group = next(
             ((n, g) for n, g in enumerate(self.groups) if g.state == "waiting"), (0, None)
@@ -178,7 +188,7 @@ class MergeQueue:
         if not (group.suspect or full) and more_coming and now - group.since < self.batch_wait:
             return None
         if not group.suspect:
-            self._share(n, self.concurrency - len(flying))
+            self._share(n, lanes - len(flying), batch_max or self.batch_max)
         before = [g for g in self.groups[:n] if g.state in IN_FLIGHT and g.commit]
         sibling = next((g for g in before if group.split and g.split == group.split), None)
         self._builds += 1
@@ -191,7 +201,7 @@ class MergeQueue:
         group.slot = next(k for k in range(1, self.concurrency + 1) if k not in used)
         return group
 
-    def _share(self, n: int, free: int) -> None:
+    def _share(self, n: int, free: int, batch_max: int) -> None:
         """Give the group at n an even share of the tasks waiting from there over the free
         check lanes: two batches of four checked side by side find a culprit sooner than one
         of eight, and cost no more time when they pass."""
@@ -201,8 +211,8 @@ class MergeQueue:
                 break
             waiting.append(g)
         ids = [t for g in waiting for t in g.ids]
-        share = min(self.batch_max, math.ceil(len(ids) / max(1, free)))
-        if len(self.groups[n].ids) <= share:
+        share = min(batch_max, math.ceil(len(ids) / max(1, free)))
+        if len(self.groups[n].ids) == share:
             return
         first, since = self.groups[n], self.groups[n].since
         first.ids, rest = tuple(ids[:share]), ids[share:]

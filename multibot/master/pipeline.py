@@ -175,6 +175,16 @@ class Pipeline:
             branches = ", ".join(self.items.get(t, (t, "", f"multibot/{t}"))[2] for t in g.ids)
             self.event("merge-recovered", f"the check of {branches} was cut: it runs again")
 
+    def idle(self) -> bool:
+        """Whether a step could start nothing now: a build or landing under way and every
+        lane in use, or the queue waiting out a block (the master then skips the step)."""
+        if self.blocked is not None and self.mono() < self.blocked[1]:
+            return True
+        flying = self.queue.in_flight()
+        lanes = self.config.check_concurrency if self.check_cmd else 1
+        busy = any(g.state == "building" for g in flying) or len(flying) >= lanes
+        return busy and (self.landing is not None or self.queue.front() is None)
+
     def step(self, ready: Sequence[Item], check_cmd: str | None, verified: set[str]) -> None:
         """Queue the ready tasks, drop those no longer verified, and start what can start."""
         self.check_cmd = check_cmd
@@ -191,10 +201,10 @@ class Pipeline:
         front = self.queue.front()
         if front is not None and self.landing is None:
             self.land(front)
-        if check_cmd is None and self.queue.in_flight():
-            return  # without a check a batch lands as it is built: nothing to build on
         more = bool(self.verifying)  # tasks about to join: a batch not full waits a moment
-        while (group := self.queue.next_build(self.mono(), more)) is not None:
+        # Without a check a batch lands as it is built, and nothing would split it: one, whole.
+        lanes, most = (None, None) if check_cmd else (1, len(self.items) + 1)
+        while (group := self.queue.next_build(self.mono(), more, lanes, most)) is not None:
             self.save()
             self.build(group)
 
@@ -407,13 +417,12 @@ class Pipeline:
         except (StateError, LockTimeout, OSError) as exc:
             self.event("state-write-refused", f"{self.home.merge_queue}: {exc}")
 
-    def view(self, waiting: Sequence[str]) -> QueueView:
-        """The pipeline as the status view shows it."""
+    def view(self) -> QueueView:
+        """The pipeline as the status view shows it (what waits is git.merge_queue)."""
         flying = self.queue.in_flight()
         return QueueView(
             verifying=sorted(self.verifying),
             checking=[list(g.ids) for g in flying],
-            waiting=[t for t in waiting if not any(t in g.ids for g in flying)],
             bisecting=self.queue.bisecting(),
             paused=self.blocked[0] if self.blocked else None,
             checks=self.checks,
