@@ -70,6 +70,10 @@ class Launcher(Protocol):
     def set_titles(self, titles: Mapping[str, str]) -> None:
         """Show each worker's title (keyed by handle)."""
 
+    def where(self) -> str:
+        """Name what handles belong to (a tmux server's pid): a handle recorded under another
+        name means nothing here; TmuxError if tmux does not answer."""
+
 
 class ProcessLauncher:
     """Workers as child processes of the master, output to their log (no terminal needed)."""
@@ -92,6 +96,9 @@ class ProcessLauncher:
         handle = str(child.pid)
         self.children[handle] = child
         return handle
+
+    def where(self) -> str:
+        return "processes"  # a pid stays meaningful to the next master (it adopts them)
 
     def restart(self, handle: str, argv: Sequence[str], env: Mapping[str, str]) -> str:
         self.stop(handle)
@@ -147,8 +154,18 @@ class TmuxLauncher:
     def start(self, worker_id: str, argv: Sequence[str], env: Mapping[str, str], title: str) -> str:
         return self.tmux.add_pane(title, shlex.join(argv), cwd=Path(self.home.root), env=env)
 
+    def where(self) -> str:
+        return f"tmux server {self.tmux.server_pid()}"
+
     def restart(self, handle: str, argv: Sequence[str], env: Mapping[str, str]) -> str:
-        self.tmux.respawn(handle, shlex.join(argv), cwd=Path(self.home.root), env=env)
+        try:
+            self.tmux.respawn(handle, shlex.join(argv), cwd=Path(self.home.root), env=env)
+        except TmuxError:
+            if self.tmux.has_pane(handle):
+                raise
+            # The pane is gone (closed by hand, or the tmux server was started anew): a new one.
+            worker_id = argv[argv.index("--id") + 1] if "--id" in argv else "worker"
+            return self.start(worker_id, argv, env, worker_id)
         return handle
 
     def alive(self, handle: str) -> bool:

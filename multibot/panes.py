@@ -378,6 +378,15 @@ class Tmux:
             out.pop()
         return "\n".join(out[-lines:])
 
+    def server_pid(self) -> int:
+        """Return the pid of the tmux server that holds the session (TmuxError if none)."""
+        line = self._run("display-message", "-p", "-t", f"={self.session}:", "#{pid}")
+        return int(line[0])
+
+    def has_pane(self, pane_id: str) -> bool:
+        """Return whether pane_id is a pane of the session (dead or alive)."""
+        return any(p.pane_id == pane_id for p in self.list_panes())
+
     def list_panes(self) -> list[PaneInfo]:
         """Return every pane of the session, window by window."""
         # The title goes last: a program-set pane_title may hold anything, even a tab.

@@ -147,6 +147,7 @@ class WorkerInfo(Record):
     generation: int = 0
     pid: int | None = None
     pane_id: str | None = None
+    pane_server: str | None = Field(None, description="Where pane_id means something.")
     restarts: int = 0
     next_restart_at: float | None = None
     failure_reason: str = ""

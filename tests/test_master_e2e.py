@@ -915,6 +915,37 @@ def test_a_broken_hand_edit_of_a_task_file_is_kept_and_the_task_written_once_fix
     assert run.merges() == Counter({"a": 1, "b": 1})
 
 
+def test_after_the_tmux_server_dies_the_run_resumes_in_new_panes(make_run: Any) -> None:
+    run: Run = make_run(max_workers=2)
+    run.plan(
+        [
+            shell_task("a", wait_for(run, "go"), "echo a > a.txt"),
+            shell_task("b", wait_for(run, "go"), "echo b > b.txt"),
+            shell_task("c", "echo c > c.txt", dependencies=["a"]),
+        ]
+    )
+    run.start_master()
+    wait_until(lambda: all(run.task(t)["status"] == "running" for t in "ab"), 60)
+    old = {w: run.worker(w)["pane_id"] for w in ("w1", "w2")}
+    # The server dies (its panes, workers and agents with it), then the master: it ran in a
+    # pane of that server when started as the README says.
+    run.tmux.kill_server()
+    run.kill_master()
+    # `multibot session` starts a new server; in it, panes that happen to have the old ids.
+    run.tmux.ensure_session(SESSION, "exec sleep 86400", cwd=run.tmp)
+    decoys = [run.tmux.add_pane("decoy", "exec sleep 86400") for _ in range(3)]
+    decoy_pids = {p: run.tmux.pane_pid(p) for p in decoys}
+    assert set(old.values()) & set(decoys), "the new server should reuse an old pane id"
+    release(run, "go")
+    run.start_master()
+    run.assert_done(["a", "b", "c"], run.finish())
+    assert run.has_event("pane-forgotten", worker="w1")
+    # No pane of the new server was taken for an old one: the decoys run as they were.
+    assert {p: run.tmux.pane_pid(p) for p in decoys} == decoy_pids
+    for w in ("w1", "w2"):
+        assert run.worker(w)["pane_id"] not in decoys
+
+
 def test_a_worker_takes_its_next_task_while_its_last_one_is_verified_elsewhere(
     make_run: Any,
 ) -> None:

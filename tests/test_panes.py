@@ -262,3 +262,21 @@ def test_pane_state_counts_as_dead_only_once_reaped() -> None:
     assert _parse_state("1\t\t\t42\t7") == (False, 42, None, 7)  # exited, not reaped: nudge 7
     assert _parse_state("1\t3\t\t42\t7") == (True, None, 3, None)
     assert _parse_state("1\t\t9\t42\t7") == (True, None, None, None)
+
+
+def test_a_worker_restarted_in_a_pane_that_is_gone_gets_a_new_one(
+    sock: str, tmp_path: Path
+) -> None:
+    from multibot.launcher import TmuxLauncher
+    from multibot.layout import Home
+
+    (tmp_path / "home").mkdir()
+    launcher = TmuxLauncher(Home(tmp_path / "home"), sock, "s")
+    launcher.tmux.ensure_session("s", "exec sleep 600")
+    where = launcher.where()
+    assert where == f"tmux server {launcher.tmux.server_pid()}"
+    pane = launcher.start("w1", ["sleep", "600"], {}, "w1")
+    launcher.tmux.kill_pane(pane)  # closed by hand, or lost with an earlier server
+    again = launcher.restart(pane, ["sh", "-c", "exec sleep 600", "--id", "w1"], {})
+    assert again != pane and launcher.alive(again)
+    assert launcher.where() == where

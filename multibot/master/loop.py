@@ -247,6 +247,7 @@ class Master:
                 self.recover_merge(rec.id)
         self.pipeline.restore()
         self.adopt_workers()
+        self.forget_lost_panes()
         now = self.mono()
         for wid, info in self.sys.workers.items():
             if info.status in LIVE_WORKER:
@@ -292,6 +293,24 @@ class Master:
                 )
             elif info.status in LIVE_WORKER and ws.generation > info.generation:
                 info.generation = ws.generation  # restarted just before: watch the new one
+
+    def forget_lost_panes(self) -> None:
+        """Drop the pane ids recorded under another tmux server (the old one died): they
+        would name nothing, or another pane of the new one."""
+        try:
+            here = self.launcher.where()
+        except TmuxError as exc:
+            self.event("pane-look-failed", f"cannot tell which tmux server runs: {exc}")
+            return
+        for wid, info in self.sys.workers.items():
+            if info.pane_id and info.pane_server != here:
+                self.event(
+                    "pane-forgotten",
+                    f"{wid}'s pane {info.pane_id} was in {info.pane_server or 'an unknown server'}"
+                    f", not {here}: it gets a new pane",
+                    worker=wid,
+                )
+                info.pane_id, info.pane_server = None, None
 
     def reconcile_workers(self) -> None:
         """Free workers whose task ended after system-state.json was last written, and put
@@ -920,6 +939,9 @@ class Master:
             info.pane_id = self.launcher.restart(info.pane_id, argv, env)
         else:
             info.pane_id = self.launcher.start(wid, argv, env, self.title(info))
+        self.titles.pop(wid, None)  # a new pane needs its title
+        with contextlib.suppress(TmuxError):
+            info.pane_server = self.launcher.where()
         info.status, info.pid = "starting", self.launcher.pid(info.pane_id)
         info.next_restart_at = None
         self.launched[wid] = self.mono()
@@ -1046,6 +1068,8 @@ class Master:
         self.sought.add(pid)
         if handle is not None:
             info.pane_id, info.pid = handle, pid
+            with contextlib.suppress(TmuxError):
+                info.pane_server = self.launcher.where()
             self.event("worker-found", f"{wid} runs in {handle} (pid {pid})", worker=wid)
 
     def worker_died(self, wid: str, info: WorkerInfo, reason: str, now: float) -> None:
