@@ -317,6 +317,7 @@ class Worker:
             self.run_agent(m, a)
             return
         repo = self.repos.get((a.repo, a.base_branch))
+        self._clear_lock(Path(a.working_directory))
         if tidy and tidy.path == a.working_directory and repo is not None:
             # This process left the worktree with everything committed: the branch is made
             # here in the loop (the usual case, and the latency that counts): no `git status`
@@ -551,6 +552,7 @@ class Worker:
         cwd = Path(a.working_directory)
         commit: str | None = None
         head: str | None = None  # HEAD, when the agent left nothing to commit
+        self._clear_lock(cwd)  # the agent's git may have been killed mid-command
         try:
             head = worktrees.settled(cwd)  # one git call tells that, the usual case
             if head is None:
@@ -609,6 +611,14 @@ class Worker:
         self.finished.add((task_id, a.attempt))
         self.send(report, task_id=task_id)
         self.show(line)
+
+    def _clear_lock(self, worktree: Path) -> None:
+        """Remove a stale index.lock from this worker's worktree (only it works there)."""
+        from multibot import worktrees
+
+        note = worktrees.clear_stale_lock(worktree)
+        if note is not None:
+            self.show(f"! {note}")
 
     def _commit(self, a: protocol.TaskAssignment, message: str) -> str | None:
         from multibot import worktrees

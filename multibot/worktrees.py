@@ -338,6 +338,23 @@ def _find_dirs(worktree: Path) -> tuple[Path, Path]:
         repo.close()
 
 
+def clear_stale_lock(worktree: Path) -> str | None:
+    """Remove the index.lock of a worktree that no live git process works in; say so.
+
+    For a worktree that one process owns (a worker's, or one of the master's): a git killed
+    mid-command (a SIGKILL during `git add` of a big tree) leaves the lock, and every later
+    git command there fails on it. A git still running there keeps it.
+    """
+    try:
+        lock = _dirs(worktree)[0] / "index.lock"
+    except GitError:
+        return None
+    if not lock.exists() or procs.working_in(worktree.resolve(), "git"):
+        return None
+    lock.unlink(missing_ok=True)
+    return f"removed a stale {lock} (no git process runs in {worktree})"
+
+
 def _uncommitted(worktree: Path) -> list[str]:
     return list(snapshot(worktree).dirty)
 
@@ -1032,18 +1049,12 @@ class GitRepo:
         self._clean_at[path] = commit
 
     def _clear_stale_lock(self, path: Path) -> tuple[str, ...]:
-        """Remove an index.lock that no live git process in path holds; say so."""
-        try:
-            lock = _dirs(path)[0] / "index.lock"
-        except GitError:
+        """Remove an index.lock in a scratch worktree that no live git holds; say so."""
+        note = clear_stale_lock(path)
+        if note is None:
             return ()
-        if not lock.exists() or procs.working_in(path, "git"):
-            return ()
-        # Only multibot works in its scratch worktrees, and this one is ours for now: a lock
-        # no git holds was left by a git killed mid-command, and would block every later one.
-        lock.unlink(missing_ok=True)
         self._clean_at.pop(path, None)
-        return (f"removed a stale {lock} (no git process runs there)",)
+        return (note,)
 
     def _reset_integration(self, commit: str) -> None:
         self._reset_worktree(self.integration_worktree, commit)

@@ -367,3 +367,35 @@ def test_a_tidy_worker_starts_its_next_branch_the_quick_way(
         w.agent.stop(1.0)
         w.inbox.close()
         w._log.close()
+
+
+def test_a_stale_index_lock_in_the_worktree_fails_no_task(rig: Rig) -> None:
+    # A git killed mid-command (the agent's, or the worker's own) leaves index.lock behind:
+    # every later git there would fail on it. No git runs there now: it is removed.
+    plant = 'touch "$(git rev-parse --absolute-git-dir)/index.lock"'
+    rig.start_worker()
+    rig.assign("t1", ["echo one > one.txt", plant])
+    first = rig.expect(protocol.TaskComplete).payload
+    assert isinstance(first, protocol.TaskComplete) and first.files_changed == ["one.txt"]
+    gitdir = Path(
+        subprocess.run(
+            ["git", "rev-parse", "--absolute-git-dir"],
+            cwd=rig.home.worktree("w1"),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    branch = rig.git.start_task(rig.home.worktree("w1"), "t2")
+    (gitdir / "index.lock").write_text("")  # and one left between two tasks
+    fields = {
+        "title": "t2",
+        "description": "t2",
+        "branch": branch,
+        "commands": ["echo two > two.txt"],
+    }
+    fields["working_directory"] = str(rig.home.worktree("w1"))
+    rig.send(protocol.TaskAssignment.model_validate(fields), task_id="t2")
+    second = rig.expect(protocol.TaskComplete).payload
+    assert isinstance(second, protocol.TaskComplete) and second.files_changed == ["two.txt"]
+    assert "stale" in rig.output()
