@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass
@@ -139,8 +140,6 @@ def run_one(s: Scenario, setting: str) -> Result:
             suite.mkdir()
             (suite / "test_suite.py").write_text(textwrap.dedent(SUITE))
             git = ["git", "-c", "user.name=b", "-c", "user.email=b@b"]
-            import subprocess
-
             subprocess.run([*git, "add", "-A"], cwd=run.repo, check=True)
             subprocess.run([*git, "commit", "-qm", "suite"], cwd=run.repo, check=True)
             check = f"SUITE_S={s.suite_s:g} {PY} -m pytest -q -x -p no:cacheprovider tests"
@@ -204,8 +203,6 @@ def to_culprit(events: list[dict[str, Any]]) -> list[tuple[int, int]]:
 
 def tips_clean(run: BenchRun) -> bool:
     """Whether no first-parent commit of the integration branch holds a broken-* file."""
-    import subprocess
-
     revs = subprocess.run(
         ["git", "rev-list", "--first-parent", "multibot/integration"],
         cwd=run.repo,

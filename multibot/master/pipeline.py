@@ -378,6 +378,8 @@ class Pipeline:
 
     def _merged(self, group: Group) -> list[Outcome]:
         out: list[Outcome] = [Merged(t, group.merges.get(t)) for t in group.ids]
+        for t in group.ids:
+            self.items.pop(t, None)  # merged: never queued again
         for verdict in self.queue.landed(group):
             out += self._verdict(verdict)
         self.failures = 0
