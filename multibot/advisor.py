@@ -29,6 +29,7 @@ class Advisor:
     """
 
     available = False
+    session_id: str | None = None  # the Opus session it speaks in, if any
 
     def ask(self, key: str, question: str, context: str) -> None:
         """Start answering a question in the background."""

@@ -1,11 +1,12 @@
-"""Task and worker lifecycles as explicit state machines: no I/O, just allowed transitions."""
+"""Task and worker lifecycles: the allowed task transitions, and the one rule for what a
+worker is doing. Pure: no I/O."""
 
 from __future__ import annotations
 
 from typing import get_args
 
 from multibot.errors import MultibotError
-from multibot.state import TaskStatus, WorkerStatusName
+from multibot.state import GONE_WORKER, LIVE_WORKER, TaskStatus, WorkerStatusName
 
 TASK_TRANSITIONS: dict[str, frozenset[str]] = {
     "pending": frozenset({"assigned", "cancelled", "failed"}),
@@ -14,23 +15,11 @@ TASK_TRANSITIONS: dict[str, frozenset[str]] = {
     "verifying": frozenset({"verified", "pending", "failed", "cancelled"}),
     "verified": frozenset({"merged", "pending", "failed", "cancelled"}),
     "merged": frozenset(),
-    "failed": frozenset({"pending"}),  # the person may retry a failed task
+    "failed": frozenset({"pending", "cancelled"}),  # the person may retry or cancel it
     "cancelled": frozenset(),
 }
 
-WORKER_TRANSITIONS: dict[str, frozenset[str]] = {
-    "starting": frozenset({"idle", "working", "paused", "error", "failed", "stopped"}),
-    "idle": frozenset({"working", "paused", "error", "stopped", "blocked"}),
-    "working": frozenset({"idle", "blocked", "paused", "error", "stopped"}),
-    "blocked": frozenset({"working", "idle", "paused", "error", "stopped"}),
-    "paused": frozenset({"idle", "working", "blocked", "error", "stopped"}),
-    "error": frozenset({"starting", "failed", "stopped"}),
-    "failed": frozenset({"starting"}),
-    "stopped": frozenset({"starting"}),
-}
-
 assert set(TASK_TRANSITIONS) == set(get_args(TaskStatus))
-assert set(WORKER_TRANSITIONS) == set(get_args(WorkerStatusName))
 
 
 class BadTransition(MultibotError):
@@ -53,10 +42,21 @@ def task_transition(old: TaskStatus, new: TaskStatus, what: str = "task") -> Tas
     return new
 
 
-def worker_transition(
-    old: WorkerStatusName, new: WorkerStatusName, what: str = "worker"
+def worker_status(
+    recorded: WorkerStatusName, beat: str | None = None, paused: bool = False
 ) -> WorkerStatusName:
-    """Return new if a worker may move from old to new, else raise BadTransition."""
-    if not can_move(WORKER_TRANSITIONS, old, new):
-        raise BadTransition(what, old, new)
-    return new
+    """Return what a worker is doing, from what the master recorded, the status in the
+    heartbeat of its current incarnation (None without one), and whether it is paused.
+
+    The master and the status view both judge by this rule. Failed, stopped and error are
+    the master's word (the process is gone, or about to be started again). A pause shows over
+    the rest. Blocked is what the worker reported, and stays until it reports progress. Else
+    the heartbeat, which is newer than anything the master wrote down, says.
+    """
+    if recorded in GONE_WORKER or recorded == "error":
+        return recorded
+    if paused:
+        return "paused"
+    if recorded == "blocked" or beat not in LIVE_WORKER:
+        return recorded
+    return beat  # type: ignore[return-value]

@@ -13,9 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
-from multibot.state import TaskRecord
-
-ACTIVE = ("assigned", "running", "verifying", "verified")
+from multibot.state import ACTIVE, TaskRecord
 
 
 @dataclass(frozen=True)

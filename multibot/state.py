@@ -41,7 +41,10 @@ TaskStatus = Literal[
     "failed",  # gave up after its attempts; see last_error
     "cancelled",  # cancelled by the person
 ]
-TERMINAL_TASK = ("merged", "failed", "cancelled")
+# The groups of task statuses the master and the status view speak of.
+ON_WORKER = ("assigned", "running")  # a worker has it
+ACTIVE = ("assigned", "running", "verifying", "verified")  # begun, not yet merged
+OVER = ("merged", "cancelled")  # nothing more will happen to it
 
 
 class PlanTask(Record):
@@ -132,6 +135,8 @@ class TaskRecord(StateFileModel):
 WorkerStatusName = Literal[
     "starting", "idle", "working", "blocked", "error", "paused", "failed", "stopped"
 ]
+LIVE_WORKER = ("starting", "idle", "working", "blocked", "paused", "error")  # has a process
+GONE_WORKER = ("failed", "stopped")  # not restarted
 
 
 class WorkerInfo(Record):

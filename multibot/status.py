@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from multibot.errors import MultibotError
 from multibot.heartbeat import read_heartbeat
 from multibot.layout import Home
+from multibot.lifecycle import worker_status
 from multibot.state import QuestionRecord, SystemState, TaskRecord, WorkerState
 from multibot.store import StateFile
 
@@ -31,16 +32,8 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
         if home.worker_state(wid).exists():
             ws = _read(StateFile(home.worker_state(wid), WorkerState, default=None), problems)
         hb = read_heartbeat(home.heartbeat(wid))
-        paused = bool(ws and ws.paused) or system.paused
-        status = info.status
-        if paused and status not in ("failed", "stopped"):
-            status = "paused"
-        elif (
-            hb is not None
-            and hb.generation == info.generation
-            and status not in ("failed", "stopped", "error")
-        ):
-            status = hb.status  # type: ignore[assignment]
+        beat = hb.status if hb is not None and hb.generation == info.generation else None
+        status = worker_status(info.status, beat, bool(ws and ws.paused) or system.paused)
         workers.append(
             {
                 "id": wid,

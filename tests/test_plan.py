@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 from multibot.errors import PlanError
 from multibot.lifecycle import TASK_TRANSITIONS, BadTransition, task_transition
+from multibot.master.pool import backoff
 from multibot.plan import find_cycle, load_plan_file, topological_order, validate_plan
 from multibot.scheduler import PlanOrder, TaskIndex, WorkerSlot, overlaps, ready_tasks, schedule
 from multibot.state import PlanTask, TaskRecord
-from multibot.supervisor import backoff
 
 
 def task(
