@@ -26,7 +26,7 @@ from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import GitError, LockTimeout, MultibotError, StateError
 from multibot.launcher import Launcher
 from multibot.layout import MASTER_ID, Home
-from multibot.master import ledger
+from multibot.master import feedback, ledger
 from multibot.master.book import TaskBook, drift
 from multibot.master.edits import Edits, Seen, task_edit
 from multibot.master.jobs import Jobs
@@ -59,7 +59,7 @@ from multibot.state import (
 )
 from multibot.store import StateFile
 from multibot.timeline import Timeline
-from multibot.worktrees import GitRepo, MergeOutcome
+from multibot.worktrees import GitRepo
 
 EXIT_DONE = 0
 EXIT_FAILED = 1
@@ -616,17 +616,14 @@ class Master:
             if outcome.ok:
                 self.verified(rec)
             else:
-                self.retry(rec, f"verify `{rec.task.verify}` failed:\n{outcome.output[-3000:]}")
+                self.retry(rec, feedback.verify_failed(rec, outcome.output))
         elif isinstance(outcome, Merged):
             self.on_merged(rec, outcome.merge_commit)
         elif isinstance(outcome, Conflicted):
-            self.retry(rec, self.conflict_feedback(outcome.outcome))
+            assert self.git is not None
+            self.retry(rec, feedback.conflict(outcome.outcome, self.git.integration))
         elif isinstance(outcome, BrokeCheck):
-            self.retry(
-                rec,
-                f"the project check failed with {rec.id} merged, so it was not merged:\n"
-                f"{outcome.output[-3000:]}",
-            )
+            self.retry(rec, feedback.broke_check(rec, outcome.output))
 
     def retry(self, rec: TaskRecord, feedback: str) -> None:
         """Send a task back with feedback (a new attempt), or fail it when attempts run out."""
@@ -731,11 +728,7 @@ class Master:
             if rec is not None and rec.status in ON_WORKER:
                 # Counted as an attempt: a task that kills every worker must not do so forever.
                 # rec.worker stays: its worktree holds the branch, released on reassignment.
-                self.retry(
-                    rec,
-                    f"worker {wid} failed after {info.restarts - 1} restarts "
-                    f"({reason}) while on this task",
-                )
+                self.retry(rec, feedback.worker_failed(wid, info.restarts - 1, reason))
 
     def resend_assignments(self, only: str | None = None) -> None:
         """Send again the assignments a worker may not have (after its or our restart)."""
@@ -809,32 +802,18 @@ class Master:
         info.working_directory = str(worktree)
         if info.status == "idle":
             info.status = "working"
-        t = rec.task
-        budget = protocol.Budget(
-            max_usd=self.config.task_budget_usd, max_minutes=self.config.task_timeout_minutes
-        )
-        payload = protocol.TaskAssignment(
-            title=t.title,
-            description=t.description,
-            branch=branch,
-            working_directory=str(worktree),
+        payload = feedback.assignment(
+            rec,
+            self.config,
+            worktree=str(worktree),
             context=self.book.context_for(rec, self.shared_context().discoveries),
-            dependencies=t.dependencies,
-            priority=t.priority,
-            estimated_duration=t.estimate_minutes * 60,
-            model=t.model,
-            owns=t.owns,
-            verify=t.verify,
-            budget=budget,
-            commands=t.commands,
-            attempt=rec.attempts,
             base_branch=self.git.integration,
             repo=str(self.git.root),
         )
         self.send(wid, payload, task_id=rec.id)
         self.event(
             "assigned",
-            f"{rec.id} → {wid} (attempt {rec.attempts}, {t.model})",
+            f"{rec.id} → {wid} (attempt {rec.attempts}, {rec.task.model})",
             task=rec.id,
             worker=wid,
         )
@@ -867,23 +846,6 @@ class Master:
             "merged",
             f"{rec.id} merged into {self.git.integration} ({(merge_commit or '')[:10]})",
             task=rec.id,
-        )
-
-    def conflict_feedback(self, outcome: MergeOutcome) -> str:
-        """What a task whose branch could not join a candidate is told."""
-        assert self.git is not None
-        branch, into = outcome.branch, self.git.integration
-        if outcome.status == "missing":
-            return f"{outcome.output}; the task is done again"
-        files = ", ".join(c.path for c in outcome.conflicts)
-        sides = "\n".join(
-            f"--- {c.path} on {into}:\n{(c.ours or '(deleted)')[:1500]}\n"
-            f"--- {c.path} on {branch}:\n{(c.theirs or '(deleted)')[:1500]}"
-            for c in outcome.conflicts[:10]
-        )
-        return (
-            f"merging {branch} into {into} conflicts in {files}. Merge {into} into your "
-            f"branch, resolve the conflicts and commit.\n{sides}"
         )
 
     def recover_merge(self, rec: TaskRecord) -> None:

@@ -1,0 +1,316 @@
+"""The master in memory: no worker processes, no tmux, a fake clock.
+
+A ``FakeLauncher`` records what the master starts, restarts and stops, and the test says
+which panes are dead; the test plays each worker, reading its assignments from its inbox and
+answering with commits on the task's branch. The repository is a real one in a temp folder
+(git takes milliseconds); everything else the master does runs as in a real run. These tests
+cover the supervision policy, the scheduling of a plan, retries and the journal's ordering in
+a second or two; the end-to-end tests (test_master_e2e.py) stay the safety net.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from multibot import mailbox, protocol
+from multibot.config import MasterConfig
+from multibot.layout import MASTER_ID, Home
+from multibot.master import EXIT_DONE, EXIT_FAILED, Master
+from multibot.state import Plan, PlanTask, TaskRecord
+from multibot.store import StateFile
+from multibot.timeline import read_timeline
+from tests.helpers import wait_until
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FakeLauncher:
+    """Where no process runs: starts and restarts are recorded, dead panes are set."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []  # worker ids, in order
+        self.restarted: list[str] = []  # handles
+        self.stopped: list[str] = []
+        self.gone: set[str] = set()  # handles whose process the test says is dead
+        self.titles: dict[str, str] = {}
+        self.count = 0
+
+    def _handle(self) -> str:
+        self.count += 1
+        return f"%{self.count}"
+
+    def start(self, worker_id: str, argv: Sequence[str], env: Mapping[str, str], title: str) -> str:
+        self.started.append(worker_id)
+        return self._handle()
+
+    def restart(self, handle: str, argv: Sequence[str], env: Mapping[str, str]) -> str:
+        self.restarted.append(handle)
+        return self._handle()
+
+    def alive(self, handle: str) -> bool:
+        return handle not in self.gone
+
+    def pid(self, handle: str) -> int | None:
+        return None
+
+    def find(self, pid: int) -> str | None:
+        return None
+
+    def dead(self, handles: Sequence[str]) -> set[str]:
+        return {h for h in handles if h in self.gone}
+
+    def stop(self, handle: str) -> None:
+        self.stopped.append(handle)
+
+    def set_titles(self, titles: Mapping[str, str]) -> None:
+        self.titles.update(titles)
+
+    def where(self) -> str:
+        return "fake"
+
+
+class Clock:
+    """Wall and monotonic time that move only when the test says."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def git(root: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+class World:
+    """A master in memory over a real repository, and the workers the test plays."""
+
+    def __init__(self, tmp: Path, tasks: list[PlanTask], **config: Any) -> None:
+        self.repo = tmp / "project"
+        self.repo.mkdir()
+        git(self.repo, "init", "-q", "-b", "main")
+        git(self.repo, "config", "user.email", "t@example.com")
+        git(self.repo, "config", "user.name", "t")
+        (self.repo / "app.txt").write_text("one\n")
+        git(self.repo, "add", ".")
+        git(self.repo, "commit", "-q", "-m", "initial")
+        self.home = Home.at(tmp / "home")
+        self.launcher = FakeLauncher()
+        self.clock = Clock()
+        settings = {"max_workers": 2, "heartbeat_interval": 1.0, "heartbeat_misses": 3, **config}
+        self.master = Master(
+            self.home,
+            MasterConfig(**settings),
+            repo=self.repo,
+            backend="shell",
+            launcher=self.launcher,
+            out=io.StringIO(),
+            clock=self.clock,
+            monotonic=self.clock,
+        )
+        self.master.start_new(Plan(goal="test", tasks=tasks), "test", "run-1")
+        self.inboxes: dict[str, mailbox.Receiver] = {}
+
+    def tick(self) -> None:
+        self.master.tick()
+        assert self.master.inbox is not None
+        self.master.inbox.wait(0.01)  # a job done in a lane rings it
+
+    def until(
+        self, pred: Callable[[], object], what: str, timeout: float = 20.0, step: float = 0.05
+    ) -> None:
+        """Tick until pred holds, the clock moving by step before each tick (background jobs,
+        such as merges, run in real time)."""
+
+        def ticked() -> object:
+            self.clock.advance(step)
+            self.tick()
+            return pred()
+
+        wait_until(ticked, timeout, interval=0)
+
+    def assignments(self, wid: str) -> list[protocol.Envelope]:
+        """The messages waiting in a worker's inbox, taken (as the worker takes them)."""
+        if wid not in self.inboxes:
+            self.inboxes[wid] = mailbox.Receiver(self.home, wid)
+        got = self.inboxes[wid].fetch()
+        self.inboxes[wid].done(*got)
+        return [m for m in got if isinstance(m.payload, protocol.TaskAssignment)]
+
+    def finish(self, wid: str, m: protocol.Envelope, text: str | None = None) -> None:
+        """Do the assigned task: a commit on its branch, then TASK_COMPLETE to the master."""
+        p = m.payload
+        assert isinstance(p, protocol.TaskAssignment) and m.task_id
+        git(self.repo, "branch", "-f", p.branch, p.base_branch)
+        path = self.home.root / "scratch" / m.task_id
+        git(self.repo, "worktree", "add", "-q", str(path), p.branch)
+        (path / f"{m.task_id}.txt").write_text(text or f"{m.task_id}\n")
+        git(path, "add", ".")
+        git(path, "commit", "-q", "-m", f"do {m.task_id}")
+        commit = git(path, "rev-parse", "HEAD")
+        git(self.repo, "worktree", "remove", "--force", str(path))
+        self.report(wid, m, protocol.TaskComplete(summary="done", branch=p.branch, commit=commit))
+
+    def report(self, wid: str, m: protocol.Envelope, payload: protocol.Payload) -> None:
+        info = self.master.sys.workers[wid]
+        mailbox.send(
+            self.home,
+            protocol.make(
+                payload,
+                sender=wid,
+                recipient=MASTER_ID,
+                generation=info.generation,
+                task_id=m.task_id,
+            ),
+        )
+
+    def task(self, tid: str) -> TaskRecord:
+        return StateFile(self.home.task(tid), TaskRecord, default=None).read()
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in read_timeline(self.home.timeline) if e.get("event") == kind]
+
+    def merged(self) -> list[str]:
+        log = git(self.repo, "log", "--format=%s", "multibot/integration")
+        prefix = "multibot: merge task "
+        return [s.split()[3] for s in log.splitlines() if s.startswith(prefix)]
+
+    def close(self) -> None:
+        self.master.close()
+        for r in self.inboxes.values():
+            r.close()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[Callable[..., World]]:
+    made: list[World] = []
+
+    def make(tasks: list[PlanTask], **config: Any) -> World:
+        made.append(World(tmp_path, tasks, **config))
+        return made[-1]
+
+    yield make
+    for w in made:
+        w.close()
+
+
+def tasks(*ids: str, after: Mapping[str, list[str]] | None = None, **extra: Any) -> list[PlanTask]:
+    return [
+        PlanTask(id=t, title=t, description=t, dependencies=(after or {}).get(t, []), **extra)
+        for t in ids
+    ]
+
+
+def test_a_plan_runs_in_dependency_order_to_merged(world: Callable[..., World]) -> None:
+    w = world(tasks("a", "b", "c", after={"c": ["a", "b"]}))
+    w.tick()
+    assert w.launcher.started == ["w1", "w2"]  # two ready tasks, two workers at most
+    got = {wid: w.assignments(wid) for wid in ("w1", "w2")}
+    assert sorted(m.task_id or "" for ms in got.values() for m in ms) == ["a", "b"]
+    for wid, ms in got.items():
+        assert w.task(ms[0].task_id or "").status == "assigned"  # on disk before it was sent
+        w.finish(wid, ms[0])
+    w.until(lambda: w.master.tasks["c"].status == "assigned", "c starts once a and b merged")
+    assert sorted(w.merged()) == ["a", "b"]
+    wid = w.master.tasks["c"].worker or ""
+    (m,) = w.assignments(wid)
+    assert any("a (a) is merged" in line for line in m.payload.context)  # type: ignore[union-attr]
+    w.finish(wid, m)
+    w.until(lambda: w.master.finished, "the run ends")
+    assert w.master.exit_code == EXIT_DONE
+    assert sorted(w.merged()) == ["a", "b", "c"]
+    assert w.launcher.started == ["w1", "w2"]
+
+
+def test_a_silent_worker_is_restarted_with_backoff_then_failed(
+    world: Callable[..., World],
+) -> None:
+    w = world(tasks("a"), max_workers=1, max_restarts=2, restart_backoff=5, restart_backoff_max=8)
+    w.tick()
+    (m,) = w.assignments("w1")
+    grace = 20.0  # no heartbeat at all: judged after the start-up grace
+    w.clock.advance(grace + 1)
+    w.until(lambda: w.master.sys.workers["w1"].status == "error", "judged dead")
+    info = w.master.sys.workers["w1"]
+    assert info.next_restart_at == pytest.approx(w.clock.now + 5)  # first backoff
+    w.clock.advance(4)
+    for _ in range(5):
+        w.tick()
+    assert w.launcher.restarted == []  # not before its backoff
+    w.clock.advance(1.5)
+    w.until(lambda: w.launcher.restarted == ["%1"], "restarted in its pane")
+    assert info.generation == 2
+    assert w.assignments("w1")[-1].task_id == "a"  # the assignment is sent again
+    w.clock.advance(grace + 1)
+    w.until(lambda: info.status == "error", "dead again")
+    assert info.next_restart_at == pytest.approx(w.clock.now + 8)  # doubled, capped at 8
+    w.clock.advance(9)
+    w.until(lambda: len(w.launcher.restarted) == 2, "restarted again")
+    w.clock.advance(grace + 1)
+    w.until(lambda: info.status == "failed", "failed past max_restarts")
+    rec = w.master.tasks["a"]
+    assert rec.status in ("pending", "assigned")  # back for another worker, attempt spent
+    assert "failed after 2 restarts" in (rec.last_error or "")
+    assert m.task_id == "a"
+
+
+def test_a_dead_pane_counts_as_a_death_before_any_heartbeat_is_missed(
+    world: Callable[..., World],
+) -> None:
+    w = world(tasks("a"), max_workers=1)
+    w.tick()
+    w.launcher.gone.add(w.master.sys.workers["w1"].pane_id or "")
+    w.until(lambda: w.master.sys.workers["w1"].status == "error", "judged dead")
+    assert "process exited" in (w.master.sys.workers["w1"].failure_reason or "")
+
+
+def test_a_failing_verify_sends_the_task_back_then_fails_the_run(
+    world: Callable[..., World],
+) -> None:
+    w = world(tasks("a", verify="echo nope; false"), max_workers=1, verify_attempts=2)
+    for attempt in (1, 2):
+        w.until(lambda: w.master.tasks["a"].status == "assigned", f"attempt {attempt}")
+        (m,) = w.assignments("w1")
+        assert m.payload.attempt == attempt  # type: ignore[union-attr]
+        if attempt == 2:
+            assert any("nope" in c for c in m.payload.context)  # type: ignore[union-attr]
+        w.finish("w1", m, text=f"try {attempt}\n")
+        w.until(lambda: w.master.tasks["a"].status != "verifying", "verified or not")
+    w.until(lambda: w.master.finished, "the run ends")
+    assert w.master.exit_code == EXIT_FAILED
+    assert w.task("a").status == "failed"
+    assert w.merged() == []
+    assert len(w.events("task-retry")) == 1 and len(w.events("task-failed")) == 1
+
+
+def test_a_completion_from_another_worker_is_ignored(world: Callable[..., World]) -> None:
+    w = world(tasks("a", "b"))
+    w.tick()
+    m1, m2 = w.assignments("w1")[0], w.assignments("w2")[0]
+    w.report("w2", m1, protocol.TaskComplete(summary="not mine", branch="x"))
+    w.until(lambda: w.events("duplicate-ignored"), "refused")
+    assert w.master.tasks[m1.task_id or ""].status == "assigned"
+    assert m2.task_id != m1.task_id
+
+
+def test_a_cancelled_failed_task_ends_the_run(world: Callable[..., World]) -> None:
+    w = world(tasks("a", verify="false"), max_workers=1, verify_attempts=1)
+    w.tick()
+    (m,) = w.assignments("w1")
+    w.finish("w1", m)
+    w.until(lambda: w.master.finished, "the run ends failed")
+    rec = w.master.tasks["a"]
+    rec.cancel = True
+    w.master.take_edit(rec, rec.model_copy(update={"cancel": True, "hold": True}))
+    assert w.master.tasks["a"].status == "cancelled"
