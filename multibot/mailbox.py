@@ -295,6 +295,7 @@ class Receiver:
         _clean_tmp(self.paths.tmp, tmp_max_age_s, clock())
         # claimed before a crash and never recorded as handled: deliver again, first
         self._backlog = [n for n in _names(self.paths.cur) if _id_of(n) not in self._handled]
+        self._claimed: dict[str, str] = {}  # id -> its file in cur/, until done (set_aside)
         self._check_watch()
 
     def __enter__(self) -> Receiver:
@@ -314,7 +315,7 @@ class Receiver:
         """Claim everything waiting, in order; return the valid messages not yet handled."""
         claimed, self._backlog = self._backlog, []
         try:
-            waiting = _names(self._new)
+            waiting = sorted(os.listdir(self._new))
         except FileNotFoundError:
             create_inbox(self.home, self.owner)
             waiting = []
@@ -325,14 +326,29 @@ class Receiver:
         out = []
         for name in claimed:
             message = self._load(name)
+            # The same message twice in one fetch (a copy under another name) is one message.
             if message is not None and message.id not in self._handled:
-                out.append(message)
+                if message.id not in self._claimed:
+                    out.append(message)
+                self._claimed.setdefault(message.id, name)
         return out
+
+    def set_aside(self, message: Envelope, reason: str) -> None:
+        """Move a fetched message that could not be handled to rejected/, with the reason
+        beside it, and record it as handled: it is not delivered again (a message that
+        stops its handler must not stop it again on every restart)."""
+        name = self._claimed.get(message.id)
+        if name is not None:
+            raw = message.model_dump_json().encode()
+            self._reject(name, reason, raw, tell_sender=False)
+        self.done(message)
 
     def done(self, *messages: Envelope | str) -> None:
         """Record messages (or ids) as handled, durably, so they are never delivered again."""
         ids = [m if isinstance(m, str) else m.id for m in messages]
         ids = [i for i in dict.fromkeys(ids) if i not in self._handled]
+        for i in ids:
+            self._claimed.pop(i, None)
         if not ids:
             return
         data = memoryview("".join(f"{i}\n" for i in ids).encode())
@@ -416,6 +432,8 @@ class Receiver:
             raw, problem = _read(f"{self._cur}/{name}")
         except FileNotFoundError:
             return None
+        if name.startswith("."):  # hidden from ls, and never made by a sender
+            problem = problem or f"{name!r} is not a message name (it starts with a dot)"
         message = None
         if problem is None:
             try:
@@ -429,8 +447,8 @@ class Receiver:
             return None
         return message
 
-    def _reject(self, name: str, reason: str, raw: bytes) -> None:
-        target = self.paths.rejected / name
+    def _reject(self, name: str, reason: str, raw: bytes, tell_sender: bool = True) -> None:
+        target = self.paths.rejected / (name.lstrip(".") or "dot-file")
         if os.path.lexists(target):
             target = target.with_name(f"{name}.{secrets.token_hex(4)}")
         try:
@@ -442,7 +460,7 @@ class Receiver:
         sidecar = target.with_name(target.name + ".reason.json")
         with contextlib.suppress(OSError):  # the file is set aside already; go on regardless
             atomic_write(sidecar, json.dumps(note, indent=2).encode(), fsync=self._durable)
-        if sender is None or sender == self.owner:
+        if sender is None or sender == self.owner or not tell_sender:
             return None
         error = protocol.ErrorReport(
             kind="protocol",
@@ -680,7 +698,7 @@ def inbox_report(home: Home, owner: str) -> InboxReport:
         rejected.append(RejectedEntry(name, str(reason), when, sender))
     return InboxReport(
         owner=owner,
-        waiting=_names(paths.new) if paths.new.is_dir() else [],
+        waiting=sorted(os.listdir(paths.new)) if paths.new.is_dir() else [],
         claimed_unhandled=[n for n in _names(paths.cur) if _id_of(n) not in handled],
         handled=len(handled),
         rejected=rejected,

@@ -207,7 +207,9 @@ def new_message_id(now_ns: int | None = None) -> str:
 class Envelope(Frozen):
     """One message: routing and bookkeeping around a typed payload."""
 
-    id: str = Field(default_factory=new_message_id, pattern=r"^[0-9]{20}-[0-9]{7,}-[0-9]{6,}$")
+    # As new_message_id makes them (a pid has at most 8 digits), so that every name made from
+    # an id (a question's file, q-<id>) stays a valid id.
+    id: str = Field(default_factory=new_message_id, pattern=r"^[0-9]{20}-[0-9]{7,8}-[0-9]{6,12}$")
     schema_version: int = SCHEMA_VERSION
     sender: str
     recipient: str

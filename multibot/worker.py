@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -224,7 +225,12 @@ class Worker:
         if self.lazy_due is not None and time.monotonic() >= self.lazy_due:
             self._update_state()  # the lazy changes, on their own
         for message in self.inbox.fetch():
-            self.handle(message)
+            try:
+                self.handle(message)
+            except Exception:  # a poison message must not stop the worker
+                self.inbox.set_aside(message, traceback.format_exc(limit=8))
+                self.show(f"message {message.id} ({message.type}) set aside: see rejected/")
+                continue
             self.inbox.done(message)
         self.take_branch()
         if self.paused or self.task is None:

@@ -199,10 +199,10 @@ def test_same_final_name_keeps_both(home: Home) -> None:
     base = note("w1", "master", "one")
     twin = base.model_copy(update={"payload": protocol.ContextUpdate(kind="note", text="two")})
     a, b = mailbox.send(home, base), mailbox.send(home, twin)
-    assert a != b and a.exists() and b.exists()
+    assert a != b and a.exists() and b.exists()  # neither overwrote the other
     with mailbox.Receiver(home, "master", watch=False) as rx:
         got = rx.fetch()
-        assert sorted(text_of(m) for m in got) == ["one", "two"]  # both delivered
+        assert [text_of(m) for m in got] == ["one"]  # one id, one message (issue 20 item 6)
         rx.done(*got)
         late = twin.model_copy(update={"payload": protocol.ContextUpdate(kind="note", text="3")})
         mailbox.send(home, late)  # same name as a file already in cur/
@@ -438,6 +438,58 @@ def test_bad_files_set_aside_sender_told_and_flow_goes_on(home: Home) -> None:
         assert isinstance(e.payload, protocol.ErrorReport)
         assert e.payload.kind == "protocol" and e.payload.recoverable is False
         assert e.payload.detail == reasons[e.payload.message.split()[1]]["reason"]
+
+
+def test_one_message_twice_in_one_fetch_is_delivered_once(home: Home) -> None:
+    """Issue 20 item 6: <id>.json and <id>_copy.json (the names the bus's clash handling
+    makes) in new/ at once; the fetch filtered only ids already handled."""
+    sent = note("w1", "master", "once")
+    path = mailbox.send(home, sent)
+    shutil.copy(path, path.with_name(f"{sent.id}_0badc0de.json"))
+    with mailbox.Receiver(home, "master", watch=False) as rx:
+        assert rx.fetch() == [sent]
+        rx.done(sent)
+        assert rx.fetch() == []
+    with mailbox.Receiver(home, "master", watch=False) as rx:  # and after a restart
+        assert rx.fetch() == []
+
+
+def test_a_dot_file_in_new_is_set_aside(home: Home) -> None:
+    """Issue 20 item 23: a hidden file in new/ was never looked at, nor shown."""
+    (home.inbox("master").new / ".sneaky.json").write_bytes(b"{}")
+    assert mailbox.inbox_report(home, "master").waiting == [".sneaky.json"]
+    with mailbox.Receiver(home, "master", watch=False) as rx:
+        assert rx.fetch() == []
+    (entry,) = mailbox.inbox_report(home, "master").rejected
+    assert entry.name == "sneaky.json" and "starts with a dot" in entry.reason
+    assert os.listdir(home.inbox("master").new) == []
+
+
+def test_a_message_set_aside_goes_to_rejected_and_is_not_delivered_again(home: Home) -> None:
+    poison, good = note("w1", "master", "poison"), note("w1", "master", "good")
+    mailbox.send(home, poison)
+    mailbox.send(home, good)
+    with mailbox.Receiver(home, "master", watch=False) as rx:
+        got = rx.fetch()
+        assert got == [poison, good]
+        rx.set_aside(poison, "Traceback: it broke the handler")
+        rx.done(good)
+    with mailbox.Receiver(home, "master", watch=False) as rx:
+        assert rx.fetch() == []
+    (entry,) = mailbox.inbox_report(home, "master").rejected
+    assert entry.name == f"{poison.id}.json" and "broke the handler" in entry.reason
+
+
+def test_an_id_longer_than_multibot_makes_is_refused() -> None:
+    """Issue 20 item 15: a 40-digit counter passed validation, and the question file named
+    after it was not a valid id, which stopped the master at every restart."""
+    made = protocol.new_message_id()
+    assert protocol.decode(note("w1", "master", "x").model_copy(update={"id": made})
+                           .model_dump_json().encode()).id == made  # fmt: skip
+    raw = json.loads(note("w1", "master", "x").model_dump_json())
+    raw["id"] = "00000000000000000001-0000001-" + "9" * 40
+    with pytest.raises(Exception, match="id"):
+        protocol.decode(json.dumps(raw).encode())
 
 
 def test_unknown_recipient_is_an_error_and_creates_nothing(home: Home) -> None:

@@ -109,9 +109,15 @@ class World:
         self.launcher = FakeLauncher()
         self.clock = Clock()
         settings = {"max_workers": 2, "heartbeat_interval": 1.0, "heartbeat_misses": 3, **config}
-        self.master = Master(
+        self.config = MasterConfig(**settings)
+        self.master = self.new_master()
+        self.master.start_new(Plan(goal="test", tasks=tasks), "test", "run-1")
+        self.inboxes: dict[str, mailbox.Receiver] = {}
+
+    def new_master(self) -> Master:
+        return Master(
             self.home,
-            MasterConfig(**settings),
+            self.config,
             repo=self.repo,
             backend="shell",
             launcher=self.launcher,
@@ -119,8 +125,12 @@ class World:
             clock=self.clock,
             monotonic=self.clock,
         )
-        self.master.start_new(Plan(goal="test", tasks=tasks), "test", "run-1")
-        self.inboxes: dict[str, mailbox.Receiver] = {}
+
+    def restart(self) -> None:
+        """The master stops and a new one resumes the run from the files."""
+        self.master.close()
+        self.master = self.new_master()
+        self.master.resume()
 
     def tick(self) -> None:
         self.master.tick()
@@ -314,3 +324,32 @@ def test_a_cancelled_failed_task_ends_the_run(world: Callable[..., World]) -> No
     rec.cancel = True
     w.master.take_edit(rec, rec.model_copy(update={"cancel": True, "hold": True}))
     assert w.master.tasks["a"].status == "cancelled"
+
+
+def test_a_message_that_breaks_its_handler_is_set_aside_for_good(
+    world: Callable[..., World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20 item 15: an exception out of a handler stopped the master, and the message,
+    claimed but not handled, stopped it again at every restart."""
+    w = world(tasks("a"), max_workers=1)
+    w.tick()
+    (m,) = w.assignments("w1")
+    handle = Master.on_status
+
+    def poisoned(self: Master, m: protocol.Envelope, p: protocol.StatusUpdate) -> None:
+        if p.progress == "poison":
+            raise ValueError("a handler bug")
+        handle(self, m, p)
+
+    monkeypatch.setattr(Master, "on_status", poisoned)
+    w.report("w1", m, protocol.StatusUpdate(status="working", kind="progress", progress="poison"))
+    w.until(lambda: w.events("message-set-aside"), "set aside")
+    (entry,) = mailbox.inbox_report(w.home, MASTER_ID).rejected
+    assert "ValueError: a handler bug" in entry.reason
+    w.restart()
+    for _ in range(5):
+        w.tick()
+    assert len(w.events("message-set-aside")) == 1  # not delivered again
+    w.finish("w1", m)
+    w.until(lambda: w.master.finished, "the run goes on to its end")
+    assert w.merged() == ["a"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -410,6 +411,12 @@ class Master:
                 self.handle(m)
             except (StateError, LockTimeout) as exc:
                 self.event("state-write-refused", str(exc))
+            except Exception:  # a poison message must not stop the master
+                # Uncaught, it would stop the master again at every restart (it comes first).
+                why = traceback.format_exc(limit=8)
+                self.event("message-set-aside", f"{m.type} {m.id} from {m.sender}: {why}")
+                self.inbox.set_aside(m, why)
+                continue
             self.journal.took(m)  # marked handled once its effects are written
 
     def handle(self, m: protocol.Envelope) -> None:
