@@ -13,7 +13,7 @@ from typing import Any
 
 from multibot import mailbox, protocol
 from multibot.config import load_master, load_worker
-from multibot.errors import MultibotError
+from multibot.errors import DecodeError, MultibotError
 from multibot.layout import MASTER_ID, Home
 
 Handler = Callable[[argparse.Namespace, Home], int]
@@ -244,7 +244,12 @@ def cmd_approve(a: argparse.Namespace, home: Home) -> int:
 
 @command("send")
 def cmd_send(a: argparse.Namespace, home: Home) -> int:
-    fields: dict[str, Any] = json.loads(a.json) if a.json else {}
+    try:
+        fields: dict[str, Any] = json.loads(a.json) if a.json else {}
+    except json.JSONDecodeError as exc:
+        raise MultibotError(f"--json is not valid JSON: {exc}") from exc
+    if not isinstance(fields, dict):
+        raise MultibotError("--json must be a JSON object of payload fields")
     fields["type"] = a.type
     if a.text is not None:
         key = {
@@ -266,7 +271,10 @@ def cmd_send(a: argparse.Namespace, home: Home) -> int:
         "correlation_id": a.correlation,
         "payload": fields,
     }
-    message = protocol.Envelope.model_validate(raw)
+    try:
+        message = protocol.decode(json.dumps(raw).encode())
+    except DecodeError as exc:
+        raise MultibotError(f"not sent: {exc.cause}") from exc
     paths = mailbox.send(home, message)
     print(f"sent {message.type} {message.id} to {a.to}: {paths}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ from multibot.ids import check_branch, check_id, check_relpath
 SCHEMA_VERSION = 1
 BROADCAST = "*"
 MAX_MESSAGE_BYTES = 1_000_000
+_COMMIT = re.compile(r"[0-9a-f]{4,64}")
 
 Model = Literal["haiku", "sonnet", "opus"]
 
@@ -131,6 +133,18 @@ class TaskComplete(Frozen):
     discoveries: list[str] = []
     follow_ups: list[str] = []
     session_id: str | None = None
+
+    @field_validator("branch")
+    @classmethod
+    def _branch(cls, v: str) -> str:
+        return check_branch(v)
+
+    @field_validator("commit")
+    @classmethod
+    def _commit(cls, v: str | None) -> str | None:
+        if v is not None and not _COMMIT.fullmatch(v):
+            raise ValueError(f"commit {v[:80]!r} is not a hex object name")
+        return v
 
 
 ErrorKind = Literal[

@@ -97,6 +97,26 @@ def test_send_and_inbox(home: Home, capsys) -> None:  # type: ignore[no-untyped-
     assert len(report["waiting"]) == 1
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--to", "../x", "--type", "STATUS_REQUEST"], "recipient: Value error, invalid recipient"),
+        (["--to", "w1", "--type", "CONTEXT_UPDATE", "--text", "hi"], "kind: Field required"),
+        (["--to", "w1", "--type", "STATUS_REQUEST", "--json", "{oops"], "--json is not valid"),
+        (["--to", "w1", "--type", "STATUS_REQUEST", "--json", "[1]"], "must be a JSON object"),
+    ],
+)
+def test_send_refuses_a_bad_message_in_one_line(
+    home: Home, capsys: pytest.CaptureFixture[str], args: list[str], said: str
+) -> None:
+    """Issue 20 item 12: `send --to ../x` printed a raw pydantic traceback."""
+    mailbox.create_inbox(home, "w1")
+    assert run(home, "send", *args) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err and "errors.pydantic.dev" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_report_needs_a_worker_identity(home: Home, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.delenv("MULTIBOT_WORKER_ID", raising=False)
     assert run(home, "report", "progress", "hi") == 2

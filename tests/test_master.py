@@ -158,7 +158,13 @@ class World:
         self.inboxes[wid].done(*got)
         return [m for m in got if isinstance(m.payload, protocol.TaskAssignment)]
 
-    def finish(self, wid: str, m: protocol.Envelope, text: str | None = None) -> None:
+    def finish(
+        self,
+        wid: str,
+        m: protocol.Envelope,
+        text: str | None = None,
+        reported_branch: str | None = None,
+    ) -> None:
         """Do the assigned task: a commit on its branch, then TASK_COMPLETE to the master."""
         p = m.payload
         assert isinstance(p, protocol.TaskAssignment) and m.task_id
@@ -170,7 +176,10 @@ class World:
         git(path, "commit", "-q", "-m", f"do {m.task_id}")
         commit = git(path, "rev-parse", "HEAD")
         git(self.repo, "worktree", "remove", "--force", str(path))
-        self.report(wid, m, protocol.TaskComplete(summary="done", branch=p.branch, commit=commit))
+        done = protocol.TaskComplete(
+            summary="done", branch=reported_branch or p.branch, commit=commit
+        )
+        self.report(wid, m, done)
 
     def report(self, wid: str, m: protocol.Envelope, payload: protocol.Payload) -> None:
         info = self.master.sys.workers[wid]
@@ -353,3 +362,18 @@ def test_a_message_that_breaks_its_handler_is_set_aside_for_good(
     w.finish("w1", m)
     w.until(lambda: w.master.finished, "the run goes on to its end")
     assert w.merged() == ["a"]
+
+
+def test_a_completion_on_another_branch_merges_the_tasks_own(world: Callable[..., World]) -> None:
+    """The task's branch is the master's to name: a completion reporting another (a typo, a
+    forgery) does not make the master merge that one."""
+    w = world(tasks("a"), max_workers=1)
+    w.tick()
+    (m,) = w.assignments("w1")
+    git(w.repo, "branch", "elsewhere", "main")
+    w.finish("w1", m, reported_branch="elsewhere")
+    w.until(lambda: w.master.finished, "the run ends")
+    assert w.merged() == ["a"]
+    assert git(w.repo, "show", "multibot/integration:a.txt") == "a"
+    assert w.master.tasks["a"].branch == m.payload.branch  # type: ignore[union-attr]
+    assert w.events("branch-ignored")

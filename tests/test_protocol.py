@@ -16,7 +16,7 @@ PAYLOADS = [
     p.ContextUpdate(kind="discovery", text="the API is v2"),
     p.StatusUpdate(status="working", progress="half way"),
     p.Question(question="which port?"),
-    p.TaskComplete(summary="ok", branch="multibot/t1", commit="abc"),
+    p.TaskComplete(summary="ok", branch="multibot/t1", commit="abc1"),
     p.ErrorReport(kind="agent", message="boom"),
     p.Answer(answer="8080"),
     p.Broadcast(text="hello all"),
@@ -75,3 +75,16 @@ def test_oversized_and_garbage_input_is_a_decode_error() -> None:
         p.decode(b"{" * (p.MAX_MESSAGE_BYTES + 1))
     with pytest.raises(DecodeError):
         p.decode(b"\xff\xfe not json")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("branch", "../../etc"), ("branch", "-x"), ("commit", "--upload-pack=x"), ("commit", "zz")],
+)
+def test_a_completion_names_a_real_branch_and_commit(field: str, value: str) -> None:
+    """Issue 20 item 20: the branch of TASK_COMPLETE was not validated (a bad one crashed
+    the master), and a commit that is an option would reach git's command line."""
+    good = {"type": "TASK_COMPLETE", "summary": "s", "branch": "multibot/t1", "commit": "ab12cd"}
+    p.TaskComplete.model_validate(good)
+    with pytest.raises(ValueError, match=field):
+        p.TaskComplete.model_validate({**good, field: value})

@@ -535,7 +535,13 @@ class Master:
                 f"(task is {rec.status if rec else 'unknown'})",
             )
             return
-        rec.summary, rec.commit, rec.branch = p.summary, p.commit, p.branch
+        if rec.branch and p.branch != rec.branch:  # the task's branch is the master's to name
+            self.event(
+                "branch-ignored",
+                f"{m.sender} reported {tid} done on {p.branch}; its branch is {rec.branch}",
+                task=tid,
+            )
+        rec.summary, rec.commit, rec.branch = p.summary, p.commit, rec.branch or p.branch
         rec.files_changed = p.files_changed
         rec.discoveries = [*rec.discoveries, *p.discoveries]
         rec.cost_usd += p.cost_usd
