@@ -411,7 +411,9 @@ def cmd_follow(a: argparse.Namespace, home: Home) -> int:
     from multibot.runner import follow
 
     try:
-        return follow(home, timeout=a.timeout, socket=a.socket, session=a.session)
+        return follow(
+            home, timeout=a.timeout, socket=a.socket, session=a.session, from_byte=a.from_byte
+        )
     except KeyboardInterrupt:
         return 130
 
@@ -508,6 +510,12 @@ def parser() -> argparse.ArgumentParser:
     fo.add_argument("--timeout", type=float, default=None)
     fo.add_argument("--socket", help="tmux socket of the run's session (to see its master exit)")
     fo.add_argument("--session", help="tmux session of the run")
+    fo.add_argument(
+        "--from-byte",
+        type=int,
+        default=0,
+        help="where this attempt's lines begin in the master's log (its size before the start)",
+    )
     return p
 
 

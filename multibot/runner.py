@@ -285,9 +285,17 @@ def open_session(home: Home, socket: str, session: str, master_args: list[str]) 
 
 
 def follow(
-    home: Home, timeout: float | None = None, socket: str | None = None, session: str | None = None
+    home: Home,
+    timeout: float | None = None,
+    socket: str | None = None,
+    session: str | None = None,
+    from_byte: int = 0,
 ) -> int:
     """Print the master's log as it grows until the run ends; 0 only if it succeeded.
+
+    from_byte is where this attempt's lines begin (the log's size before the master was
+    started): earlier attempts' lines, their FATAL among them, are not this run's story. A
+    log shorter than that was started anew, and is read from its start.
 
     With the tmux session named, a master that exits before writing any state (a bad argument,
     a crash at start-up) or a session closed under us ends the wait at once, and the master
@@ -299,7 +307,7 @@ def follow(
 
     log = home.log(MASTER_ID)
     deadline = None if timeout is None else time.monotonic() + timeout
-    pos = 0
+    pos = from_byte
     sys_file = StateFile(home.system_state, SystemState, default=SystemState)
     seen_master = False
     gone: str | None = None  # why the master pane is over; one more pass reads its last words
@@ -307,6 +315,8 @@ def follow(
     while True:
         if log.exists():
             with open(log, encoding="utf-8", errors="replace") as f:
+                if os.fstat(f.fileno()).st_size < pos:
+                    pos = 0  # a new log (the old one was moved aside)
                 f.seek(pos)
                 chunk = f.read()
                 pos = f.tell()

@@ -66,6 +66,9 @@ else
   fi
 fi
 
+# Where this attempt's lines will begin in the master's log: `follow` shows only those.
+master_log="${home:-$ROOT}/state/logs/master.log"
+log_start=$(stat -c %s "$master_log" 2>/dev/null || echo 0)
 mb session --socket "$socket" --session "$session" -- "${args[@]}"
 
 if [ $detach -eq 0 ] && [ -t 0 ] && [ -t 1 ]; then
@@ -92,7 +95,7 @@ say "running detached; watch it live with: tmux -L $socket attach -t $session"
 # In the background and waited for: bash runs a trap only once its foreground command is
 # done, but `wait` gives way to a signal at once.
 "$PY" -m multibot --home "$home" follow --timeout "$timeout" --socket "$socket" \
-  --session "$session" &
+  --session "$session" --from-byte "$log_start" &
 follower=$!
 set +e
 wait "$follower"

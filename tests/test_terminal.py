@@ -280,6 +280,28 @@ def test_demo_with_a_bad_argument_fails_at_once_and_says_why(tmp_path: Path) -> 
         leave_nothing(home, sock)
 
 
+def test_a_failed_start_shows_its_own_error_not_an_earlier_attempts(tmp_path: Path) -> None:
+    """Issue 20 item 13: the FATAL of the previous attempt was printed above this one's."""
+    home, sock = tmp_path / "home", new_socket()
+    (home / "state" / "logs").mkdir(parents=True)
+    earlier = "FATAL: claude not found (an earlier attempt)\n"
+    (home / "state" / "logs" / "master.log").write_text(earlier)
+    plan = tmp_path / "plan.json"
+    plan.write_text(
+        json.dumps({"goal": "g", "tasks": [{"id": "t1", "title": "t", "description": "d"}]})
+    )
+    not_a_repo = tmp_path / "plain"
+    not_a_repo.mkdir()
+    try:
+        argv = [str(SPAWN), "--home", str(home), "--repo", str(not_a_repo), "--plan", str(plan)]
+        r = run_script(argv, sock, 60)
+        assert r.rc != 0
+        assert "not a git repository" in r.out, r.out[-2000:]
+        assert "an earlier attempt" not in r.out
+    finally:
+        leave_nothing(home, sock)
+
+
 # -- 2. the tmux session, its panes, a pause by hand edit ---------------------------------------
 def slow_task(tid: str, priority: int, release: Path) -> dict[str, object]:
     """A shell task that ticks until the test creates release (at most ~3 minutes)."""
