@@ -108,6 +108,9 @@ class TaskRecord(StateFileModel):
     cancel: bool = Field(False, description="(editable) Set true to cancel the task.")
     worker: str | None = None
     attempts: int = 0
+    runs: int = Field(
+        0, description="Times a worker began it: attempts, and again after its worker died."
+    )
     branch: str | None = None
     commit: str | None = None
     merge_commit: str | None = None

@@ -64,6 +64,7 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
                 "priority": t.task.priority,
                 "model": t.task.model,
                 "attempts": t.attempts,
+                "runs": t.runs,
                 "cost_usd": round(t.cost_usd, 6),
                 "tokens": t.tokens.model_dump(),
                 "error": t.last_error[:200] if t.status == "failed" else "",
@@ -150,6 +151,12 @@ def _pipeline(q: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _tries(t: dict[str, Any]) -> str:
+    """A task's attempts, and the runs beyond them (its worker died and it began again)."""
+    again = t["runs"] - t["attempts"]
+    return f"{t['attempts']}" + (f" (+{again} rerun{'s' * (again > 1)})" if again > 0 else "")
+
+
 def render(s: dict[str, Any]) -> str:
     """Render a snapshot as the text table `multibot status` prints."""
     lines = [
@@ -178,6 +185,7 @@ def render(s: dict[str, Any]) -> str:
             [
                 t["id"],
                 t["status"],
+                _tries(t),
                 t["worker"] or "-",
                 ",".join(t["dependencies"]) or "-",
                 t["priority"],
@@ -188,7 +196,8 @@ def render(s: dict[str, Any]) -> str:
             for t in s["tasks"]
         ]
         lines += ["", "TASKS"]
-        lines += _table(rows, ["id", "status", "worker", "deps", "prio", "model", "cost", "title"])
+        head = ["id", "status", "tries", "worker", "deps", "prio", "model", "cost", "title"]
+        lines += _table(rows, head)
     lines += _pipeline(s["pipeline"])
     if s["questions"]:
         lines += ["", "QUESTIONS WAITING FOR YOU (multibot answer ID TEXT)"]

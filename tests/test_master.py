@@ -377,3 +377,51 @@ def test_a_completion_on_another_branch_merges_the_tasks_own(world: Callable[...
     assert git(w.repo, "show", "multibot/integration:a.txt") == "a"
     assert w.master.tasks["a"].branch == m.payload.branch  # type: ignore[union-attr]
     assert w.events("branch-ignored")
+
+
+def context_updates(w: World, wid: str) -> list[str]:
+    if wid not in w.inboxes:
+        w.inboxes[wid] = mailbox.Receiver(w.home, wid)
+    got = w.inboxes[wid].fetch()
+    w.inboxes[wid].done(*got)
+    return [m.payload.text for m in got if isinstance(m.payload, protocol.ContextUpdate)]
+
+
+def test_a_discovery_reaches_a_paused_worker_and_is_recorded_once(
+    world: Callable[..., World],
+) -> None:
+    """Issue 20 items 5 and 10: a worker paused (or restarting) when a discovery was made
+    never heard of it; a task run again recorded its discovery again."""
+    w = world(tasks("a", "b"))
+    w.tick()
+    (ma,), (mb,) = w.assignments("w1"), w.assignments("w2")
+    context_updates(w, "w2")
+    w.master.sys.workers["w2"].status = "paused"
+    found = protocol.StatusUpdate(status="working", kind="discovery", progress="port is 8080")
+    w.report("w1", ma, found)
+    w.until(lambda: w.events("discovery"), "recorded")
+    w.until(lambda: context_updates(w, "w2") == ["port is 8080"], "w2 told, paused or not")
+    w.report("w1", ma, found)  # the task again, after its worker died
+    for _ in range(10):
+        w.tick()
+    assert context_updates(w, "w2") == []
+    assert len(w.events("discovery")) == 1
+    shared = w.master.discoveries.all()
+    assert [(d.task_id, d.text) for d in shared] == [("a", "port is 8080")]
+    assert mb.task_id == "b"
+
+
+def test_a_task_run_again_after_its_worker_died_shows_the_rerun(
+    world: Callable[..., World],
+) -> None:
+    from multibot.status import render, snapshot
+
+    w = world(tasks("a"), max_workers=1, restart_backoff=0.1)
+    w.tick()
+    w.launcher.gone.add(w.master.sys.workers["w1"].pane_id or "")
+    w.until(lambda: w.master.sys.workers["w1"].status == "error", "judged dead")
+    w.until(lambda: w.task("a").runs == 2, "the rerun written down")
+    rec = w.task("a")
+    assert rec.attempts == 1
+    w.master.flush(force=True)
+    assert "1 (+1 rerun)" in render(snapshot(w.home))

@@ -29,6 +29,7 @@ from multibot.launcher import Launcher
 from multibot.layout import MASTER_ID, Home
 from multibot.master import feedback, ledger
 from multibot.master.book import TaskBook, drift
+from multibot.master.discoveries import Discoveries, recipients
 from multibot.master.edits import Edits, Seen, task_edit
 from multibot.master.jobs import Jobs
 from multibot.master.journal import Hooks, TurnJournal
@@ -49,7 +50,6 @@ from multibot.state import (
     LIVE_WORKER,
     ON_WORKER,
     BranchInfo,
-    Discovery,
     Plan,
     QuestionRecord,
     SharedContext,
@@ -95,8 +95,9 @@ class Master:
         self.open_git = git or self.git_of_repo
         self.sys_file = StateFile(home.system_state, SystemState, default=SystemState)
         self.plan_file = StateFile(home.plan, Plan, default=Plan)
-        self.context_file = StateFile(home.context, SharedContext, default=SharedContext)
-        self._shared: SharedContext | None = None
+        self.discoveries = Discoveries(
+            StateFile(home.context, SharedContext, default=SharedContext)
+        )
         self.sys = SystemState()
         self.plan = Plan()
         self.git: GitRepo | None = None
@@ -470,24 +471,12 @@ class Master:
         self.view.dirty = True
 
     def share_discovery(self, wid: str, tid: str | None, text: str) -> None:
-        """Record a discovery in the shared context and pass it to the other running workers."""
-        self.context_file.update(
-            lambda c: c.model_copy(
-                update={
-                    "discoveries": [*c.discoveries, Discovery(worker=wid, task_id=tid, text=text)]
-                }
-            )
-        )
+        """Record a discovery once, and pass it to the other workers that have a task."""
+        if not self.discoveries.record(wid, tid, text):
+            return
         self.event("discovery", f"{wid}: {text}", worker=wid, task=tid)
-        for other, info in self.sys.workers.items():
-            if other != wid and info.current_task and info.status in ("working", "blocked"):
-                self.send(other, protocol.ContextUpdate(kind="discovery", text=text, source=wid))
-
-    def shared_context(self) -> SharedContext:
-        """Return state/context.json, read again only when the file changed."""
-        if self._shared is None or self.context_file.changed():
-            self._shared = self.context_file.read()
-        return self._shared
+        for other in recipients(wid, self.sys.workers):
+            self.send(other, protocol.ContextUpdate(kind="discovery", text=text, source=wid))
 
     # -- questions ----------------------------------------------------------------------------
     def opus_context(self, asker: str, context: str) -> str:
@@ -495,7 +484,7 @@ class Master:
         return run_context(
             self.sys.goal,
             list(self.tasks.values()),
-            self.shared_context().discoveries,
+            self.discoveries.all(),
             list(self.sys.workers.values()),
             asker,
             context,
@@ -733,10 +722,14 @@ class Master:
             self.pool.restart(wid)
             self.resend_assignments(only=wid)
         for wid, reason in checked.dead:
-            if not self.pool.died(wid, reason, now):
-                continue
             info = self.sys.workers[wid]
             rec = self.book.get(info.current_task)
+            on_it = rec is not None and rec.status in ON_WORKER and rec.worker == wid
+            if not self.pool.died(wid, reason, now):
+                if rec is not None and on_it:  # its next incarnation does it again
+                    rec.runs += 1
+                    self.changed(rec, lazy=True)
+                continue
             info.current_task = None
             if rec is not None and rec.status in ON_WORKER:
                 # Counted as an attempt: a task that kills every worker must not do so forever.
@@ -808,6 +801,7 @@ class Master:
         branch = self.git.branch_for(rec.id)  # the worker checks it out (see TaskAssignment.repo)
         if new:
             rec.attempts += 1
+            rec.runs += 1
             rec.assigned_at = self.clock()
             rec.worker, rec.branch = wid, branch
             self.set_task(rec, "assigned")
@@ -819,7 +813,7 @@ class Master:
             rec,
             self.config,
             worktree=str(worktree),
-            context=self.book.context_for(rec, self.shared_context().discoveries),
+            context=self.book.context_for(rec, self.discoveries.all()),
             base_branch=self.git.integration,
             repo=str(self.git.root),
         )
