@@ -38,6 +38,20 @@ def graph_problems(tasks: Iterable[PlanTask], known_done: Iterable[str] = ()) ->
     return problems
 
 
+def capability_problems(tasks: Iterable[PlanTask], offered: Iterable[str]) -> list[str]:
+    """Name the tasks that need a capability no worker offers (they could never start)."""
+    have = set(offered)
+    problems = []
+    for t in tasks:
+        missing = sorted(set(t.capabilities) - have)
+        if missing:
+            problems.append(
+                f"task {t.id!r} needs {', '.join(missing)}, which no worker offers "
+                f"(worker-template.json capabilities: {sorted(have) or 'none'})"
+            )
+    return problems
+
+
 def find_cycle(edges: dict[str, list[str]]) -> list[str] | None:
     """Return one cycle in a dependency graph (as a path), or None."""
     white, grey, black = 0, 1, 2

@@ -134,6 +134,30 @@ class TaskIndex:
         return list(self._ready)
 
 
+def blocked(tasks: Mapping[str, TaskRecord], pending: Iterable[str]) -> dict[str, str]:
+    """Return, of the pending tasks given, those that can never start, with why: a dependency
+    failed or was cancelled, or is itself blocked."""
+    why: dict[str, str | None] = {}
+
+    def reason(tid: str) -> str | None:
+        if tid in why:
+            return why[tid]
+        why[tid] = None  # a cycle (refused by the plan) blocks nothing
+        for d in tasks[tid].task.dependencies:
+            dep = tasks.get(d)
+            if dep is None:
+                continue
+            if dep.status in ("failed", "cancelled"):
+                why[tid] = f"its dependency {d} {dep.status}"
+                break
+            if dep.status == "pending" and reason(d) is not None:
+                why[tid] = f"its dependency {d} is blocked ({why[d]})"
+                break
+        return why[tid]
+
+    return {tid: r for tid in pending if tasks[tid].status == "pending" and (r := reason(tid))}
+
+
 def ready_tasks(
     tasks: Mapping[str, TaskRecord], order: PlanOrder | None = None, index: TaskIndex | None = None
 ) -> Iterator[TaskRecord]:

@@ -11,6 +11,7 @@ from multibot.errors import MultibotError
 from multibot.heartbeat import read_heartbeat
 from multibot.layout import Home
 from multibot.lifecycle import worker_status
+from multibot.scheduler import blocked
 from multibot.state import QuestionRecord, SystemState, TaskRecord, WorkerState
 from multibot.store import StateFile
 
@@ -49,16 +50,19 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
                 "reason": info.failure_reason if status in ("failed", "error") else "",
             }
         )
-    tasks = []
+    records: dict[str, TaskRecord] = {}
     for path in sorted(home.tasks_dir.glob("*.json")) if home.tasks_dir.exists() else []:
         t = _read(StateFile(path, TaskRecord, default=None), problems)
-        if t is None:
-            continue
+        if t is not None:
+            records[t.id] = t
+    stuck = blocked(records, records)
+    tasks = []
+    for t in records.values():
         tasks.append(
             {
                 "id": t.id,
                 "title": t.task.title,
-                "status": ("held" if t.hold and t.status == "pending" else t.status),
+                "status": _task_status(t, t.id in stuck),
                 "worker": t.worker,
                 "dependencies": t.task.dependencies,
                 "priority": t.task.priority,
@@ -67,7 +71,13 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
                 "runs": t.runs,
                 "cost_usd": round(t.cost_usd, 6),
                 "tokens": t.tokens.model_dump(),
-                "error": t.last_error[:200] if t.status == "failed" else "",
+                "error": (
+                    t.last_error[:200]
+                    if t.status == "failed"
+                    else f"blocked: {stuck[t.id]}"
+                    if t.id in stuck
+                    else ""
+                ),
             }
         )
     questions = []
@@ -149,6 +159,13 @@ def _pipeline(q: dict[str, Any]) -> list[str]:
         f"  checks     {q['checks']} run, last took {last}",
     ]
     return lines
+
+
+def _task_status(t: TaskRecord, stuck: bool) -> str:
+    """A task's status as shown: held and blocked are pending ones that will not start."""
+    if t.status != "pending":
+        return t.status
+    return "blocked" if stuck else "held" if t.hold else "pending"
 
 
 def _tries(t: dict[str, Any]) -> str:

@@ -111,7 +111,11 @@ class World:
         settings = {"max_workers": 2, "heartbeat_interval": 1.0, "heartbeat_misses": 3, **config}
         self.config = MasterConfig(**settings)
         self.master = self.new_master()
-        self.master.start_new(Plan(goal="test", tasks=tasks), "test", "run-1")
+        try:
+            self.master.start_new(Plan(goal="test", tasks=tasks), "test", "run-1")
+        except BaseException:
+            self.master.close()
+            raise
         self.inboxes: dict[str, mailbox.Receiver] = {}
 
     def new_master(self) -> Master:
@@ -425,3 +429,44 @@ def test_a_task_run_again_after_its_worker_died_shows_the_rerun(
     assert rec.attempts == 1
     w.master.flush(force=True)
     assert "1 (+1 rerun)" in render(snapshot(w.home))
+
+
+def test_a_task_behind_a_failed_dependency_is_blocked_and_the_run_ends(
+    world: Callable[..., World],
+) -> None:
+    """Issue 20 item 7: the run stayed running for ever, with no reason in status."""
+    from multibot.status import render, snapshot
+
+    plan = [*tasks("a", verify="false"), *tasks("b", "c", after={"b": ["a"], "c": ["b"]})]
+    w = world(plan, max_workers=1, verify_attempts=1)
+    w.tick()
+    (m,) = w.assignments("w1")
+    w.finish("w1", m)
+    w.until(lambda: w.master.finished, "the run ends")
+    assert w.master.exit_code == EXIT_FAILED
+    assert w.master.sys.phase == "failed"
+    w.master.flush(force=True)
+    shown = {t["id"]: t for t in snapshot(w.home)["tasks"]}
+    assert shown["b"]["status"] == "blocked" and "dependency a failed" in shown["b"]["error"]
+    assert shown["c"]["status"] == "blocked" and "dependency b is blocked" in shown["c"]["error"]
+    assert "blocked" in render(snapshot(w.home))
+    assert "1 failed, 2 blocked" in w.events("run-finished")[0]["text"]
+
+
+def test_cancelling_a_task_others_depend_on_ends_the_run(world: Callable[..., World]) -> None:
+    """Issue 20 item 18 (and 7): its dependents waited for ever."""
+    w = world(tasks("a", "b", after={"b": ["a"]}), max_workers=1)
+    w.tick()
+    rec = w.master.tasks["a"]
+    w.master.take_edit(rec, rec.model_copy(update={"cancel": True}))
+    w.until(lambda: w.master.finished, "the run ends")
+    assert w.master.exit_code == EXIT_FAILED
+    assert w.task("b").last_error == "blocked: its dependency a cancelled"
+
+
+def test_a_capability_no_worker_offers_is_refused_at_the_start(tmp_path: Path) -> None:
+    from multibot.errors import PlanError
+
+    plan = [PlanTask(id="a", title="a", description="a", capabilities=["gpu"])]
+    with pytest.raises(PlanError, match="'a' needs gpu, which no worker offers"):
+        World(tmp_path, plan)

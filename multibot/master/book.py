@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from multibot.lifecycle import task_transition
 from multibot.plan import graph_problems
-from multibot.scheduler import PlanOrder, TaskIndex, overlaps
+from multibot.scheduler import PlanOrder, TaskIndex, blocked, overlaps
 from multibot.state import ACTIVE, Discovery, PlanTask, TaskRecord, TaskStatus
 
 FEEDBACK_KEPT = 10  # the latest feedback a task keeps
@@ -140,11 +140,16 @@ class TaskBook:
         lines += [f"Feedback on your last attempt: {f}" for f in rec.feedback[-FEEDBACK_SHOWN:]]
         return lines
 
-    def finished(self) -> list[str] | None:
-        """Return None while any task may still be worked on, else the failed tasks."""
-        if not self.tasks or self.index.ids("pending", *ACTIVE):
+    def finished(self) -> tuple[list[str], dict[str, str]] | None:
+        """Return None while any task may still be worked on, else the failed tasks and the
+        pending ones that can never start (a dependency failed or was cancelled), with why."""
+        if not self.tasks or self.index.ids(*ACTIVE) or self.index.ready():
             return None
-        return self.index.ids("failed")
+        pending = self.index.ids("pending")
+        stuck = blocked(self.tasks, pending) if pending else {}
+        if len(stuck) < len(pending):
+            return None
+        return self.index.ids("failed"), stuck
 
     def needs_workers(self) -> bool:
         """Whether a worker may still be needed: a task can be sent back while it is checked

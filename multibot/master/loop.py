@@ -24,7 +24,7 @@ from typing import TextIO
 from multibot import mailbox, protocol
 from multibot.advisor import Advice, Advisor
 from multibot.config import MasterConfig, WorkerTemplate
-from multibot.errors import GitError, LockTimeout, MultibotError, StateError
+from multibot.errors import GitError, LockTimeout, MultibotError, PlanError, StateError
 from multibot.launcher import Launcher
 from multibot.layout import MASTER_ID, Home
 from multibot.master import feedback, ledger
@@ -44,7 +44,7 @@ from multibot.master.pipeline import (
 from multibot.master.pool import WorkerPool
 from multibot.master.questions import Questions, Voice, run_context
 from multibot.master.view import SystemView, project
-from multibot.plan import topological_order
+from multibot.plan import capability_problems, topological_order
 from multibot.scheduler import WorkerSlot, schedule
 from multibot.state import (
     LIVE_WORKER,
@@ -171,6 +171,9 @@ class Master:
         opus_cost_usd: float = 0.0,
     ) -> None:
         """Begin a new run with a validated plan (and the Opus session that made it)."""
+        problems = capability_problems(plan.tasks, self.pool.template.capabilities)
+        if problems:
+            raise PlanError(problems)
         for path in (self.home.state_dir, self.home.tasks_dir, self.home.workers_dir):
             path.mkdir(parents=True, exist_ok=True)
         mailbox.create_inbox(self.home, MASTER_ID)
@@ -704,7 +707,10 @@ class Master:
 
     def check_approval(self) -> None:
         plan = self.edits.approved_plan(self.plan_file)
-        if plan is not None:
+        problems = capability_problems(plan.tasks if plan else [], self.pool.template.capabilities)
+        if problems:
+            self.event("plan-refused", "; ".join(problems))
+        elif plan is not None:
             self.plan = plan
             self.sys.phase = "running"
             self.load_tasks_from_plan()
@@ -865,10 +871,16 @@ class Master:
 
     # == the end ==============================================================================
     def check_done(self) -> None:
-        failed = self.book.finished()
-        if failed is None:
+        finished = self.book.finished()
+        if finished is None:
             return
-        self.sys.phase = "failed" if failed else "done"
+        failed, stuck = finished
+        for tid, why in stuck.items():
+            rec = self.tasks[tid]
+            rec.last_error = f"blocked: {why}"
+            self.changed(rec, lazy=False)
+            self.event("task-blocked", f"{tid} can never start: {why}", task=tid)
+        self.sys.phase = "failed" if failed or stuck else "done"
         self.sys.metrics.finished_at = self.clock()
         self.sys.metrics.tasks_failed = len(failed)
         for wid in self.pool.live():
@@ -878,10 +890,10 @@ class Master:
         self.event(
             "run-finished",
             f"{self.sys.phase}: {self.sys.metrics.tasks_merged} merged, "
-            f"{len(failed)} failed in {took:.1f}s; cost ${tot.cost_usd:.4f}, "
-            f"{tot.input_tokens} in / {tot.output_tokens} out tokens",
+            f"{len(failed)} failed, {len(stuck)} blocked in {took:.1f}s; "
+            f"cost ${tot.cost_usd:.4f}, {tot.input_tokens} in / {tot.output_tokens} out tokens",
         )
-        self.exit_code = EXIT_FAILED if failed else EXIT_DONE
+        self.exit_code = EXIT_FAILED if failed or stuck else EXIT_DONE
         self.finished = True
 
     def over_budget(self) -> bool:
