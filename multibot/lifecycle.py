@@ -16,7 +16,8 @@ TASK_TRANSITIONS: dict[str, frozenset[str]] = {
     "verified": frozenset({"merged", "pending", "failed", "cancelled"}),
     "merged": frozenset(),
     "failed": frozenset({"pending", "cancelled"}),  # the person may retry or cancel it
-    "cancelled": frozenset(),
+    # A cancel that came while the task's merge was landing: git has it, so it is merged.
+    "cancelled": frozenset({"merged"}),
 }
 
 assert set(TASK_TRANSITIONS) == set(get_args(TaskStatus))

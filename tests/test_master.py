@@ -470,3 +470,24 @@ def test_a_capability_no_worker_offers_is_refused_at_the_start(tmp_path: Path) -
     plan = [PlanTask(id="a", title="a", description="a", capabilities=["gpu"])]
     with pytest.raises(PlanError, match="'a' needs gpu, which no worker offers"):
         World(tmp_path, plan)
+
+
+def test_a_cancel_that_comes_as_the_merge_lands_leaves_the_task_merged(
+    world: Callable[..., World],
+) -> None:
+    """Issue 20 item 18: the record said cancelled while the merge was in git, and its
+    dependent waited for ever."""
+    from multibot.master.pipeline import Merged
+
+    w = world(tasks("a", "b", after={"b": ["a"]}), max_workers=1)
+    w.tick()
+    rec = w.master.tasks["a"]
+    w.master.sys.workers["w1"].current_task = None  # as when its completion came
+    w.master.sys.workers["w1"].status = "idle"
+    w.master.book.move(rec, "verifying")
+    w.master.book.move(rec, "verified")
+    w.master.take_edit(rec, rec.model_copy(update={"cancel": True}))
+    assert rec.status == "cancelled"
+    w.master.take_outcome(Merged(task_id="a", merge_commit=None))  # the land was in flight
+    assert rec.status == "merged" and w.events("cancel-too-late")
+    w.until(lambda: w.master.tasks["b"].status == "assigned", "its dependent goes on")

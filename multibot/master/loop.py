@@ -615,7 +615,12 @@ class Master:
         if rec is None:
             return
         wanted = "verifying" if isinstance(outcome, Verified) else "verified"
-        if rec.status != wanted:  # cancelled (or sent back by hand) meanwhile
+        if isinstance(outcome, Merged) and rec.status == "cancelled":
+            # Cancelled while its merge was landing: git is the truth, and its dependents go
+            # on from it.
+            self.event("cancel-too-late", f"{tid} was cancelled as it merged", task=tid)
+            self.on_merged(rec, outcome.merge_commit)
+        elif rec.status != wanted:  # cancelled (or sent back by hand) meanwhile
             self.event("merge-ignored", f"{tid} is {rec.status} now", task=tid)
         elif isinstance(outcome, Verified):
             if outcome.ok:
