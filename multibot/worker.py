@@ -38,6 +38,7 @@ EXIT_STARTUP = 2
 EXIT_REPLACED = 3
 
 MAX_NOTES = 200
+TASK_OUTPUT_SHOWN = 5_000_000  # bytes of a task's output shown in the pane and log
 
 # How long the worker's own check that a worktree has everything committed stands in for a
 # new one when its next task starts there (GitRepo.quick_start's clean_at). Between one task's
@@ -157,6 +158,7 @@ class Worker:
         self.turns = 0
         self.cost = 0.0
         self.current_tool: str | None = None
+        self.output_bytes, self.output_hidden = 0, 0  # a task's output shown, lines not
         self.discoveries_at_start = 0
         self.last_problem = ""
 
@@ -197,7 +199,9 @@ class Worker:
                 self.step()
                 # Idle, nothing to poll but the inbox, whose doorbell wakes us at once: sleep
                 # longer (a third of a heartbeat) and spare the CPU of many idle workers.
-                self.inbox.wait(self.config.tick if self.task else idle_wait)
+                # Output left by a bounded poll is taken at once (after a beat).
+                if not (self.task and not self.paused and self.agent.behind()):
+                    self.inbox.wait(self.config.tick if self.task else idle_wait)
         except Stopped as exc:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -437,6 +441,7 @@ class Worker:
         _reset_file(self.home.worker_context(self.id), "".join(f"{line}\n" for line in a.context))
         self.task, self.task_started = m, self.clock()
         self.turns, self.cost, self.current_tool = 0, 0.0, None
+        self.output_bytes, self.output_hidden = 0, 0
         title = f"{task_id}: {a.title}" if a.title else task_id
         resumed = " (resuming session)" if spec.resume_session else ""
         self.show(f"▶  {title} [{a.model}] attempt {a.attempt}{resumed}")
@@ -544,12 +549,25 @@ class Worker:
             self._update(self.memory, touched)
         line = render(event)
         if line:
+            self.show_output(line)
+
+    def show_output(self, line: str) -> None:
+        """Show an agent's line, up to TASK_OUTPUT_SHOWN bytes a task; past that the lines
+        are counted, not logged (a task printing 100 MB made two logs of 211 MB each)."""
+        self.output_bytes += len(line) + 10  # as logged: "HH:MM:SS " before, "\n" after
+        if self.output_bytes <= TASK_OUTPUT_SHOWN:
             self.show(line)
+            return
+        if not self.output_hidden:
+            self.show(f"[output past {TASK_OUTPUT_SHOWN // 1_000_000} MB is not logged]")
+        self.output_hidden += 1
 
     def finish(self, outcome: AgentOutcome) -> None:
         """Commit what is left and report the task's end to the master."""
         assert self.task is not None
         m, self.task = self.task, None
+        if self.output_hidden:
+            self.show(f"[{self.output_hidden} lines of output were not logged]")
         task_id = m.task_id or ""
         a = m.payload
         assert isinstance(a, protocol.TaskAssignment)

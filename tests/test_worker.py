@@ -399,3 +399,38 @@ def test_a_stale_index_lock_in_the_worktree_fails_no_task(rig: Rig) -> None:
     second = rig.expect(protocol.TaskComplete).payload
     assert isinstance(second, protocol.TaskComplete) and second.files_changed == ["two.txt"]
     assert "stale" in rig.output()
+
+
+def test_a_child_printing_fast_is_read_a_bounded_share_at_a_time(tmp_path: Path) -> None:
+    """Issue 20 item 16: the worker drained every queued line before it came back to its
+    heartbeat, so a task printing a million lines got its worker judged dead again and
+    again. A drain takes at most LINES_PER_DRAIN lines, and the child waits on its pipe
+    once LINES_BUFFERED are read but not taken (memory stays bounded)."""
+    from multibot.agents.base import LINES_BUFFERED, LINES_PER_DRAIN, ChildProcess
+
+    child = ChildProcess(["seq", "1", "200000"], cwd=tmp_path, env=dict(os.environ))
+    try:
+        wait_until(lambda: child.lines.qsize() >= LINES_BUFFERED, 20)
+        assert child.returncode() is None  # held by backpressure, not done
+        lines, ended = child.drain()
+        assert len(lines) == LINES_PER_DRAIN and not ended
+        assert lines[:2] == ["1", "2"]
+        assert child.lines.qsize() <= LINES_BUFFERED
+        total = len(lines)
+        while not ended:
+            more, ended = child.drain()
+            total += len(more)
+        assert total == 200_000
+    finally:
+        child.terminate(1.0)
+
+
+def test_a_task_that_prints_a_lot_is_logged_up_to_a_cap(rig: Rig) -> None:
+    """Issue 20 item 11: 100 MB of output made two logs of 211 MB each."""
+    rig.start_worker()
+    rig.assign("t1", ["seq 1 2000000", "echo done > done.txt"])  # ~15 MB
+    done = rig.expect(protocol.TaskComplete, timeout=90).payload
+    assert isinstance(done, protocol.TaskComplete) and done.files_changed == ["done.txt"]
+    log = rig.home.log("w1").read_text()
+    assert len(log) < worker_module.TASK_OUTPUT_SHOWN + 1_000_000
+    assert "is not logged" in log and "lines of output were not logged" in log

@@ -21,6 +21,9 @@ from typing import IO, Any, Literal
 
 EventKind = Literal["session", "text", "tool", "tool_result", "output", "cost", "file", "info"]
 
+LINES_BUFFERED = 10_000  # a child's lines read but not yet taken (then the child waits)
+LINES_PER_DRAIN = 1_000  # taken per drain: a loop turn's share of a fast printer
+
 
 @dataclass(frozen=True)
 class AgentSpec:
@@ -96,6 +99,11 @@ class Agent(ABC):
     def process(self) -> ChildProcess | None:
         """The child process group running the task, if any."""
 
+    def behind(self) -> bool:
+        """Whether output is waiting that the last poll left for the next (a fast printer)."""
+        child = self.process()
+        return child is not None and not child.lines.empty()
+
     def suspend(self) -> None:
         """Stop the whole process group where it is (SIGSTOP)."""
         child = self.process()
@@ -132,7 +140,9 @@ class ChildProcess:
         merge_stderr: bool = True,
     ) -> None:
         self.started = time.monotonic()
-        self.lines: queue.Queue[str | None] = queue.Queue()
+        # Bounded: a child printing faster than the worker takes its lines waits on its pipe
+        # (backpressure), instead of filling the worker's memory.
+        self.lines: queue.Queue[str | None] = queue.Queue(maxsize=LINES_BUFFERED)
         self.stderr_tail: list[str] = []
         self.popen = subprocess.Popen(
             list(argv),
@@ -173,11 +183,13 @@ class ChildProcess:
     def pid(self) -> int:
         return self.popen.pid
 
-    def drain(self) -> tuple[list[str], bool]:
-        """Return the lines read so far and whether the output has ended."""
+    def drain(self, max_lines: int = LINES_PER_DRAIN) -> tuple[list[str], bool]:
+        """Return the lines read so far, at most max_lines of them, and whether the output
+        has ended. Bounded, so that the loop calling it (and beating) comes back soon
+        however fast the child prints."""
         out: list[str] = []
         ended = False
-        while True:
+        while len(out) < max_lines:
             try:
                 item = self.lines.get_nowait()
             except queue.Empty:
