@@ -52,6 +52,10 @@ _SETTLE = (0.005, 0.01, 0.02, 0.05)  # waits for an in-place save to finish befo
 _RACY_NS = 50_000_000  # file clocks tick coarsely: a same-size rewrite this soon can hide
 _WATCH_S, _WATCH_MAX = 5.0, 16  # how long, and how many, moved-away inodes stay watched
 _GONE = object()  # a key absent from one side of a merge
+# A state file bigger than this is refused unread, as the bus refuses a big message: every
+# worker reads system-state.json in the loop that beats (a 50 MB edit cost every worker its
+# heartbeat). 10,000 tasks make a system-state.json of about 3 MB.
+MAX_STATE_BYTES = 8_000_000
 
 
 def dumps(data: Any) -> bytes:
@@ -67,6 +71,8 @@ def dumps(data: Any) -> bytes:
 
 def parse(path: Path, raw: bytes, model: type[M]) -> M:
     """Return raw validated as model, or raise StateError naming the line, column and field."""
+    if len(raw) > MAX_STATE_BYTES:
+        raise StateError(path, _too_large(len(raw)))
     try:
         text = raw.decode("utf-8-sig")  # some editors add a BOM
     except UnicodeDecodeError as e:
@@ -445,6 +451,8 @@ class StateFile(Generic[M]):
                     fd = os.open(name, os.O_RDONLY)
                     try:
                         st = os.fstat(fd)  # before reading: a later write then shows
+                        if st.st_size > MAX_STATE_BYTES:
+                            raise StateError(self.path, _too_large(st.st_size))
                         return _read_fd(fd), st
                     finally:
                         os.close(fd)
@@ -606,6 +614,10 @@ def _note_holder(holder: Path) -> None:
             os.close(fd)
     except OSError:  # another user's note, or not a plain file: replace it, as the folder lets us
         atomic_write(holder, note, fsync=False)
+
+
+def _too_large(size: int) -> str:
+    return f"file too large: {size} bytes (max {MAX_STATE_BYTES})"
 
 
 def validate_bytes(path: Path, raw: bytes, model: type[BaseModel]) -> StateError | None:

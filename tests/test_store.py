@@ -623,3 +623,25 @@ def test_a_hanging_lock_holder_times_out_others_naming_it(
     holder.kill()
     holder.wait(timeout=10)
     assert waiting.update(inc) == Counter(version=2, count=2)
+
+
+def test_an_oversized_file_is_refused_unread_and_the_last_good_state_stays(
+    tmp_path: Path,
+) -> None:
+    """Issue 20 item 4: a 50 MB hand edit of system-state.json was read and parsed by every
+    worker in the loop that beats, and every one missed its heartbeat."""
+    from multibot.state import SystemState
+
+    path = tmp_path / "system-state.json"
+    f = store.StateFile(path, SystemState, default=SystemState)
+    f.update(lambda s: s.model_copy(update={"goal": "the real goal"}))
+    huge = json.loads(path.read_text())
+    huge["goal"] = "x" * (store.MAX_STATE_BYTES + 1)  # valid, only too big
+    path.write_text(json.dumps(huge))
+    assert f.changed()
+    assert f.read().goal == "the real goal"
+    problem = f.problem()
+    assert problem is not None and "file too large" in str(problem)
+    with pytest.raises(StateError, match="file too large"):
+        f.update(lambda s: s)
+    assert store.validate_file(path, SystemState) is not None
