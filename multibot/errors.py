@@ -65,6 +65,11 @@ class StateError(MultibotError):
         super().__init__(f"{where}:{what} {problem}")
 
 
+class WriteFailed(StateError):
+    """A state file could not be written (a full disk, a failed sync): the state stays in
+    memory and the write is tried again; nothing is wrong with the file itself."""
+
+
 class LockTimeout(MultibotError):
     """A lock could not be taken in time; names the process that holds it, if known."""
 

@@ -41,7 +41,7 @@ import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from multibot.atomic import atomic_write, close_later, fsync_dir, unique_name, write_durable
-from multibot.errors import LockTimeout, MultibotError, StateError
+from multibot.errors import LockTimeout, MultibotError, StateError, WriteFailed
 from multibot.layout import backup_of, lock_of
 
 M = TypeVar("M", bound=BaseModel)
@@ -229,12 +229,15 @@ class StateFile(Generic[M]):
         but not before an action taken after it on a journaling file system, which commits
         metadata changes in the order they were made.
         """
-        with self._locked():
-            new = self._cycle(fn, shown)
-            if any(m.late() is not None for m in self._moved):  # a save hit the old inode
-                with contextlib.suppress(StateError):  # fn is written; the next call retries
-                    new = self._cycle(_identity)
-            return new
+        try:
+            with self._locked():
+                new = self._cycle(fn, shown)
+                if any(m.late() is not None for m in self._moved):  # a save hit the old inode
+                    with contextlib.suppress(StateError):  # fn is written; the next retries
+                        new = self._cycle(_identity)
+                return new
+        except OSError as exc:  # a full disk: the caller keeps its state and tries again
+            raise WriteFailed(self.path, f"cannot write: {exc.strerror or exc}") from exc
 
     def recover(self) -> str | None:
         """At start-up, restore a corrupt or truncated file from its backup; say what was done."""

@@ -22,7 +22,14 @@ from multibot import mailbox, protocol
 from multibot.agents import Agent, AgentEvent, AgentOutcome, AgentSpec, make_agent
 from multibot.agents.stream import render
 from multibot.config import WorkerTemplate, load_worker
-from multibot.errors import AgentError, LockTimeout, MultibotError, StateError
+from multibot.errors import (
+    AgentError,
+    LockTimeout,
+    MultibotError,
+    SendError,
+    StateError,
+    WriteFailed,
+)
 from multibot.heartbeat import HeartbeatWriter
 from multibot.ids import check_id
 from multibot.layout import MASTER_ID, Home
@@ -159,6 +166,8 @@ class Worker:
         self.cost = 0.0
         self.current_tool: str | None = None
         self.output_bytes, self.output_hidden = 0, 0  # a task's output shown, lines not
+        self.unsent: list[tuple[protocol.Envelope, bool]] = []  # (message, durable), in order
+        self.send_failing = False
         self.discoveries_at_start = 0
         self.last_problem = ""
 
@@ -225,6 +234,7 @@ class Worker:
     def step(self) -> None:
         """One turn of the main loop: heartbeat, pause, inbox, agent."""
         self.heartbeat.beat(self.status)
+        self.send_unsent()
         self._check_pause()
         if self.lazy_due is not None and time.monotonic() >= self.lazy_due:
             self._update_state()  # the lazy changes, on their own
@@ -679,10 +689,26 @@ class Worker:
             task_id=task_id,
             correlation_id=correlation_id,
         )
-        try:
-            mailbox.send(self.home, message, fsync=durable)
-        except MultibotError as exc:
-            self.show(f"! could not send {message.type}: {exc}")
+        self.unsent.append((message, durable))
+        self.send_unsent()
+
+    def send_unsent(self) -> None:
+        """Send the messages not sent yet, in order. One that could not be made durable (a
+        full disk) waits, with those after it, for the next step; one to an inbox that is
+        gone is dropped."""
+        while self.unsent:
+            message, durable = self.unsent[0]
+            try:
+                mailbox.send(self.home, message, fsync=durable)
+            except SendError as exc:
+                if not self.send_failing:
+                    self.show(f"! could not send {message.type}, sent again until it works: {exc}")
+                self.send_failing = True
+                return
+            except MultibotError as exc:
+                self.show(f"! could not send {message.type}: {exc}")
+            self.unsent.pop(0)
+            self.send_failing = False
 
     def _set_status(self, status: str) -> None:
         self.status = status
@@ -715,7 +741,13 @@ class Worker:
                 s = each(s)
             return s
 
-        self._update(self.state, guarded)
+        try:
+            self.state.update(guarded)
+        except WriteFailed as exc:  # a full disk: the changes wait for the next write
+            self.lazy, self.lazy_due = [*fns, *self.lazy], time.monotonic() + LAZY_STATE_S
+            self.show(f"! could not write {self.state.path.name}, tried again: {exc}")
+        except (StateError, LockTimeout) as exc:
+            self.show(f"! could not write {self.state.path.name}: {exc}")
 
     def _update(self, f: StateFile, fn: Callable) -> None:  # type: ignore[type-arg]
         try:
@@ -731,4 +763,5 @@ class Worker:
         with contextlib.suppress(OSError):  # the pane may be gone (SIGHUP): the log still has it
             print(text, file=self.out, flush=True)
         if not self._log.closed:
-            self._log.write(text + "\n")
+            with contextlib.suppress(OSError):  # a full disk: the pane still shows it
+                self._log.write(text + "\n")

@@ -10,7 +10,9 @@ a second or two; the end-to-end tests (test_master_e2e.py) stay the safety net.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import os
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -96,7 +98,9 @@ def git(root: Path, *args: str) -> str:
 class World:
     """A master in memory over a real repository, and the workers the test plays."""
 
-    def __init__(self, tmp: Path, tasks: list[PlanTask], **config: Any) -> None:
+    def __init__(
+        self, tmp: Path, tasks: list[PlanTask], home: Path | None = None, **config: Any
+    ) -> None:
         self.repo = tmp / "project"
         self.repo.mkdir()
         git(self.repo, "init", "-q", "-b", "main")
@@ -105,7 +109,7 @@ class World:
         (self.repo / "app.txt").write_text("one\n")
         git(self.repo, "add", ".")
         git(self.repo, "commit", "-q", "-m", "initial")
-        self.home = Home.at(tmp / "home")
+        self.home = Home.at(home or tmp / "home")
         self.launcher = FakeLauncher()
         self.clock = Clock()
         settings = {"max_workers": 2, "heartbeat_interval": 1.0, "heartbeat_misses": 3, **config}
@@ -219,8 +223,8 @@ class World:
 def world(tmp_path: Path) -> Iterator[Callable[..., World]]:
     made: list[World] = []
 
-    def make(tasks: list[PlanTask], **config: Any) -> World:
-        made.append(World(tmp_path, tasks, **config))
+    def make(tasks: list[PlanTask], home: Path | None = None, **config: Any) -> World:
+        made.append(World(tmp_path, tasks, home, **config))
         return made[-1]
 
     yield make
@@ -491,3 +495,61 @@ def test_a_cancel_that_comes_as_the_merge_lands_leaves_the_task_merged(
     w.master.take_outcome(Merged(task_id="a", merge_commit=None))  # the land was in flight
     assert rec.status == "merged" and w.events("cancel-too-late")
     w.until(lambda: w.master.tasks["b"].status == "assigned", "its dependent goes on")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MB file system of its own (tmpfs), unmounted at the end."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], capture_output=True
+    )
+    if done.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI needs to mount a tmpfs: {done.stderr!r}")
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr!r}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill disk to the last byte; return the file to remove to free it."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"x" * size)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_a_full_disk_does_not_stop_the_master(
+    world: Callable[..., World], small_disk: Path
+) -> None:
+    """Issue 20 item 3: an unhandled OSError (ENOSPC) in a state file's write ended the
+    master. It now keeps its state in memory, says so, retries, and goes on."""
+    w = world(tasks("a", "b", "c", after={"c": ["a"]}), home=small_disk / "home")
+    w.tick()
+    got = {wid: w.assignments(wid) for wid in ("w1", "w2")}
+    for wid, (m,) in got.items():
+        w.finish(wid, m)
+    filler = fill(small_disk)
+    for _ in range(40):  # the completions come in, and nothing can be written
+        w.clock.advance(0.05)
+        w.tick()
+    assert w.events("write-failed") or w.master.write_failing is not None
+    assert not w.master.finished
+    filler.unlink()
+    w.until(lambda: w.master.tasks["c"].status == "assigned", "goes on once space is back")
+    (m,) = w.assignments(w.master.tasks["c"].worker or "")
+    w.finish(w.master.tasks["c"].worker or "", m)
+    w.until(lambda: w.master.finished, "the run ends")
+    assert w.master.exit_code == EXIT_DONE
+    assert sorted(w.merged()) == ["a", "b", "c"]  # each once
+    assert w.events("write-failed") and w.events("write-recovered")

@@ -434,3 +434,37 @@ def test_a_task_that_prints_a_lot_is_logged_up_to_a_cap(rig: Rig) -> None:
     log = rig.home.log("w1").read_text()
     assert len(log) < worker_module.TASK_OUTPUT_SHOWN + 1_000_000
     assert "is not logged" in log and "lines of output were not logged" in log
+
+
+def test_a_report_that_cannot_be_sent_is_sent_once_the_disk_has_room(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20 item 3, the worker's side: a TASK_COMPLETE that failed to send (disk full)
+    was dropped with a line in the log, and its task stayed running with the master."""
+    from multibot.errors import SendError
+
+    w = Worker(rig.home, "w1", generation=1, out=io.StringIO())
+    real = mailbox.send
+    full = {"on": True}
+
+    def send(home: object, message: protocol.Envelope, **kw: object) -> object:
+        if full["on"]:
+            raise SendError("cannot deliver: [Errno 28] No space left on device")
+        return real(home, message, **kw)  # type: ignore[arg-type]
+
+    try:
+        w.register()
+        monkeypatch.setattr(worker_module.mailbox, "send", send)
+        w.send(protocol.StatusUpdate(status="working", kind="progress", progress="one"))
+        w.send(protocol.StatusUpdate(status="working", kind="progress", progress="two"))
+        w.step()
+        assert rig.received(protocol.StatusUpdate) == []
+        full["on"] = False
+        w.step()
+        got = [m.payload.progress for m in rig.received(protocol.StatusUpdate)]  # type: ignore[union-attr]
+        assert got[-2:] == ["one", "two"]  # in order, once each
+        assert w.unsent == []
+    finally:
+        w.inbox.close()
+        w.heartbeat.close()
+        w._log.close()

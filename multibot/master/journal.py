@@ -203,10 +203,13 @@ class TurnJournal:
             for message, exc in failed:
                 self.hooks.unsent(message, exc)
         for turn in [turn for turn in self.turns if turn.written(self.written)]:
+            if turn.taken and self.inbox is not None:
+                try:
+                    self.inbox.done(*turn.taken)
+                except OSError:  # a full disk: the turn stays, marked at a later look
+                    continue
             self.turns.remove(turn)
             self.jobs.release(turn.jobs)
-            if turn.taken and self.inbox is not None:
-                self.inbox.done(*turn.taken)
 
     def settle(self) -> None:
         """Commit, and wait until every task file due is written and every turn finished.

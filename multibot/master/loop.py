@@ -12,6 +12,7 @@ workers), ``pipeline`` (verify and merge), ``questions``, ``edits`` (the person'
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -24,7 +25,15 @@ from typing import TextIO
 from multibot import mailbox, protocol
 from multibot.advisor import Advice, Advisor
 from multibot.config import MasterConfig, WorkerTemplate
-from multibot.errors import GitError, LockTimeout, MultibotError, PlanError, StateError
+from multibot.errors import (
+    GitError,
+    LockTimeout,
+    MultibotError,
+    PlanError,
+    SendError,
+    StateError,
+    WriteFailed,
+)
 from multibot.launcher import Launcher
 from multibot.layout import MASTER_ID, Home
 from multibot.master import feedback, ledger
@@ -102,6 +111,7 @@ class Master:
         self.plan = Plan()
         self.git: GitRepo | None = None
         self.inbox: mailbox.Receiver | None = None
+        self.unhandled: list[protocol.Envelope] = []  # fetched, to be handled again (disk full)
         self.finished, self.exit_code = False, EXIT_DONE
         self.last_prune = 0.0
         self.branches: dict[str, BranchInfo] = {}  # each task's entry in system-state.json
@@ -119,11 +129,14 @@ class Master:
             home,
             self.jobs,
             self.book.tasks,
-            Hooks(edited=self.take_edit, refused=self.refused, sent=self.sent, unsent=self.unsent),
+            Hooks(edited=self.took_write, refused=self.refused, sent=self.sent, unsent=self.unsent),
             monotonic,
         )
         self.edits = Edits(home, self.chores, Seen(self.take_edit, self.paused, self.event))
-        self.view = SystemView(self.sys_file, self.chores, self.edits.report, monotonic)
+        self.write_failing: str | None = None  # why state files cannot be written, if so
+        self.view = SystemView(
+            self.sys_file, self.chores, lambda e: self.refused(None, e), monotonic
+        )
         self.pool = WorkerPool(
             home,
             config,
@@ -361,18 +374,37 @@ class Master:
 
     def sent(self, message: protocol.Envelope) -> None:
         """(journal) A message reached its inbox."""
+        self.wrote()
         if isinstance(message.payload, protocol.Answer):
             self.questions.sent(message, self.clock())
 
     def unsent(self, message: protocol.Envelope, exc: MultibotError) -> None:
-        """(journal) A message could not be sent."""
+        """(journal) A message could not be sent: to an inbox that is gone it is dropped,
+        else (a full disk) it goes again with the next turn."""
+        if isinstance(exc, SendError):
+            if self.write_failing is None:
+                self.write_failing = str(exc)
+                self.event("write-failed", f"{exc}: messages are sent again until it works")
+            self.journal.send(message)
+            return
         self.event("send-failed", f"{message.type} to {message.recipient}: {exc}")
         if isinstance(message.payload, protocol.Answer):
             self.questions.unsent(message)
 
-    def refused(self, tid: str, problem: StateError | LockTimeout) -> None:
-        """(journal) A task's file could not be written (a broken hand edit, a lock)."""
-        self.edits.report(problem, task=tid)
+    def refused(self, tid: str | None, problem: StateError | LockTimeout) -> None:
+        """(journal, view) A state file could not be written: a broken hand edit, a lock, or
+        a full disk. The state stays in memory and the write is tried again."""
+        if not isinstance(problem, WriteFailed):
+            self.edits.report(problem, task=tid)
+        elif self.write_failing is None:
+            self.write_failing = str(problem)
+            self.event("write-failed", f"{problem}: the run goes on in memory, writes retried")
+
+    def wrote(self) -> None:
+        """A state file was written: if writes were failing, they work again."""
+        if self.write_failing is not None:
+            self.event("write-recovered", f"writes work again (after: {self.write_failing})")
+            self.write_failing = None
 
     def flush(self, force: bool = False) -> None:
         """Write system-state.json if anything changed (at most every FLUSH_EVERY_S, or forced)."""
@@ -395,7 +427,8 @@ class Master:
         text = f"{time.strftime('%H:%M:%S')} {line}"
         print(text, file=self.out, flush=True)
         if not self._log.closed:
-            self._log.write(text + "\n")
+            with contextlib.suppress(OSError):  # a full disk: the pane still shows it
+                self._log.write(text + "\n")
 
     # == messages =============================================================================
     def prune_inbox(self) -> None:
@@ -410,9 +443,14 @@ class Master:
 
     def handle_inbox(self) -> None:
         assert self.inbox is not None
-        for m in self.inbox.fetch():
+        waiting, self.unhandled = self.unhandled, []
+        for m in [*waiting, *self.inbox.fetch()]:
             try:
                 self.handle(m)
+            except WriteFailed as exc:  # a full disk: handled again next turn
+                self.refused(None, exc)
+                self.unhandled.append(m)
+                continue
             except (StateError, LockTimeout) as exc:
                 self.event("state-write-refused", str(exc))
             except Exception:  # a poison message must not stop the master
@@ -684,9 +722,13 @@ class Master:
             self.edits.look_at_system(self.sys_file, self.sys.paused)
             self.questions.look()
 
-    def take_edit(self, rec: TaskRecord | str, edited: TaskRecord) -> None:
+    def took_write(self, tid: str, written: TaskRecord) -> None:
+        """(journal) A task's file was written, with the person's fields as they are."""
+        self.wrote()
+        self.take_edit(self.tasks[tid], written)
+
+    def take_edit(self, rec: TaskRecord, edited: TaskRecord) -> None:
         """Apply what the person changed in a task's file: hold, cancel, priority."""
-        rec = self.tasks[rec] if isinstance(rec, str) else rec
         if not task_edit(rec, edited):
             return
         self.event(
