@@ -7,6 +7,8 @@ edit by hand are marked "(editable)" in their description; docs/state.md lists t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from typing import Any, Literal
 
@@ -25,7 +27,9 @@ class Record(BaseModel):
 
 
 class StateFileModel(Record):
-    version: int = Field(0, description="Bumped by every system write.")
+    version: int = Field(
+        0, ge=0, le=2**53, strict=True, description="Bumped by every system write."
+    )
     schema_version: int = STATE_SCHEMA_VERSION
 
 
@@ -54,7 +58,7 @@ class PlanTask(Record):
     title: str
     description: str
     dependencies: list[str] = []
-    priority: int = Field(0, description="Higher runs first (editable).")
+    priority: int = Field(0, strict=True, description="Higher runs first (editable).")
     owns: list[str] = Field([], description="Files or globs this task may change.")
     model: Model = Field(
         "sonnet", description="haiku for simple, sonnet for normal, opus for hard."
@@ -92,7 +96,9 @@ class Plan(StateFileModel):
 
     goal: str = ""
     source: Literal["opus", "file"] = "file"
-    approved: bool = Field(False, description="(editable) Set true to let the run start.")
+    approved: bool = Field(
+        False, strict=True, description="(editable) Set true to let the run start."
+    )
     tasks: list[PlanTask] = []
     faq: list[FaqEntry] = []
     verify: str | None = Field(None, description="Project-level check run after each merge.")
@@ -104,8 +110,10 @@ class TaskRecord(StateFileModel):
 
     task: PlanTask
     status: TaskStatus = "pending"
-    hold: bool = Field(False, description="(editable) Do not start this task while true.")
-    cancel: bool = Field(False, description="(editable) Set true to cancel the task.")
+    hold: bool = Field(
+        False, strict=True, description="(editable) Do not start this task while true."
+    )
+    cancel: bool = Field(False, strict=True, description="(editable) Set true to cancel the task.")
     worker: str | None = None
     attempts: int = 0
     runs: int = Field(
@@ -127,6 +135,28 @@ class TaskRecord(StateFileModel):
     finished_at: float | None = None
     ready_at: float | None = None
     origin: str = Field("plan", description="plan, follow-up of <task>, or conflict of <task>.")
+    seal: str = Field(
+        "",
+        description="A digest of the fields only the system writes: a hand edit of one of "
+        "them (status, commands, ...) is found and refused.",
+    )
+
+    def sealed(self) -> TaskRecord:
+        """This record with its seal set, as the system writes it."""
+        return self.model_copy(update={"seal": self.seal_of()})
+
+    def seal_of(self) -> str:
+        """A digest of the fields only the system writes (all but version, hold, cancel,
+        task.priority and the seal itself)."""
+        data = self.model_dump(mode="json", exclude={"version", "hold", "cancel", "seal"})
+        data["task"].pop("priority", None)
+        raw = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(raw).hexdigest()[:16]
+
+    def forged(self) -> bool:
+        """Whether a field only the system writes was changed by hand since it wrote the
+        file (a file written before seals existed has none, and is taken as it is)."""
+        return bool(self.seal) and self.seal != self.seal_of()
 
     @property
     def id(self) -> str:
@@ -261,7 +291,9 @@ class SystemState(StateFileModel):
 
     run_id: str = ""
     phase: Phase = "starting"
-    paused: bool = Field(False, description="(editable) Pause everything: no new work.")
+    paused: bool = Field(
+        False, strict=True, description="(editable) Pause everything: no new work."
+    )
     goal: str = ""
     backend: str = "shell"
     master_pid: int | None = None
@@ -312,7 +344,7 @@ class WorkerState(StateFileModel):
     """state/workers/<id>-state.json: written by the worker; ``paused`` is for the person."""
 
     id: str
-    paused: bool = Field(False, description="(editable) Suspend this worker's agent.")
+    paused: bool = Field(False, strict=True, description="(editable) Suspend this worker's agent.")
     status: WorkerStatusName = "starting"
     generation: int = 0
     pid: int | None = None
@@ -375,7 +407,7 @@ class QuestionRecord(StateFileModel):
     reply_to: str | None = None
     asked_at: float = Field(default_factory=time.time)
     status: QuestionStatus = "pending"
-    answer: str | None = Field(None, description="(editable) Write the answer here.")
+    answer: str | None = Field(None, strict=True, description="(editable) Write the answer here.")
     answered_by: str | None = None
     answered_at: float | None = None
     escalated: bool = False

@@ -44,6 +44,59 @@ def test_state_validate_names_file_line_and_field(home: Home, capsys) -> None:  
     assert "w1-state.json" in out and "paused" in out
 
 
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [('"yes"', "valid boolean"), ("1", "valid boolean"), ('"on"', "valid boolean")],
+)
+def test_an_editable_field_of_the_wrong_type_is_refused_not_coerced(
+    home: Home, value: str, said: str
+) -> None:
+    """Issue 20 item 9: "paused": "yes", "on" or 1 was taken as true (pydantic's lax mode),
+    and the master then rewrote the person's text."""
+    f = StateFile(home.system_state, SystemState, default=SystemState)
+    f.update(lambda s: s)
+    text = home.system_state.read_text().replace('"paused": false', f'"paused": {value}')
+    home.system_state.write_text(text)
+    assert f.read().paused is False
+    problem = f.problem()
+    assert problem is not None and "paused" in str(problem) and said in str(problem)
+
+
+@pytest.mark.parametrize("version", [10**40, -1])
+def test_a_version_out_of_range_is_refused(home: Home, version: int) -> None:
+    f = StateFile(home.system_state, SystemState, default=SystemState)
+    f.update(lambda s: s)
+    data = json.loads(home.system_state.read_text())
+    data["version"] = version
+    home.system_state.write_text(json.dumps(data))
+    f.read()
+    assert "version" in str(f.problem())
+
+
+def test_state_validate_names_forged_ghost_and_missing_task_files(
+    home: Home, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from multibot.state import TaskRecord
+
+    plan = Plan(approved=True, tasks=[PlanTask(id=t, title=t, description=t) for t in "abc"])
+    StateFile(home.plan, Plan, default=lambda: plan).update(lambda p: p)
+    home.tasks_dir.mkdir(parents=True)
+    for t in plan.tasks[:2]:
+        rec = TaskRecord(task=t).sealed()
+        StateFile(home.task(t.id), TaskRecord, default=lambda r=rec: r).update(lambda r: r)
+    data = json.loads(home.task("a").read_text())
+    data["status"] = "merged"
+    home.task("a").write_text(json.dumps(data))
+    data["task"]["id"] = "ghost"
+    home.task("ghost").write_text(json.dumps(data))
+    assert run(home, "state", "validate") == 1
+    out = capsys.readouterr().out
+    assert "a.json: a field only multibot writes was changed by hand" in out
+    assert "ghost.json: no task of the plan" in out
+    assert "c.json: missing" in out
+    assert "b.json" not in out
+
+
 def test_pause_and_resume_edit_the_files(home: Home) -> None:
     StateFile(home.worker_state("w1"), WorkerState, default=lambda: WorkerState(id="w1")).update(
         lambda s: s

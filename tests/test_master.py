@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import subprocess
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -553,3 +554,71 @@ def test_a_full_disk_does_not_stop_the_master(
     assert w.master.exit_code == EXIT_DONE
     assert sorted(w.merged()) == ["a", "b", "c"]  # each once
     assert w.events("write-failed") and w.events("write-recovered")
+
+
+def hand_edit(path: Path, **fields: Any) -> None:
+    data = json.loads(path.read_text())
+    for key, value in fields.items():
+        target = data
+        *parents, last = key.split(".")
+        for p in parents:
+            target = target[p]
+        target[last] = value
+    path.write_text(json.dumps(data, indent=2))
+
+
+def test_edits_made_while_the_master_was_down_follow_the_running_rules(
+    world: Callable[..., World],
+) -> None:
+    """Issue 20 items 17 and 19: at a restart, a pending task set to merged by hand was
+    counted as merged (never run), edited commands ran, a stray tasks/ghost.json was run and
+    merged, a file named unlike its task wedged the run, and a broken pending task file (no
+    .bak yet) stopped the master from starting at all."""
+    plan = tasks("a", "b", "c", "d", commands=["echo planned > out.txt"])
+    w = world(plan, max_workers=1)
+    w.master.close()
+    home = w.home
+    hand_edit(home.task("a"), status="merged")
+    hand_edit(home.task("b"), **{"task.commands": ["echo evil > out.txt"], "hold": False})
+    ghost = json.loads(home.task("c").read_text())
+    ghost["task"]["id"] = "ghost"
+    home.task("ghost").write_text(json.dumps(ghost))
+    home.task("d").write_text("{ broken")
+    home.task("zz").write_text(home.task("c").read_text())  # holds task c
+    w.master = w.new_master()
+    w.master.resume()  # it starts at all (item 19)
+    refused = " ".join(e["text"] for e in w.events("task-file-refused"))
+    assert "a.json: a field only multibot writes" in refused
+    assert "b.json: a field only multibot writes" in refused
+    assert "ghost.json: it is no task of the plan" in refused
+    assert "zz.json: it holds task 'c', not 'zz'" in refused
+    assert "d.json:1:3: Expecting property name" in refused
+    assert "ghost" not in w.master.tasks
+    assert w.master.tasks["a"].status == "pending"
+    assert w.master.tasks["b"].task.commands == ["echo planned > out.txt"]
+    seen: set[str] = set()
+    while len(seen) < 4:
+        w.until(lambda: w.master.tasks and any(
+            r.status == "assigned" and r.id not in seen for r in w.master.tasks.values()
+        ), "the next task is assigned")  # fmt: skip
+        (m,) = w.assignments("w1")
+        assert m.payload.commands == ["echo planned > out.txt"]  # type: ignore[union-attr]
+        seen.add(m.task_id or "")
+        w.finish("w1", m)
+    w.until(lambda: w.master.finished, "the run ends")
+    assert sorted(w.merged()) == ["a", "b", "c", "d"]
+    assert w.task("a").status == "merged" and not w.task("a").forged()
+
+
+def test_a_forged_field_while_the_master_runs_is_reported_and_put_back(
+    world: Callable[..., World],
+) -> None:
+    w = world(tasks("a", "b"), max_workers=1)
+    w.tick()
+    hand_edit(w.home.task("b"), **{"task.title": "renamed by hand"})
+    w.until(lambda: w.events("bad-edit"), "reported")
+    assert "b.json: a field only multibot writes" in w.events("bad-edit")[0]["text"]
+    w.master.tasks["b"].last_error = "x"
+    w.master.book.move(w.master.tasks["b"], "cancelled")
+    w.until(lambda: w.task("b").status == "cancelled", "written")
+    assert w.task("b").task.title == "b" and not w.task("b").forged()

@@ -25,14 +25,22 @@ EDITS_EVERY_S = 0.5  # each file a person may edit is looked at this often
 def keep_persons_task(mine: TaskRecord, disk: TaskRecord) -> TaskRecord:
     """The master's record of a task, with the fields a person edits (hold, cancel and
     priority) as the file on disk has them, and the file's version."""
-    return mine.model_copy(
-        update={
-            "version": disk.version,
-            "hold": disk.hold,
-            "cancel": disk.cancel or mine.cancel,
-            "task": mine.task.model_copy(update={"priority": disk.task.priority}),
-        }
-    )
+    return (
+        mine.model_copy(
+            update={
+                "version": disk.version,
+                "hold": disk.hold,
+                "cancel": disk.cancel or mine.cancel,
+                "task": mine.task.model_copy(update={"priority": disk.task.priority}),
+            }
+        )
+    ).sealed()
+
+
+FORGED = (
+    "a field only multibot writes was changed by hand (editable: hold, cancel, "
+    "task.priority); the edit is refused"
+)
 
 
 def keep_persons_system(mine: SystemState, disk: SystemState) -> SystemState:
@@ -114,7 +122,11 @@ class Edits:
                 continue
             if not f.changed():
                 continue
-            edited = f.read()
+            try:
+                edited = f.read()
+            except StateError as exc:  # broken, and no good state yet (see TurnJournal.adopt)
+                self.report(exc)
+                continue
             problem = f.problem()
             if problem:
                 self.report(problem)

@@ -14,11 +14,11 @@ from typing import Any
 
 from multibot import mailbox, protocol
 from multibot.errors import LockTimeout, MultibotError, StateError
-from multibot.layout import Home
+from multibot.layout import Home, backup_of
 from multibot.master.edits import keep_persons_task
 from multibot.master.jobs import Held, Jobs
 from multibot.state import TaskRecord
-from multibot.store import StateFile
+from multibot.store import StateFile, parse, validate_bytes
 
 TURN_WAIT_S = 0.5  # how long the loop waits for a turn's writes and messages (see commit)
 LAZY_WRITE_S = 0.5  # how long a lazy task change waits for company (see changed)
@@ -90,15 +90,28 @@ class TurnJournal:
         """Write a new task's file now (the plan is its record until then)."""
         f = StateFile(self.home.task(rec.id), TaskRecord, default=lambda: rec)
         self.files[rec.id] = f
-        f.update(lambda _: rec)
+        f.update(lambda _: rec.sealed())
 
     def open(self, path: Path) -> TaskRecord:
         """Read a task's file back after a restart (recovering a cut write)."""
         f = StateFile(path, TaskRecord, default=None)
         f.recover()
         rec = f.read()
-        self.files[rec.id] = f
+        self.files[path.stem] = f  # a file named unlike its task is refused (by the caller)
         return rec
+
+    def adopt(self, path: Path, rec: TaskRecord) -> None:
+        """Take rec as the task whose file at path is broken: its writes are refused until
+        the person fixes the file (or deletes it), then rec is written."""
+        self.files[rec.id] = StateFile(path, TaskRecord, default=lambda: rec)
+
+    def last_good(self, path: Path) -> TaskRecord | None:
+        """The task file's backup (the version the system wrote before), if it is valid."""
+        try:
+            raw = backup_of(path).read_bytes()
+        except OSError:
+            return None
+        return None if validate_bytes(path, raw, TaskRecord) else parse(path, raw, TaskRecord)
 
     def changed(self, rec: TaskRecord, lazy: bool) -> None:
         """Note a change of a task, to be written at the end of the turn.

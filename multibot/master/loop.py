@@ -39,7 +39,7 @@ from multibot.layout import MASTER_ID, Home
 from multibot.master import feedback, ledger
 from multibot.master.book import TaskBook, drift
 from multibot.master.discoveries import Discoveries, recipients
-from multibot.master.edits import Edits, Seen, task_edit
+from multibot.master.edits import FORGED, Edits, Seen, task_edit
 from multibot.master.jobs import Jobs
 from multibot.master.journal import Hooks, TurnJournal
 from multibot.master.pipeline import (
@@ -60,6 +60,7 @@ from multibot.state import (
     ON_WORKER,
     BranchInfo,
     Plan,
+    PlanTask,
     QuestionRecord,
     SharedContext,
     SystemState,
@@ -290,10 +291,59 @@ class Master:
         self.view.dirty = True
 
     def load_tasks_from_files(self) -> None:
+        """Read the tasks back after a restart, by the rules the running master applies: a
+        file a person broke, or whose fields only multibot writes were edited, is refused
+        with the reason (the task goes on from its last good state, or from the plan); a
+        file that is no task of the run (not in the plan, no follow-up) is refused."""
         self.book.ordered(topological_order(self.plan.tasks))
         self.home.tasks_dir.mkdir(parents=True, exist_ok=True)
+        planned = {t.id: t for t in self.plan.tasks}
         for path in sorted(self.home.tasks_dir.glob("*.json")):
-            self.book.add(self.journal.open(path))
+            rec = self.read_task_file(path, planned.get(path.stem))
+            if rec is not None:
+                self.book.add(rec)
+        now = self.clock()
+        for t in self.plan.tasks:  # a task file deleted by hand: the task starts anew
+            if t.id not in self.book:
+                self.event("task-file-missing", f"{self.home.task(t.id)} is missing: made anew")
+                self.add_task(TaskRecord(task=t, ready_at=None if t.dependencies else now))
+
+    def read_task_file(self, path: Path, planned: PlanTask | None) -> TaskRecord | None:
+        """One task's record from its file, or None if the file is refused (see above)."""
+        try:
+            rec = self.journal.open(path)
+        except StateError as exc:  # broken, with no good copy to fall back on
+            if planned is None:
+                self.event("task-file-refused", f"{exc}: not a task of this run")
+                return None
+            self.event("task-file-refused", f"{exc}: the task starts from the plan")
+            rec = TaskRecord(task=planned, ready_at=self.clock())
+            self.journal.adopt(path, rec)
+            self.changed(rec, lazy=False)  # written once the file is fixed (or deleted)
+            return rec
+        why = None
+        if rec.id != path.stem:
+            why = f"it holds task {rec.id!r}, not {path.stem!r}"
+        elif planned is None and not rec.origin.startswith("follow-up of "):
+            why = "it is no task of the plan"
+        if why is not None:
+            self.event("task-file-refused", f"{path}: {why}; left alone, not run")
+            self.journal.files.pop(path.stem, None)
+            return None
+        if rec.forged():
+            good = self.journal.last_good(path)
+            self.event("task-file-refused", f"{path}: {FORGED}")
+            if good is not None and not good.forged():
+                rec = good.model_copy(
+                    update={"hold": rec.hold, "cancel": rec.cancel, "version": rec.version}
+                )
+            elif planned is not None:
+                rec = TaskRecord(task=planned, ready_at=self.clock(), version=rec.version)
+            else:
+                self.journal.files.pop(path.stem, None)
+                return None
+            self.changed(rec, lazy=False)  # written back as the system has it
+        return rec
 
     def add_task(self, rec: TaskRecord) -> None:
         self.journal.create(rec)
@@ -728,7 +778,10 @@ class Master:
         self.take_edit(self.tasks[tid], written)
 
     def take_edit(self, rec: TaskRecord, edited: TaskRecord) -> None:
-        """Apply what the person changed in a task's file: hold, cancel, priority."""
+        """Apply what the person changed in a task's file: hold, cancel, priority (a change
+        of any other field is refused, and said once; the next write puts it back)."""
+        if edited.forged():
+            self.edits.report(f"{self.home.task(rec.id)}: {FORGED}")
         if not task_edit(rec, edited):
             return
         self.event(
