@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -140,6 +141,24 @@ class ProcessLauncher:
     def stop_all(self) -> None:
         for handle in list(self.children):
             self.stop(handle)
+
+    def wind_down(self, grace: float) -> None:
+        """SIGTERM every worker started here (each commits its work and reports), SIGKILL
+        those still running after grace seconds."""
+        for child in self.children.values():
+            if child.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGTERM)
+        self.wait_all(grace)
+        self.stop_all()
+
+    def wait_all(self, timeout: float) -> None:
+        """Wait up to timeout seconds for every worker started here to exit."""
+        deadline = time.monotonic() + timeout
+        while any(c.poll() is None for c in self.children.values()):
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)
 
 
 class TmuxLauncher:

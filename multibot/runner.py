@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
     from multibot.worktrees import GitRepo
 
 UNFINISHED = ("starting", "planning", "awaiting_approval", "running")
+CHILD_GRACE_S = 10.0  # how long --no-tmux workers get to exit before they are killed
 
 
 def pid_is_master(pid: int | None) -> bool:
@@ -136,16 +139,47 @@ def _run_master(
         master.start_new(
             plan, goal or plan.goal, run_id, opus_session=opus_session, opus_cost_usd=opus_cost
         )
+    stop = _stop_on_sigterm()
     try:
         return master.run()
     finally:
         if isinstance(launcher, ProcessLauncher):
-            deadline = time.monotonic() + 10
-            while any(launcher.alive(h) for h in list(launcher.children)):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)
-            launcher.stop_all()
+            _end_children(master, launcher, stop.is_set())
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: the master stops as on Ctrl-C, and then stops its workers too."""
+
+
+def _stop_on_sigterm() -> threading.Event:
+    """Make SIGTERM (systemd, timeout, kill) end the master's loop; return what tells."""
+    got = threading.Event()
+
+    def on_term(signum: int, frame: object) -> None:
+        if not got.is_set():
+            got.set()
+            raise Terminated
+
+    signal.signal(signal.SIGTERM, on_term)
+    return got
+
+
+def _end_children(master: Master, launcher: ProcessLauncher, terminated: bool) -> None:
+    """What becomes of --no-tmux workers when the master ends.
+
+    Its run finished: they were told to stop; the rest is killed after a grace. SIGTERM:
+    they are stopped (each commits its work), as supervisord and systemd stop a service's
+    processes; the run resumes later. Ctrl-C or a crash: they keep running and wait for the
+    master to start again, which adopts them.
+    """
+    if master.finished:
+        launcher.wait_all(CHILD_GRACE_S)
+        launcher.stop_all()
+    elif terminated:
+        master.show("SIGTERM: stopping the workers (start the master again to resume)")
+        launcher.wind_down(CHILD_GRACE_S)
+    elif launcher.children:
+        master.show("the workers keep running: start the master again to resume the run")
 
 
 def run_repo(home: Home) -> GitRepo:

@@ -798,6 +798,47 @@ def test_a_killed_master_without_tmux_resumes_its_running_workers(make_run: Any)
     wait_until(lambda: not pid_alive(pid), 30)
 
 
+def test_sigterm_stops_a_master_without_tmux_and_its_workers(make_run: Any) -> None:
+    """Issue 20 item 8: SIGTERM (systemd, timeout, kill) left the workers running with no
+    master, under PPid 1, idle for ever. It stops them, as supervisord and systemd do, and
+    the run resumes when the master starts again."""
+    run: Run = make_run(max_workers=1)
+    two_tasks(run)
+    run.start_master("--no-tmux")
+    wait_until(lambda: run.mark("t1.runs"), 60)
+    wait_until(lambda: run.task("t1")["status"] == "running", 30)
+    pid = run.heartbeat_pid("w1")
+    os.kill(run.masters[-1].pid, signal.SIGTERM)
+    run.masters[-1].wait(timeout=30)
+    wait_until(lambda: not pid_alive(pid), 20)
+    assert run.state()["phase"] == "running"  # unfinished: resumed by the next master
+    run.start_master("--no-tmux")
+    release(run, "go")
+    run.assert_done(["t1", "t2"], run.finish())
+
+
+def test_ctrl_c_leaves_the_workers_of_a_master_without_tmux_to_be_adopted(
+    make_run: Any,
+) -> None:
+    """Issue 20 item 22: a --no-tmux master that ended without finishing its run (Ctrl-C,
+    a crash) killed its workers after 10 s, so every running task started again."""
+    run: Run = make_run(max_workers=1)
+    two_tasks(run)
+    run.start_master("--no-tmux")
+    wait_until(lambda: run.mark("t1.runs"), 60)
+    wait_until(lambda: run.task("t1")["status"] == "running", 30)
+    pid = run.heartbeat_pid("w1")
+    os.kill(run.masters[-1].pid, signal.SIGINT)
+    run.masters[-1].wait(timeout=30)
+    assert pid_alive(pid), "the worker was killed with its master"
+    run.start_master("--no-tmux")
+    wait_until(lambda: run.has_event("master-restarted"), 30)
+    release(run, "go")
+    run.assert_done(["t1", "t2"], run.finish())
+    assert len(run.mark("t1.runs")) == 1, "t1 ran twice"
+    assert run.state()["workers"]["w1"]["generation"] == 1
+
+
 # == 11. a merge conflict goes back as a task, is resolved and merged ========================
 def test_a_merge_conflict_is_handed_back_resolved_and_merged(make_run: Any) -> None:
     run: Run = make_run(max_workers=2)
