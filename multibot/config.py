@@ -28,7 +28,15 @@ class MasterConfig(_Config):
     heartbeat_misses: int = Field(3, ge=1, description="Missed beats before a worker is dead.")
     restart_backoff: float = Field(1.0, ge=0, description="First restart delay; doubles each time.")
     restart_backoff_max: float = Field(30.0, ge=0, description="Longest restart delay.")
-    max_restarts: int = Field(4, ge=0, description="Restarts before a worker is marked failed.")
+    max_restarts: int = Field(
+        4, ge=0, description="Restarts within restart_window before a worker is marked failed."
+    )
+    restart_window: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds a worker must live to have its restarts forgotten (as systemd's "
+        "StartLimitIntervalSec).",
+    )
     question_policy: Literal["auto", "human", "auto_with_window"] = Field(
         "auto",
         description="Who answers workers' questions: Opus, the person, or Opus after a "

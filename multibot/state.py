@@ -188,6 +188,7 @@ class WorkerInfo(Record):
     pane_server: str | None = Field(None, description="Where pane_id means something.")
     restarts: int = 0
     next_restart_at: float | None = None
+    died_at: float | None = None  # when it last died (restarts are counted in a window)
     failure_reason: str = ""
     model: str | None = None
     cost_usd: float = 0.0

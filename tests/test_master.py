@@ -622,3 +622,26 @@ def test_a_forged_field_while_the_master_runs_is_reported_and_put_back(
     w.master.book.move(w.master.tasks["b"], "cancelled")
     w.until(lambda: w.task("b").status == "cancelled", "written")
     assert w.task("b").task.title == "b" and not w.task("b").forged()
+
+
+def test_restarts_are_counted_in_a_window(world: Callable[..., World]) -> None:
+    """Issue 20 item 21: restart counts never went down, so 64 kills spread over a long run
+    failed 11 of 14 workers. A worker that lived restart_window since its last death starts
+    a fresh count."""
+    w = world(tasks("a"), max_workers=1, max_restarts=1, restart_backoff=0.1,
+              restart_window=60)  # fmt: skip
+    w.tick()
+    info = w.master.sys.workers["w1"]
+    for death in range(3):  # each after more than the window: never failed
+        w.launcher.gone.add(info.pane_id or "")
+        w.until(lambda: info.status == "error", f"death {death + 1}")
+        assert info.restarts == 1
+        w.clock.advance(0.5)
+        w.until(lambda: info.status == "starting", "restarted")
+        w.clock.advance(61)
+    w.launcher.gone.add(info.pane_id or "")  # and two deaths within it: failed
+    w.until(lambda: info.status == "error", "a death")
+    w.clock.advance(0.5)
+    w.until(lambda: info.status == "starting", "restarted")
+    w.launcher.gone.add(info.pane_id or "")
+    w.until(lambda: info.status == "failed", "failed within the window")

@@ -320,6 +320,9 @@ class WorkerPool:
         """Apply the restart policy to a dead worker: a restart after a backoff, or, past
         max_restarts, failed for good (returned True: its task must go back)."""
         info = self.workers[wid]
+        if info.died_at is not None and now - info.died_at > self.config.restart_window:
+            info.restarts = 0  # it lived long enough since its last death: a fresh count
+        info.died_at = now
         info.restarts += 1
         self.state().metrics.restarts += 1
         info.failure_reason = reason
