@@ -645,3 +645,60 @@ def test_restarts_are_counted_in_a_window(world: Callable[..., World]) -> None:
     w.until(lambda: info.status == "starting", "restarted")
     w.launcher.gone.add(info.pane_id or "")
     w.until(lambda: info.status == "failed", "failed within the window")
+
+
+def answers(w: World, wid: str) -> list[str]:
+    if wid not in w.inboxes:
+        w.inboxes[wid] = mailbox.Receiver(w.home, wid)
+    got = w.inboxes[wid].fetch()
+    w.inboxes[wid].done(*got)
+    return [m.payload.answer for m in got if isinstance(m.payload, protocol.Answer)]
+
+
+def test_an_answer_is_delivered_only_once_it_is_in_the_inbox(
+    world: Callable[..., World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 20 item 14: a failed send was swallowed and the question marked delivered, so
+    the worker waited for an answer that never came. And an answer for a `multibot ask`
+    that gave up (its reply inbox gone) goes to the worker's own inbox."""
+    from multibot.errors import SendError
+    from multibot.master import journal
+    from multibot.state import FaqEntry, QuestionRecord
+
+    w = world(tasks("a"), max_workers=1)
+    w.master.plan = w.master.plan.model_copy(
+        update={"faq": [FaqEntry(match="port", answer="8080")]}
+    )
+    w.tick()
+    (m,) = w.assignments("w1")
+    real, full = mailbox.stage, {"on": True}
+
+    def stage(home: Home, message: protocol.Envelope, **kw: Any) -> Any:
+        if isinstance(message.payload, protocol.Answer) and full["on"]:
+            raise SendError("cannot deliver: [Errno 28] No space left on device")
+        return real(home, message, **kw)
+
+    monkeypatch.setattr(journal.mailbox, "stage", stage)
+    asked = protocol.make(
+        protocol.Question(question="which port?"),
+        sender="w1",
+        recipient=MASTER_ID,
+        generation=1,
+        task_id="a",
+        reply_to="ask-0123456789abcdef",  # gone: that `multibot ask` gave up
+    )
+    mailbox.send(w.home, asked)
+    qfile = w.home.question("q-" + asked.id)
+    w.until(qfile.exists, "recorded")
+    for _ in range(5):
+        w.tick()
+    q = StateFile(qfile, QuestionRecord, default=None).read()
+    assert q.status == "answered" and q.answer == "8080"  # not delivered: the send failed
+    assert w.events("write-failed")
+    full["on"] = False
+    w.until(lambda: answers(w, "w1") == ["8080"], "sent again, to the worker's inbox")
+    w.until(
+        lambda: StateFile(qfile, QuestionRecord, default=None).read().status == "delivered",
+        "delivered once in the inbox",
+    )
+    assert m.task_id == "a"

@@ -582,11 +582,13 @@ class Master:
         )
 
     def reply(self, q: QuestionRecord, text: str, by: str) -> protocol.Envelope:
-        """(questions) The message that answers q."""
+        """(questions) The message that answers q: to the inbox it asked from (a `multibot
+        ask` waiting), or, when that is gone (it gave up waiting), to the worker's own."""
+        waiting = q.reply_to and self.home.inbox(q.reply_to).root.is_dir()
         return protocol.make(
             protocol.Answer(answer=text, answered_by=by),
             sender=MASTER_ID,
-            recipient=q.reply_to or q.worker,
+            recipient=q.reply_to if waiting and q.reply_to else q.worker,
             generation=self.sys.master_generation,
             task_id=q.task_id,
             correlation_id=q.message_id,
