@@ -15,6 +15,7 @@ from multibot import mailbox, protocol
 from multibot.config import load_master, load_worker
 from multibot.errors import DecodeError, MultibotError
 from multibot.layout import MASTER_ID, Home
+from multibot.privacy import go_private
 
 Handler = Callable[[argparse.Namespace, Home], int]
 COMMANDS: dict[str, Handler] = {}
@@ -523,6 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the multibot command line."""
     args = parser().parse_args(argv)
     home = Home.at(args.home)
+    go_private(home if args.command in ("master", "session") else None)
     try:
         return COMMANDS[args.command](args, home)
     except MultibotError as exc:

@@ -85,6 +85,11 @@ class Home:
     def worktrees_dir(self) -> Path:
         return self.root / "worktrees"
 
+    @property
+    def handed_secrets(self) -> Path:
+        """The launching shell's secrets on their way to the master (see privacy.py)."""
+        return self.state_dir / "handed-secrets.json"
+
     # -- config ------------------------------------------------------------------------
     @property
     def master_config(self) -> Path:

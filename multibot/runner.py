@@ -18,6 +18,7 @@ from multibot.launcher import Launcher, ProcessLauncher, TmuxLauncher
 from multibot.layout import Home
 from multibot.master import Master
 from multibot.plan import load_plan_file
+from multibot.privacy import hand_over, take_over
 from multibot.state import SystemState
 from multibot.store import StateFile
 
@@ -107,6 +108,7 @@ def _run_master(
     resuming = existing is not None and existing.phase in UNFINISHED and not fresh
     backend = backend or (existing.backend if resuming and existing else template.backend)
     launcher = make_launcher(home, use_tmux, config.max_panes_per_window)
+    agent_env = take_over(home)
     master = Master(
         home,
         config,
@@ -115,6 +117,7 @@ def _run_master(
         launcher=launcher,
         worker_template=template,
         advisor=make_advisor(home, backend),
+        agent_env=agent_env,
     )
     if resuming:
         assert existing is not None
@@ -277,6 +280,7 @@ def open_session(home: Home, socket: str, session: str, master_args: list[str]) 
     from multibot.panes import Tmux
 
     args = [a for a in master_args if a != "--"]
+    hand_over(home)  # before any tmux call: a server started now must not keep them
     tmux = Tmux(socket, session)
     home.logs_dir.mkdir(parents=True, exist_ok=True)
     py = shlex.quote(sys.executable)

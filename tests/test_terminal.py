@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -451,6 +452,50 @@ def test_session_panes_titles_and_pause_by_hand_edit(
 
 
 # -- the status view never breaks on a broken hand edit ----------------------------------------
+@pytest.mark.timeout(120)
+def test_secrets_stay_out_of_tmux_and_runtime_files_are_private(
+    slow_run: tuple[Path, Path, Path, str],
+) -> None:
+    """Issue 21 part 3: `multibot session` started the tmux server from the whole launching
+    environment, so ANTHROPIC_API_KEY sat in `tmux show-environment -g` for the server's
+    life; state/ and communication/ were 755 and their files 644."""
+    repo, home, plan, sock = slow_run
+    session = "mbsecret"
+    secret = "sk-ant-test-" + uuid.uuid4().hex
+    env = {**script_env(sock), "ANTHROPIC_API_KEY": secret, "GITHUB_TOKEN": "ghp-" + secret}
+    master_args = ["--repo", str(repo), "--plan", str(plan), "--backend", "shell"]
+    spawn = subprocess.Popen(  # it follows the run until the fixture ends it
+        [str(SPAWN), "--detach", "--home", str(home), "--session", session, *master_args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        check_private(home, sock, session, secret)
+    finally:
+        os.killpg(spawn.pid, signal.SIGKILL)
+        spawn.wait()
+
+
+def check_private(home: Path, sock: str, session: str, secret: str) -> None:
+    wait_until(lambda: (home / "state" / "heartbeats" / "w1.json").exists(), 30)
+    for scope in (["-g"], ["-t", session]):
+        shown = subprocess.run(
+            ["tmux", "-L", sock, "show-environment", *scope], capture_output=True, text=True
+        ).stdout
+        assert secret not in shown, f"the secret is in tmux's environment ({scope})"
+    assert not (home / "state" / "handed-secrets.json").exists()
+    beat = json.loads((home / "state" / "heartbeats" / "w1.json").read_text())
+    worker_env = Path(f"/proc/{beat['pid']}/environ").read_bytes()
+    assert f"ANTHROPIC_API_KEY={secret}".encode() in worker_env  # its agent needs it
+    for folder in ("state", "communication", "worktrees"):
+        assert stat.S_IMODE((home / folder).stat().st_mode) == 0o700, folder
+    assert stat.S_IMODE((home / "state" / "system-state.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.joinpath("communication/inbox/master").stat().st_mode) == 0o700
+
+
 def test_status_survives_broken_files_and_names_them(tmp_path: Path) -> None:
     home = Home.at(tmp_path)
     home.questions_dir.mkdir(parents=True)

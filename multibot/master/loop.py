@@ -17,7 +17,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
@@ -97,6 +97,7 @@ class Master:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         git: Callable[[], GitRepo] | None = None,
+        agent_env: Mapping[str, str] | None = None,
     ) -> None:
         self.home, self.config, self.backend, self.repo = home, config, backend, repo
         self.advisor = advisor or Advisor()
@@ -149,6 +150,7 @@ class Master:
             send=self.send,
             event=self.event,
             monotonic=monotonic,
+            agent_env=agent_env or {},
         )
         voice = Voice(self.journal.send, self.reply, self.event, self.show, self.opus_context)
         self.questions = Questions(home, config, self.advisor, voice)

@@ -9,7 +9,7 @@ chores thread, never on the loop's path.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -59,8 +59,10 @@ class WorkerPool:
         send: Callable[[str, protocol.Payload], None],
         event: Callable[..., None],
         monotonic: Callable[[], float],
+        agent_env: Mapping[str, str] | None = None,
     ) -> None:
         self.home, self.config, self.template = home, config, template
+        self.agent_env = dict(agent_env or {})  # secrets for the agents (see privacy.py)
         self.launcher, self.backend = launcher, backend
         self.state, self.chores, self.send, self.event = state, chores, send, event
         self.mono = monotonic
@@ -103,7 +105,7 @@ class WorkerPool:
 
     def launch(self, wid: str, info: WorkerInfo, *, restart: bool) -> None:
         argv = worker_argv(self.home, wid, self.backend, info.generation)
-        env = {"MULTIBOT_HOME": str(self.home.root)}
+        env = {**self.agent_env, "MULTIBOT_HOME": str(self.home.root)}
         if restart:
             # First: a frozen incarnation may hold the lock of its state file.
             self.kill_old_incarnation(wid, info.generation)
