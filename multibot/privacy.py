@@ -1,6 +1,6 @@
 """Private by default: runtime files only the user can read, and secrets kept out of tmux.
 
-Every multibot process runs under umask 077, so what it creates under the home is 0700
+Every multibot command runs under umask 077, so what it creates under the home is 0700
 (folders) and 0600 (files). The tmux server keeps the environment it was started with for
 its whole life and gives it to every pane, so `multibot session` starts it without the
 launching shell's secrets: they are handed to the master through a private file it reads

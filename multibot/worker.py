@@ -14,7 +14,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, TextIO
 
@@ -134,6 +134,9 @@ class Worker:
         self.state = StateFile(home.worker_state(self.id), WorkerState, default=self._fresh_state)
         self.memory = StateFile(home.worker_memory(self.id), ContextMemory, default=ContextMemory)
         self.system = StateFile(home.system_state, PauseView, default=PauseView)
+        self.run_paused = self.system.read().paused  # then read in the pause-look thread only
+        self.looks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pause-look")
+        self.system_look: Future[tuple[bool, StateError | None] | None] | None = None
         self.heartbeat_interval = heartbeat_interval
         self.setup_hook = setup_hook
         self.master_contact: float | None = None
@@ -229,6 +232,7 @@ class Worker:
             self.inbox.close()
             self.heartbeat.close()
             self._log.close()
+            self.looks.shutdown(cancel_futures=True)
         return EXIT_OK
 
     def step(self) -> None:
@@ -257,16 +261,39 @@ class Worker:
 
     # -- pause ------------------------------------------------------------------------------
     def _want_pause(self) -> bool:
-        return self.state.read().paused or self.system.read().paused
+        return self.state.read().paused or self.run_paused
+
+    def _look_at_system(self) -> tuple[bool, StateError | None] | None:
+        """(pause-look thread) The run's pause and the file's problem, if it changed.
+        system-state.json is the master's, rewritten twice a second and as big as the run:
+        read here, off the loop that beats."""
+        if not self.system.changed():
+            return None
+        return self.system.read().paused, self.system.problem()
+
+    def _system_changed(self) -> bool:
+        """Take in the last look at system-state.json and start the next; True if the
+        run's pause (or the file's problem) changed."""
+        changed = False
+        if self.system_look is not None and self.system_look.done():
+            seen, self.system_look = self.system_look.result(), None
+            if seen is not None:
+                changed = seen[0] != self.run_paused or seen[1] is not None
+                self.run_paused, problem = seen
+                self._report_problem(problem)
+        if self.system_look is None:
+            self.system_look = self.looks.submit(self._look_at_system)
+        return changed
+
+    def _report_problem(self, problem: StateError | None) -> None:
+        if problem and str(problem) != self.last_problem:
+            self.last_problem = str(problem)
+            self.show(f"! ignoring a bad edit, last good state stays in force: {problem}")
 
     def _check_pause(self) -> None:
-        if not (self.state.changed() or self.system.changed()):
+        if not (self._system_changed() | self.state.changed()):
             return
-        for f in (self.state, self.system):
-            problem = f.problem()
-            if problem and str(problem) != self.last_problem:
-                self.last_problem = str(problem)
-                self.show(f"! ignoring a bad edit, last good state stays in force: {problem}")
+        self._report_problem(self.state.problem())
         if self.state.read().generation > self.generation:
             raise Replaced(f"state file names generation {self.state.read().generation}")
         want = self._want_pause()

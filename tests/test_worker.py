@@ -468,3 +468,34 @@ def test_a_report_that_cannot_be_sent_is_sent_once_the_disk_has_room(
         w.inbox.close()
         w.heartbeat.close()
         w._log.close()
+
+
+def test_the_run_s_pause_is_read_off_the_loop_that_beats(rig: Rig) -> None:
+    """Issue 20 item 4: every worker read and parsed system-state.json (as big as the run,
+    rewritten twice a second) in the loop that beats."""
+    import threading
+
+    from multibot.state import SystemState
+
+    w = Worker(rig.home, "w1", generation=1, out=io.StringIO())
+    readers: list[str] = []
+    real = w.system.read
+
+    def read() -> object:
+        readers.append(threading.current_thread().name)
+        return real()
+
+    w.system.read = read  # type: ignore[method-assign]
+    try:
+        w.register()
+        f = StateFile(rig.home.system_state, SystemState, default=SystemState)
+        f.update(lambda s: s.model_copy(update={"paused": True}))
+        wait_until(lambda: (w.step(), w.paused)[1], 10)
+        f.update(lambda s: s.model_copy(update={"paused": False}))
+        wait_until(lambda: (w.step(), not w.paused)[1], 10)
+        assert readers and all(r.startswith("pause-look") for r in readers)
+    finally:
+        w.looks.shutdown()
+        w.inbox.close()
+        w.heartbeat.close()
+        w._log.close()
