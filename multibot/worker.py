@@ -135,6 +135,7 @@ class Worker:
         self.memory = StateFile(home.worker_memory(self.id), ContextMemory, default=ContextMemory)
         self.system = StateFile(home.system_state, PauseView, default=PauseView)
         self.run_paused = self.system.read().paused  # then read in the pause-look thread only
+        self.paused_at = 0.0  # when the agent was last stopped (see _hold_paused)
         self.looks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pause-look")
         self.system_look: Future[tuple[bool, StateError | None] | None] | None = None
         self.heartbeat_interval = heartbeat_interval
@@ -251,6 +252,8 @@ class Worker:
                 continue
             self.inbox.done(message)
         self.take_branch()
+        if self.paused and self.task is not None:
+            self._hold_paused()
         if self.paused or self.task is None:
             return
         for event in self.agent.poll():
@@ -262,6 +265,15 @@ class Worker:
     # -- pause ------------------------------------------------------------------------------
     def _want_pause(self) -> bool:
         return self.state.read().paused or self.run_paused
+
+    def _hold_paused(self) -> None:
+        """Stop the agent's group again each second while paused: a single SIGSTOP was seen
+        undone now and then, most likely by the SIGCONT the kernel sends an orphaned process
+        group (the agent's is one: a session of its own) when one of its processes exits."""
+        now = time.monotonic()
+        if now - self.paused_at >= 1.0:
+            self.paused_at = now
+            self.agent.suspend()
 
     def _look_at_system(self) -> tuple[bool, StateError | None] | None:
         """(pause-look thread) The run's pause and the file's problem, if it changed.
