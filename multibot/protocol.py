@@ -148,7 +148,7 @@ class TaskComplete(Frozen):
 
 
 ErrorKind = Literal[
-    "agent", "timeout", "budget", "git", "protocol", "startup", "terminated", "internal"
+    "agent", "timeout", "budget", "git", "protocol", "startup", "terminated", "internal", "busy"
 ]
 
 

@@ -352,7 +352,7 @@ class Worker:
                 return  # the same assignment again (master restarted): already on it
             self.send(
                 protocol.ErrorReport(
-                    kind="protocol", message=f"busy with {current.task_id}", recoverable=True
+                    kind="busy", message=f"busy with {current.task_id}", recoverable=True
                 ),
                 task_id=task_id,
             )

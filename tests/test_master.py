@@ -702,3 +702,16 @@ def test_an_answer_is_delivered_only_once_it_is_in_the_inbox(
         "delivered once in the inbox",
     )
     assert m.task_id == "a"
+
+
+def test_a_busy_worker_sends_its_task_back_to_wait(world: Callable[..., World]) -> None:
+    """A worker already on another task (an assignment sent again after a restart) says so
+    with an error of kind busy (the master matched the text "busy" in the message before)."""
+    w = world(tasks("a"), max_workers=1)
+    w.tick()
+    (m,) = w.assignments("w1")
+    busy = protocol.ErrorReport(kind="busy", message="busy with b", recoverable=True)
+    w.report("w1", m, busy)
+    w.until(lambda: w.master.tasks["a"].status in ("pending", "assigned") and
+            w.master.tasks["a"].attempts == 2, "assigned again")  # fmt: skip
+    assert not w.events("task-failed") and not w.events("task-retry")

@@ -756,7 +756,7 @@ class Master:
             info.status, info.current_task, info.idle_since = "idle", None, self.clock()
         if rec is None or rec.worker != m.sender or rec.status not in ON_WORKER:
             return
-        if p.kind == "protocol" and "busy" in p.message:
+        if p.kind == "busy":  # it runs another task: this one waits for a free worker
             rec.worker = None
             self.set_task(rec, "pending")
             return
