@@ -13,7 +13,7 @@ import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 from multibot.errors import DecodeError
 from multibot.ids import check_branch, check_id, check_relpath
@@ -22,6 +22,7 @@ SCHEMA_VERSION = 1
 BROADCAST = "*"
 MAX_MESSAGE_BYTES = 1_000_000
 _COMMIT = re.compile(r"[0-9a-f]{4,64}")
+Branch = Annotated[str, AfterValidator(check_branch)]  # a branch name git takes as one
 
 Model = Literal["haiku", "sonnet", "opus"]
 
@@ -44,7 +45,7 @@ class TaskAssignment(Frozen):
     type: Literal["TASK_ASSIGNMENT"] = "TASK_ASSIGNMENT"
     title: str = ""
     description: str
-    branch: str
+    branch: Branch
     working_directory: str
     context: list[str] = []
     dependencies: list[str] = []
@@ -58,11 +59,6 @@ class TaskAssignment(Frozen):
     attempt: int = 1
     base_branch: str = "multibot/integration"
     repo: str = ""
-
-    @field_validator("branch")
-    @classmethod
-    def _branch(cls, v: str) -> str:
-        return check_branch(v)
 
     @field_validator("owns")
     @classmethod
@@ -123,7 +119,7 @@ class Tokens(Frozen):
 class TaskComplete(Frozen):
     type: Literal["TASK_COMPLETE"] = "TASK_COMPLETE"
     summary: str
-    branch: str
+    branch: Branch
     commit: str | None = None
     files_changed: list[str] = []
     cost_usd: float = 0.0
@@ -133,11 +129,6 @@ class TaskComplete(Frozen):
     discoveries: list[str] = []
     follow_ups: list[str] = []
     session_id: str | None = None
-
-    @field_validator("branch")
-    @classmethod
-    def _branch(cls, v: str) -> str:
-        return check_branch(v)
 
     @field_validator("commit")
     @classmethod

@@ -779,13 +779,18 @@ def test_a_worker_launched_just_before_a_master_crash_is_adopted(make_run: Any) 
     wait_until(lambda: not pid_alive(pid), 30)  # told to stop at the end like any other
 
 
-def test_a_killed_master_without_tmux_resumes_its_running_workers(make_run: Any) -> None:
+def t1_running_without_tmux(make_run: Any) -> tuple[Run, int]:
+    """A --no-tmux master on two_tasks with t1 running on w1: the run, and w1's pid."""
     run: Run = make_run(max_workers=1)
     two_tasks(run)
     run.start_master("--no-tmux")
     wait_until(lambda: run.mark("t1.runs"), 60)
     wait_until(lambda: run.task("t1")["status"] == "running", 30)
-    pid = run.heartbeat_pid("w1")
+    return run, run.heartbeat_pid("w1")
+
+
+def test_a_killed_master_without_tmux_resumes_its_running_workers(make_run: Any) -> None:
+    run, pid = t1_running_without_tmux(make_run)
     run.kill_master()  # its workers run in sessions of their own: they live on
     run.start_master("--no-tmux")
     wait_until(lambda: run.has_event("master-restarted"), 30)
@@ -802,12 +807,7 @@ def test_sigterm_stops_a_master_without_tmux_and_its_workers(make_run: Any) -> N
     """Issue 20 item 8: SIGTERM (systemd, timeout, kill) left the workers running with no
     master, under PPid 1, idle for ever. It stops them, as supervisord and systemd do, and
     the run resumes when the master starts again."""
-    run: Run = make_run(max_workers=1)
-    two_tasks(run)
-    run.start_master("--no-tmux")
-    wait_until(lambda: run.mark("t1.runs"), 60)
-    wait_until(lambda: run.task("t1")["status"] == "running", 30)
-    pid = run.heartbeat_pid("w1")
+    run, pid = t1_running_without_tmux(make_run)
     os.kill(run.masters[-1].pid, signal.SIGTERM)
     run.masters[-1].wait(timeout=30)
     wait_until(lambda: not pid_alive(pid), 20)
@@ -822,12 +822,7 @@ def test_ctrl_c_leaves_the_workers_of_a_master_without_tmux_to_be_adopted(
 ) -> None:
     """Issue 20 item 22: a --no-tmux master that ended without finishing its run (Ctrl-C,
     a crash) killed its workers after 10 s, so every running task started again."""
-    run: Run = make_run(max_workers=1)
-    two_tasks(run)
-    run.start_master("--no-tmux")
-    wait_until(lambda: run.mark("t1.runs"), 60)
-    wait_until(lambda: run.task("t1")["status"] == "running", 30)
-    pid = run.heartbeat_pid("w1")
+    run, pid = t1_running_without_tmux(make_run)
     os.kill(run.masters[-1].pid, signal.SIGINT)
     run.masters[-1].wait(timeout=30)
     assert pid_alive(pid), "the worker was killed with its master"

@@ -115,6 +115,7 @@ class Master:
         self.inbox: mailbox.Receiver | None = None
         self.unhandled: list[protocol.Envelope] = []  # fetched, to be handled again (disk full)
         self.finished, self.exit_code = False, EXIT_DONE
+        self.budget_said = False  # the budget-reached event is said once
         self.last_prune = 0.0
         self.branches: dict[str, BranchInfo] = {}  # each task's entry in system-state.json
         self.timeline = Timeline(home.timeline, clock)
@@ -1002,7 +1003,7 @@ class Master:
 
     def over_budget(self) -> bool:
         why = ledger.over_budget(self.sys, self.config.budget_usd)
-        if why is not None and "budget" not in self.edits.reported:
-            self.edits.reported.add("budget")
+        if why is not None and not self.budget_said:
+            self.budget_said = True
             self.event("budget-reached", why)
         return why is not None

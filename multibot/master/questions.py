@@ -63,13 +63,17 @@ class Questions:
         self.open: dict[str, StateFile[QuestionRecord]] = {}
         self.window: dict[str, float] = {}  # question id -> when Opus answers it (see asked)
         self.sending: set[str] = set()  # answers in the outbox, not yet in the inbox
+        self.resend: set[str] = set()  # answered, not delivered: sent again at the next look
 
     def load(self) -> None:
         """Take the undelivered questions back after a restart (answers are sent again)."""
         for path in sorted(self.home.questions_dir.glob("*.json")):
             q = StateFile(path, QuestionRecord, default=None)
-            if q.read().status != "delivered":
+            status = q.read().status
+            if status != "delivered":
                 self.open[path.stem] = q
+            if status == "answered":
+                self.resend.add(path.stem)
 
     def asked(
         self, m: protocol.Envelope, p: protocol.Question, faq: Sequence[FaqEntry], now: float
@@ -129,6 +133,7 @@ class Questions:
                 "answer", f"{qid} answered by {by}: {text}", question=qid, answered_by=by
             )
         self.window.pop(qid, None)
+        self.resend.discard(qid)
         self.sending.add(qid)
         self.voice.send(self.voice.reply(q, text, by))
 
@@ -142,20 +147,19 @@ class Questions:
 
     def unsent(self, message: protocol.Envelope) -> None:
         """An answer could not be sent: it stays answered, and goes again at the next look."""
-        self.sending.discard("q-" + (message.correlation_id or ""))
+        qid = "q-" + (message.correlation_id or "")
+        self.sending.discard(qid)
+        self.resend.add(qid)
 
     def look(self) -> None:
         """Send the answers a person wrote into question files, and those not yet delivered."""
         for qid, f in list(self.open.items()):
             if qid in self.sending:
                 continue
-            if f.changed() or self._answered(f):
+            if qid in self.resend or f.changed():
                 q = f.read()
                 if q.answer and q.status != "delivered":
                     self.answer(qid, q.answer, q.answered_by or "human")
-
-    def _answered(self, f: StateFile[QuestionRecord]) -> bool:
-        return f.read().status == "answered"
 
     def tick(self, now: float) -> None:
         """Ask Opus the questions whose window for the person has passed."""
