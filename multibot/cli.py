@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from multibot import mailbox, protocol
 from multibot.config import load_master, load_worker
@@ -276,48 +276,97 @@ def cmd_send(a: argparse.Namespace, home: Home) -> int:
         message = protocol.decode(json.dumps(raw).encode())
     except DecodeError as exc:
         raise MultibotError(f"not sent: {exc.cause}") from exc
-    paths = mailbox.send(home, message)
+    paths = mailbox.send(home, _signed(home, message, a.generation))
     print(f"sent {message.type} {message.id} to {a.to}: {paths}")
     return 0
 
 
+def _signed(home: Home, message: protocol.Envelope, generation: int | None) -> protocol.Envelope:
+    """message signed, from the run key, as its recipient's master (to a worker, at the
+    generation its state file names) or as its sender (to the master)."""
+    from multibot import auth
+    from multibot.state import WorkerState
+    from multibot.store import StateFile
+
+    keys = auth.load_keys(home)
+    if message.recipient == MASTER_ID:
+        gen = message.generation if generation is None else generation
+        message = message.model_copy(update={"generation": gen})
+        return auth.sign(message, keys.worker(message.sender, gen), gen)
+    if generation is None:
+        ws = StateFile(home.worker_state(message.recipient), WorkerState, default=None)
+        try:
+            generation = ws.read().generation
+        except (MultibotError, ValueError):
+            generation = 0
+    return auth.sign(message, keys.worker(message.recipient, generation), generation)
+
+
 # == agent-facing =============================================================================
-def _agent_identity() -> tuple[str, str | None, int]:
-    wid = os.environ.get("MULTIBOT_WORKER_ID")
-    if not wid:
-        raise MultibotError(
-            "MULTIBOT_WORKER_ID is not set: `multibot report` and `multibot ask` are run by a "
-            "worker's agent, which has it in its environment"
+class AgentVoice(NamedTuple):
+    """What an agent's commands speak with: its worker, task, generation and task key."""
+
+    worker: str
+    task: str
+    generation: int
+    key: bytes
+
+    def say(self, payload: Any) -> protocol.Envelope:
+        """A message from this agent to its own worker, which checks it and passes it on."""
+        message = protocol.make(
+            payload,
+            sender=self.worker,
+            recipient=self.worker,
+            generation=self.generation,
+            task_id=self.task,
         )
-    return wid, os.environ.get("MULTIBOT_TASK_ID"), int(os.environ.get("MULTIBOT_GENERATION", "0"))
+        return self.sign(message)
+
+    def sign(self, message: protocol.Envelope) -> protocol.Envelope:
+        from multibot import auth
+
+        return auth.sign(message, self.key, self.generation, auth.AGENT)
+
+    def heard(self, message: protocol.Envelope) -> Any:
+        """(ask inbox) None if the reply was signed by our worker for this task."""
+        from multibot import auth
+
+        seal = auth.seal_of(message)
+        if seal is not None and seal.kind == auth.AGENT and auth.verifies(message, self.key):
+            return None
+        return auth.Refusal(f"{message.type} from {message.sender!r} is not from our worker")
+
+
+def _agent_voice() -> AgentVoice:
+    from multibot import auth
+
+    env = os.environ
+    missing = [
+        k
+        for k in ("MULTIBOT_WORKER_ID", "MULTIBOT_TASK_ID", "MULTIBOT_AGENT_KEY")
+        if not env.get(k)
+    ]
+    if missing:
+        raise MultibotError(
+            f"{', '.join(missing)} not set: `multibot report` and `multibot ask` are run by a "
+            "worker's agent, which has them in its environment"
+        )
+    key = auth.key_from_hex(env["MULTIBOT_AGENT_KEY"], "MULTIBOT_AGENT_KEY")
+    return AgentVoice(
+        env["MULTIBOT_WORKER_ID"],
+        env["MULTIBOT_TASK_ID"],
+        int(env.get("MULTIBOT_GENERATION", "0")),
+        key,
+    )
 
 
 @command("report")
 def cmd_report(a: argparse.Namespace, home: Home) -> int:
-    from multibot.state import ContextMemory, Decision
-    from multibot.store import StateFile
-
-    wid, task, gen = _agent_identity()
+    voice = _agent_voice()
     text = " ".join(a.text)
     status = {"blocked": "blocked"}.get(a.kind, "working")
     payload = protocol.StatusUpdate(status=status, kind=a.kind, progress=text)
-    mailbox.send(
-        home, protocol.make(payload, sender=wid, recipient=MASTER_ID, generation=gen, task_id=task)
-    )
-
-    def remember(m: ContextMemory) -> ContextMemory:
-        if a.kind == "discovery":
-            return m.model_copy(update={"discoveries": [*m.discoveries, text]})
-        if a.kind == "blocked":
-            return m.model_copy(update={"blockers": [*m.blockers, text]})
-        if a.kind == "decision":
-            return m.model_copy(
-                update={"decisions": [*m.decisions, Decision(text=text, task_id=task)]}
-            )
-        return m
-
-    if a.kind in ("discovery", "blocked", "decision"):
-        StateFile(home.worker_memory(wid), ContextMemory, default=ContextMemory).update(remember)
+    mailbox.send(home, voice.say(payload))  # the worker remembers it and tells the master
     print(f"reported {a.kind} to the master")
     return 0
 
@@ -325,20 +374,17 @@ def cmd_report(a: argparse.Namespace, home: Home) -> int:
 @command("ask")
 def cmd_ask(a: argparse.Namespace, home: Home) -> int:
     from multibot.errors import AskTimeout
-    from multibot.state import ContextMemory
-    from multibot.store import StateFile
 
-    wid, task, gen = _agent_identity()
+    voice = _agent_voice()
     question = " ".join(a.text)
-    message = protocol.make(
-        protocol.Question(question=question),
-        sender=wid,
-        recipient=MASTER_ID,
-        generation=gen,
-        task_id=task,
-    )
     try:
-        reply = mailbox.request(home, message, timeout=a.timeout)
+        reply = mailbox.request(
+            home,
+            voice.say(protocol.Question(question=question)),
+            timeout=a.timeout,
+            sign=voice.sign,
+            verify=voice.heard,
+        )
     except AskTimeout:
         return fail(
             f"no answer to your question within {a.timeout:g}s; go on with your best judgement "
@@ -346,11 +392,7 @@ def cmd_ask(a: argparse.Namespace, home: Home) -> int:
             3,
         )
     payload = reply.payload
-    text = payload.answer if isinstance(payload, protocol.Answer) else str(payload)
-    StateFile(home.worker_memory(wid), ContextMemory, default=ContextMemory).update(
-        lambda m: m.model_copy(update={"notes": [*m.notes, f"Q: {question} A: {text}"]})
-    )
-    print(text)
+    print(payload.answer if isinstance(payload, protocol.Answer) else str(payload))
     return 0
 
 
@@ -476,6 +518,11 @@ def parser() -> argparse.ArgumentParser:
     se.add_argument("--sender", default="human")
     se.add_argument("--task")
     se.add_argument("--correlation")
+    se.add_argument(
+        "--generation",
+        type=int,
+        help="sign for this generation (default: the recipient worker's, or the message's)",
+    )
     se.add_argument("--text")
     se.add_argument("--json", help="payload fields as a JSON object")
 

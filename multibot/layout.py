@@ -90,6 +90,19 @@ class Home:
         """The launching shell's secrets on their way to the master (see privacy.py)."""
         return self.state_dir / "handed-secrets.json"
 
+    @property
+    def run_key(self) -> Path:
+        """The run's signing key, the root of every message's mac (see auth.py)."""
+        return self.state_dir / "run.key"
+
+    @property
+    def launches_dir(self) -> Path:
+        return self.state_dir / "launch"
+
+    def launch_file(self, worker_id: str) -> Path:
+        """A worker's key and secrets on their way from the master to its process."""
+        return self.launches_dir / f"{check_id(worker_id, 'worker id')}.json"
+
     # -- config ------------------------------------------------------------------------
     @property
     def master_config(self) -> Path:

@@ -48,6 +48,7 @@ from watchdog.observers.api import BaseObserver, EventQueue, ObservedWatch
 
 from multibot import protocol
 from multibot.atomic import atomic_write, fsync_dir, unique_name, write_durable
+from multibot.auth import Refusal
 from multibot.errors import AskTimeout, DecodeError, MultibotError, SendError, UnknownRecipient
 from multibot.ids import check_id
 from multibot.layout import Home, InboxPaths
@@ -200,12 +201,17 @@ def request(
     timeout: float,
     rescan_s: float = DEFAULT_RESCAN_S,
     fsync: bool = True,
+    sign: Callable[[Envelope], Envelope] | None = None,
+    verify: Callable[[Envelope], Refusal | None] | None = None,
 ) -> Envelope:
-    """Send message with a private reply inbox and return the reply; AskTimeout if none comes."""
+    """Send message with a private reply inbox and return the reply; AskTimeout if none comes.
+    sign seals the message once it names that inbox; verify checks each reply (see
+    Receiver)."""
     ask = f"{EPHEMERAL_PREFIX}{secrets.token_hex(8)}"
     try:
-        with Receiver(home, ask, rescan_s=rescan_s, durable=False) as rx:
-            send(home, message.model_copy(update={"reply_to": ask}), fsync=fsync)
+        with Receiver(home, ask, rescan_s=rescan_s, durable=False, verify=verify) as rx:
+            asking = message.model_copy(update={"reply_to": ask})
+            send(home, sign(asking) if sign else asking, fsync=fsync)
             deadline = time.monotonic() + timeout
             while True:
                 for answer in rx.fetch():
@@ -279,8 +285,12 @@ class Receiver:
         durable: bool = True,
         watch: bool = True,
         clock: Callable[[], float] = time.time,
+        verify: Callable[[Envelope], Refusal | None] | None = None,
     ) -> None:
         self.home, self.owner = home, check_id(owner, "inbox id")
+        # Checks each message's signature: one refused goes to rejected/ with the reason.
+        self.verify = verify
+        self.forged = 0  # messages refused as not proving their sender
         self.paths = create_inbox(home, owner)
         self._new, self._cur = str(self.paths.new), str(self.paths.cur)  # str: hot path
         self.rescan_s, self._durable, self._watch, self._clock = rescan_s, durable, watch, clock
@@ -444,6 +454,13 @@ class Receiver:
             problem = f"addressed to {message.recipient!r}, not {self.owner!r}"
         if problem is not None:
             self._reject(name, problem, raw)
+            return None
+        assert message is not None
+        refusal = self.verify(message) if self.verify is not None else None
+        if refusal is not None:
+            self.forged += refusal.forged
+            # Not told: a forger learns nothing, and a stale message's sender is gone.
+            self._reject(name, refusal.reason, raw, tell_sender=False)
             return None
         return message
 

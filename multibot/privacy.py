@@ -69,3 +69,42 @@ def take_over(home: Home) -> dict[str, str]:
     if isinstance(data, dict):
         os.environ.update({str(k): str(v) for k, v in data.items()})
     return secrets_of(os.environ)
+
+
+# -- a worker's launch ------------------------------------------------------------------------
+
+
+def write_launch(
+    home: Home, worker_id: str, generation: int, key: bytes, env: Mapping[str, str]
+) -> None:
+    """Leave a worker's key and secrets for its process, which reads and deletes the file at
+    start (a tmux pane's environment would put them on tmux's command line)."""
+    home.launches_dir.mkdir(parents=True, exist_ok=True)
+    data = {"worker": worker_id, "generation": generation, "key": key.hex(), "env": dict(env)}
+    atomic_write(home.launch_file(worker_id), json.dumps(data).encode())
+
+
+def take_launch(home: Home, worker_id: str, generation: int) -> tuple[bytes, dict[str, str]] | None:
+    """Read and delete the worker's launch file; return its key and secrets, or None if there
+    is none for this generation (a worker started by hand)."""
+    path = home.launch_file(worker_id)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        raw = os.read(fd, 1 << 20)
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw)
+        key = bytes.fromhex(data["key"])
+        mine = data["worker"] == worker_id and data["generation"] == generation
+        env = {str(k): str(v) for k, v in data["env"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    if not mine:
+        return None  # the next incarnation's: it is not ours to take
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    return key, env

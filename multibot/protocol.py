@@ -224,6 +224,8 @@ class Envelope(Frozen):
     correlation_id: str | None = None
     reply_to: str | None = None
     payload: Payload
+    # <kind>.<generation>.<hmac-sha256 hex> over the message without it (see auth.py)
+    mac: str | None = Field(default=None, max_length=100)
 
     @field_validator("sender")
     @classmethod

@@ -274,6 +274,7 @@ class Metrics(Record):
     tasks_failed: int = 0
     questions: int = 0
     restarts: int = 0
+    messages_refused: int = 0  # messages that did not prove their sender (see auth.py)
     totals: Totals = Totals()
 
 

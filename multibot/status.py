@@ -106,6 +106,7 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
             "restarts": m.restarts,
             "elapsed_s": round((m.finished_at or now) - m.started_at, 1),
         },
+        "security": {"messages_refused": m.messages_refused},
         "integration_branch": system.git.integration_branch,
         "pipeline": {**system.git.queue.model_dump(), "queued": queued(system)},
         "problems": problems,
@@ -226,6 +227,13 @@ def render(s: dict[str, Any]) -> str:
         f"{t['restarts']} restarts, ${t['cost_usd']:.4f}, "
         f"{t['input_tokens']} in / {t['output_tokens']} out tokens, {t['elapsed_s']:.0f}s",
     ]
+    refused = s["security"]["messages_refused"]
+    if refused:
+        lines += [
+            "",
+            f"REFUSED  {refused} messages that did not prove their sender "
+            "(multibot inbox master: the reasons)",
+        ]
     if s["problems"]:
         lines += ["", "PROBLEMS (the last good state stays in force until fixed)"]
         lines += [f"  {p}" for p in s["problems"]]

@@ -18,9 +18,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, TextIO
 
-from multibot import mailbox, protocol
+from multibot import auth, mailbox, privacy, protocol
 from multibot.agents import Agent, AgentEvent, AgentOutcome, AgentSpec, make_agent
 from multibot.agents.stream import render
+from multibot.auth import WorkerKey
 from multibot.config import WorkerTemplate, load_worker
 from multibot.errors import (
     AgentError,
@@ -34,7 +35,7 @@ from multibot.heartbeat import HeartbeatWriter
 from multibot.ids import check_id
 from multibot.layout import MASTER_ID, Home
 from multibot.prompts import task_prompt
-from multibot.state import ContextMemory, CurrentTask, PauseView, WorkerState
+from multibot.state import ContextMemory, CurrentTask, Decision, PauseView, WorkerState
 from multibot.store import StateFile
 
 if TYPE_CHECKING:  # imported when used: GitPython is slow to import, and workers start often
@@ -56,6 +57,7 @@ CLEAN_TRUST_S = 1.0
 # A task's start is written to the worker's state file this long after it, if the task has not
 # ended by then (the end's write then says it all): a short task costs one write, not two.
 LAZY_STATE_S = 0.5
+ORDERS = (protocol.TaskAssignment, protocol.Terminate)  # taken from the master alone
 
 
 class Tidy(NamedTuple):
@@ -93,17 +95,30 @@ def _reset_file(path: Path, text: str) -> None:
         os.close(fd)
 
 
-def agent_env(home: Home, worker_id: str, task_id: str, generation: int) -> dict[str, str]:
-    """Return the environment that lets the agent's `multibot` commands speak for this worker."""
+def agent_env(home: Home, key: WorkerKey, task_id: str) -> dict[str, str]:
+    """Return the environment that lets the agent's `multibot` commands speak for this worker,
+    about this task, and no more: they sign with a key for the task (see auth.py)."""
     bindir = str(Path(sys.executable).parent)
     return {
         "MULTIBOT_HOME": str(home.root),
-        "MULTIBOT_WORKER_ID": worker_id,
+        "MULTIBOT_WORKER_ID": key.worker_id,
         "MULTIBOT_TASK_ID": task_id,
-        "MULTIBOT_GENERATION": str(generation),
-        "MULTIBOT_CONTEXT_FILE": str(home.worker_context(worker_id)),
+        "MULTIBOT_GENERATION": str(key.generation),
+        "MULTIBOT_AGENT_KEY": auth.agent_key(key.key, task_id).hex(),
+        "MULTIBOT_CONTEXT_FILE": str(home.worker_context(key.worker_id)),
         "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
     }
+
+
+def worker_key(home: Home, worker_id: str, generation: int) -> WorkerKey:
+    """This incarnation's key: from the launch file the master left (its secrets go into our
+    environment, for the agent), or, for a worker started by hand, from the run key."""
+    launch = privacy.take_launch(home, worker_id, generation)
+    if launch is not None:
+        key, env = launch
+        os.environ.update(env)
+        return WorkerKey(worker_id, generation, key)
+    return WorkerKey(worker_id, generation, auth.load_keys(home).worker(worker_id, generation))
 
 
 Preparing = tuple[protocol.Envelope, protocol.TaskAssignment, "Future[TaskStart]"]
@@ -124,9 +139,13 @@ class Worker:
         setup_hook: str | None = None,
         out: TextIO | None = None,
         clock: Callable[[], float] = time.time,
+        key: WorkerKey | None = None,
     ) -> None:
         self.home, self.id = home, check_id(worker_id, "worker id")
         self.generation, self.backend = generation, backend
+        self.key = key or worker_key(home, self.id, generation)
+        # our agent's questions: id -> (the inbox its `multibot ask` waits in, the question)
+        self.asked: dict[str, tuple[str | None, str]] = {}
         self.config = config or load_worker(home)
         self.clock = clock
         self.out = out or sys.stdout
@@ -158,7 +177,7 @@ class Worker:
         home.logs_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(home.log(self.id), "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         mailbox.create_inbox(home, self.id)
-        self.inbox = mailbox.Receiver(home, self.id)
+        self.inbox = mailbox.Receiver(home, self.id, verify=self._verify)
         self.task: protocol.Envelope | None = None
         self.task_started = 0.0
         self.deferred: list[protocol.Envelope] = []
@@ -324,12 +343,31 @@ class Worker:
                 self.handle(message)
 
     # -- messages ---------------------------------------------------------------------------
+    def current_task_id(self) -> str | None:
+        current = self.task or (self.preparing[0] if self.preparing else None)
+        return current.task_id if current is not None else None
+
+    def _verify(self, m: protocol.Envelope) -> auth.Refusal | None:
+        """(inbox) Take only what the master (or a person) signed for this incarnation, and
+        what our own agent signed about its task; and orders only from the master."""
+        refusal = self.key.check(m, self.current_task_id())
+        if refusal is None and isinstance(m.payload, ORDERS) and m.sender != MASTER_ID:
+            refusal = auth.Refusal(f"{m.type} from {m.sender!r}: only the master gives orders")
+        if refusal is not None:
+            self.show(f"! refused message {m.id}: {refusal.reason}")
+        return refusal
+
     def handle(self, m: protocol.Envelope) -> None:
-        """Act on one message from the master."""
+        """Act on one message from the master, or from our agent's commands."""
+        if m.sender == self.id:
+            self._from_agent(m)
+            return
         if m.sender == MASTER_ID:
             self.master_contact = self.clock()  # written with the next state change
         p = m.payload
-        if isinstance(p, protocol.TaskAssignment):
+        if isinstance(p, protocol.Answer) and m.correlation_id in self.asked:
+            self._answer_agent(m, p)
+        elif isinstance(p, protocol.TaskAssignment):
             self._on_assignment(m, p)
         elif isinstance(p, protocol.StatusRequest):
             self.send(
@@ -344,8 +382,62 @@ class Worker:
         else:
             self.show(f"! ignoring {m.type} (not for workers)")
 
+    def _from_agent(self, m: protocol.Envelope) -> None:
+        """Our agent's `multibot report` or `ask` (checked by _verify): remember what it says
+        and pass it on to the master, signed as ours."""
+        p, task = m.payload, m.task_id
+        if isinstance(p, protocol.Question):
+            self.asked[m.id] = (m.reply_to, p.question)
+            self.show(f"?  {p.question}")
+        elif isinstance(p, protocol.StatusUpdate):
+            self.show(f"✎  {p.kind}: {p.progress}")
+            text = p.progress
+
+            def remember(mem: ContextMemory) -> ContextMemory:
+                if p.kind == "discovery":
+                    return mem.model_copy(update={"discoveries": [*mem.discoveries, text]})
+                if p.kind == "blocked":
+                    return mem.model_copy(update={"blockers": [*mem.blockers, text]})
+                if p.kind == "decision":
+                    return mem.model_copy(
+                        update={"decisions": [*mem.decisions, Decision(text=text, task_id=task)]}
+                    )
+                return mem
+
+            if p.kind in ("discovery", "blocked", "decision"):
+                self._update(self.memory, remember)
+        onward = m.model_copy(update={"recipient": MASTER_ID, "mac": None})
+        self.unsent.append((self.key.sign(onward), True))
+        self.send_unsent()
+
+    def _answer_agent(self, m: protocol.Envelope, p: protocol.Answer) -> None:
+        """The master's answer to our agent's question: to the `multibot ask` waiting for it,
+        or, when that gave up, into the agent's context like any message."""
+        waiting_in, question = self.asked.pop(m.correlation_id or "")
+        note = f"Q: {question} A: {p.answer}"
+        self._update(self.memory, lambda mem: mem.model_copy(update={"notes": [*mem.notes, note]}))
+        task = m.task_id or self.current_task_id()
+        if task is not None and waiting_in and self.home.inbox(waiting_in).root.is_dir():
+            onward = m.model_copy(update={"recipient": waiting_in, "mac": None})
+            with contextlib.suppress(MultibotError):
+                mailbox.send(self.home, self.key.sign_for_agent(onward, task))
+                return
+        self._on_context("answer", p.answer, p.answered_by)
+
     def _on_assignment(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
         task_id = m.task_id or ""
+        mine = self.home.worktree(self.id)
+        if a.working_directory and Path(a.working_directory).resolve() != mine.resolve():
+            self.show(f"! refused {task_id}: {a.working_directory} is not my worktree ({mine})")
+            self.send(
+                protocol.ErrorReport(
+                    kind="protocol",
+                    message=f"{a.working_directory} is not {self.id}'s worktree ({mine})",
+                    recoverable=False,
+                ),
+                task_id=task_id,
+            )
+            return
         current = self.task or (self.preparing[0] if self.preparing else None)
         if current is not None:
             if current.task_id == task_id:
@@ -467,7 +559,7 @@ class Worker:
         if identity is None:  # two git calls: once per worktree for this process's life
             identity = worktrees.identity_env(Path(a.working_directory))
             self.identities[a.working_directory] = identity
-        env = {**identity, **agent_env(self.home, self.id, task_id, self.generation)}
+        env = {**identity, **agent_env(self.home, self.key, task_id)}
         prompt = (
             a.description if self.backend == "shell" else task_prompt(self.id, task_id, a, memory)
         )
@@ -728,7 +820,7 @@ class Worker:
             task_id=task_id,
             correlation_id=correlation_id,
         )
-        self.unsent.append((message, durable))
+        self.unsent.append((self.key.sign(message), durable))
         self.send_unsent()
 
     def send_unsent(self) -> None:

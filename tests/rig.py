@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from multibot import mailbox, protocol
+from multibot import auth, mailbox, protocol
 from multibot.layout import MASTER_ID, Home
 from multibot.worktrees import GitRepo
 from tests.helpers import wait_until
@@ -34,13 +34,22 @@ class Rig:
         self.git.ensure_integration()
         mailbox.create_inbox(self.home, MASTER_ID)
         mailbox.create_inbox(self.home, "w1")
-        self.master = mailbox.Receiver(self.home, MASTER_ID, rescan_s=0.2)
+        # As the master: the run's key, and only what a worker signed is taken.
+        self.keys = auth.create_keys(self.home)
+        self.generation = 1  # of the worker started last
+        self.master = mailbox.Receiver(
+            self.home,
+            MASTER_ID,
+            rescan_s=0.2,
+            verify=lambda m: auth.check_from_worker(self.keys, m),
+        )
         self.procs: list[subprocess.Popen[bytes]] = []
         self.outputs: list[Path] = []
         self.got: list[protocol.Envelope] = []
 
     def start_worker(self, generation: int = 1) -> subprocess.Popen[bytes]:
         """Start `multibot worker` for w1 in its own session (so a test can kill its group)."""
+        self.generation = generation
         argv = [
             sys.executable,
             "-m",
@@ -87,8 +96,21 @@ class Rig:
         payload = protocol.TaskAssignment.model_validate(fields)
         return self.send(payload, task_id=task_id)
 
-    def send(self, payload: protocol.Payload, task_id: str | None = None) -> protocol.Envelope:
-        m = protocol.make(payload, sender=MASTER_ID, recipient="w1", task_id=task_id)
+    def send(
+        self,
+        payload: protocol.Payload,
+        task_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> protocol.Envelope:
+        """Send w1 a message as the master does: signed with w1's key for its generation."""
+        m = protocol.make(
+            payload,
+            sender=MASTER_ID,
+            recipient="w1",
+            task_id=task_id,
+            correlation_id=correlation_id,
+        )
+        m = auth.sign(m, self.keys.worker("w1", self.generation), self.generation)
         mailbox.send(self.home, m)
         return m
 

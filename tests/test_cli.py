@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from multibot import mailbox
+from multibot import auth, mailbox, protocol
 from multibot.cli import main
-from multibot.layout import MASTER_ID, Home
+from multibot.layout import Home
 from multibot.state import Plan, PlanTask, QuestionRecord, SystemState, WorkerState
 from multibot.store import StateFile
 
@@ -127,6 +127,9 @@ def test_answer_and_approve(home: Home) -> None:
 
 def test_send_and_inbox(home: Home, capsys) -> None:  # type: ignore[no-untyped-def]
     mailbox.create_inbox(home, "w1")
+    assert run(home, "send", "--to", "w1", "--type", "STATUS_REQUEST") == 2  # no run yet
+    assert "no run key" in capsys.readouterr().err
+    keys = auth.create_keys(home)
     assert (
         run(
             home,
@@ -148,6 +151,11 @@ def test_send_and_inbox(home: Home, capsys) -> None:  # type: ignore[no-untyped-
     assert run(home, "inbox", "w1", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert len(report["waiting"]) == 1
+    # signed from the run key as the master of w1 (generation 0: no state file names one)
+    rx = mailbox.Receiver(home, "w1", watch=False)
+    (m,) = rx.fetch()
+    rx.close()
+    assert auth.WorkerKey("w1", 0, keys.worker("w1", 0)).check(m, None) is None
 
 
 @pytest.mark.parametrize(
@@ -176,20 +184,31 @@ def test_report_needs_a_worker_identity(home: Home, monkeypatch, capsys) -> None
     assert "MULTIBOT_WORKER_ID" in capsys.readouterr().err
 
 
-def test_report_decision_and_discovery_are_remembered(home: Home, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    mailbox.create_inbox(home, MASTER_ID)
+def test_report_goes_to_its_own_worker_signed_for_its_task(home: Home, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    keys = auth.create_keys(home)
+    mailbox.create_inbox(home, "w1")
+    worker = auth.WorkerKey("w1", 2, keys.worker("w1", 2))
     monkeypatch.setenv("MULTIBOT_WORKER_ID", "w1")
     monkeypatch.setenv("MULTIBOT_TASK_ID", "t1")
+    monkeypatch.setenv("MULTIBOT_GENERATION", "2")
+    monkeypatch.setenv("MULTIBOT_AGENT_KEY", auth.agent_key(worker.key, "t1").hex())
     assert run(home, "report", "decision", "use", "sqlite") == 0
     assert run(home, "report", "discovery", "the API is v2") == 0
-    assert run(home, "report", "follow_up", "add an index") == 0
-    memory = json.loads(home.worker_memory("w1").read_text())
-    assert memory["decisions"][0]["text"] == "use sqlite"
-    assert memory["discoveries"] == ["the API is v2"]
-    rx = mailbox.Receiver(home, MASTER_ID, watch=False)
-    kinds = [m.payload.kind for m in rx.fetch()]  # type: ignore[union-attr]
+    rx = mailbox.Receiver(home, "w1", watch=False)
+    got = rx.fetch()
     rx.close()
-    assert kinds == ["decision", "discovery", "follow_up"]
+    assert [m.payload.kind for m in got] == ["decision", "discovery"]  # type: ignore[union-attr]
+    assert all(worker.check(m, "t1") is None for m in got)
+    refused = worker.check(got[0], "t2")  # the worker is on another task: not about it
+    assert refused is not None and refused.forged
+    # An agent's key signs no order, and nothing that passes for the master's.
+    forged = auth.sign(
+        protocol.make(protocol.Terminate(), sender="master", recipient="w1", task_id="t1"),
+        auth.agent_key(worker.key, "t1"),
+        2,
+        auth.AGENT,
+    )
+    assert worker.check(forged, "t1") is not None
 
 
 def test_bad_config_is_a_clear_error(home: Home, capsys) -> None:  # type: ignore[no-untyped-def]

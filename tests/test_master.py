@@ -21,11 +21,12 @@ from typing import Any
 
 import pytest
 
-from multibot import mailbox, protocol
+from multibot import auth, mailbox, protocol
 from multibot.config import MasterConfig
 from multibot.layout import MASTER_ID, Home
 from multibot.master import EXIT_DONE, EXIT_FAILED, Master
-from multibot.state import Plan, PlanTask, TaskRecord
+from multibot.state import Plan, PlanTask, TaskRecord, WorkerState
+from multibot.status import render, snapshot
 from multibot.store import StateFile
 from multibot.timeline import read_timeline
 from tests.helpers import wait_until
@@ -162,8 +163,10 @@ class World:
     def take(self, wid: str, kind: type) -> list[protocol.Envelope]:
         """Take every message waiting in a worker's inbox (as the worker does); return
         those whose payload is of kind."""
-        if wid not in self.inboxes:
-            self.inboxes[wid] = mailbox.Receiver(self.home, wid)
+        if wid not in self.inboxes:  # checked as the worker checks them
+            self.inboxes[wid] = mailbox.Receiver(
+                self.home, wid, verify=lambda m: self.key(wid).check(m, m.task_id)
+            )
         got = self.inboxes[wid].fetch()
         self.inboxes[wid].done(*got)
         return [m for m in got if isinstance(m.payload, kind)]
@@ -194,10 +197,18 @@ class World:
         )
         self.report(wid, m, done)
 
+    def key(self, wid: str) -> auth.WorkerKey:
+        """The worker's key at its current generation, as its process has it."""
+        gen = self.master.sys.workers[wid].generation
+        return auth.WorkerKey(wid, gen, auth.load_keys(self.home).worker(wid, gen))
+
+    def say(self, message: protocol.Envelope) -> None:
+        """Send message to the master as its sender's worker process does: signed."""
+        mailbox.send(self.home, self.key(message.sender).sign(message))
+
     def report(self, wid: str, m: protocol.Envelope, payload: protocol.Payload) -> None:
         info = self.master.sys.workers[wid]
-        mailbox.send(
-            self.home,
+        self.say(
             protocol.make(
                 payload,
                 sender=wid,
@@ -681,7 +692,7 @@ def test_an_answer_is_delivered_only_once_it_is_in_the_inbox(
         task_id="a",
         reply_to="ask-0123456789abcdef",  # gone: that `multibot ask` gave up
     )
-    mailbox.send(w.home, asked)
+    w.say(asked)
     qfile = w.home.question("q-" + asked.id)
     w.until(qfile.exists, "recorded")
     for _ in range(5):
@@ -709,3 +720,69 @@ def test_a_busy_worker_sends_its_task_back_to_wait(world: Callable[..., World]) 
     w.until(lambda: w.master.tasks["a"].status in ("pending", "assigned") and
             w.master.tasks["a"].attempts == 2, "assigned again")  # fmt: skip
     assert not w.events("task-failed") and not w.events("task-retry")
+
+
+def test_messages_that_do_not_prove_their_sender_are_refused_and_counted(
+    world: Callable[..., World],
+) -> None:
+    """Issue 21: a discovery sent as w1 by another process was recorded as w1's and broadcast;
+    a TASK_COMPLETE forged for w1's task was merged while w1's agent was still working."""
+    w = world(tasks("a", "b"))
+    w.tick()
+    (ma,), (mb,) = w.assignments("w1"), w.assignments("w2")
+    keys = auth.load_keys(w.home)
+    found = protocol.StatusUpdate(status="working", kind="discovery", progress="forged news")
+    as_w1 = protocol.make(found, sender="w1", recipient=MASTER_ID, generation=1, task_id="a")
+    commit = git(w.repo, "rev-parse", "main")
+    done = protocol.make(
+        protocol.TaskComplete(summary="forged", branch="multibot/a", commit=commit),
+        sender="w1",
+        recipient=MASTER_ID,
+        generation=1,
+        task_id="a",
+    )
+    forgeries = [
+        as_w1,  # unsigned
+        auth.sign(as_w1, keys.worker("w2", 1), 1),  # w2's key, claiming to be w1
+        auth.sign(done, keys.agent("w1", 1, "a"), 1, auth.AGENT),  # w1's agent's key
+        auth.sign(done, keys.worker("w1", 2), 2),  # a generation the master never launched
+        as_w1.model_copy(update={"mac": "worker.1." + "0" * 64}),
+    ]
+    for forged in forgeries:
+        mailbox.send(w.home, forged)
+    w.until(lambda: w.master.sys.metrics.messages_refused == len(forgeries), "all refused")
+    for _ in range(5):
+        w.tick()
+    assert w.master.discoveries.all() == [] and context_updates(w, "w2") == []
+    assert w.master.tasks["a"].status in ("assigned", "running")  # not verifying, not merged
+    rejected = mailbox.inbox_report(w.home, MASTER_ID).rejected
+    assert len(rejected) == len(forgeries)
+    assert any("not signed" in r.reason for r in rejected)
+    w.master.flush(force=True)
+    assert "REFUSED  5 messages" in render(snapshot(w.home, now=w.clock.now))
+    # The genuine ones still count.
+    w.finish("w1", ma)
+    w.finish("w2", mb)
+    w.until(lambda: w.master.sys.phase == "done", "merged")
+    assert w.master.sys.metrics.messages_refused == len(forgeries)
+
+
+def test_an_impossible_worker_generation_is_reported_and_set_back(
+    world: Callable[..., World],
+) -> None:
+    """Issue 21: `"generation": 999` written into a worker's state file disabled the worker
+    for good (every next incarnation found a newer one and would not start)."""
+    w = world(tasks("a"), max_workers=1)
+    w.tick()
+    w.assignments("w1")
+    state = StateFile(w.home.worker_state("w1"), WorkerState, default=None)
+    state.update(lambda s: s.model_copy(update={"generation": 999}))
+    w.clock.advance(21)  # no heartbeat: judged dead, restarted as generation 2
+    w.until(lambda: w.launcher.restarted, "restarted")
+    assert w.master.sys.workers["w1"].generation == 2
+    assert state.read().generation == 2
+    (event,) = w.events("worker-generation-impossible")
+    assert "999" in event["text"]
+    launch = json.loads(w.home.launch_file("w1").read_text())
+    assert launch["generation"] == 2
+    assert launch["key"] == auth.load_keys(w.home).worker("w1", 2).hex()

@@ -25,7 +25,7 @@ from typing import Any
 import filelock
 import pytest
 
-from multibot import mailbox, protocol
+from multibot import auth, mailbox, protocol
 from multibot.layout import MASTER_ID, Home, lock_of
 from multibot.panes import Tmux
 from multibot.timeline import read_timeline
@@ -736,6 +736,7 @@ def test_a_frozen_worker_is_replaced_and_its_stale_messages_ignored(make_run: An
         generation=1,
         task_id="cold",
     )
+    late = auth.sign(late, auth.load_keys(run.home).worker(wid, 1), 1)  # as generation 1 did
     mailbox.send(run.home, late)
     wait_until(lambda: run.has_event("stale-message-ignored", message=late.id), 30)
     assert run.task("cold")["status"] in ("assigned", "running")  # not verifying, not merged

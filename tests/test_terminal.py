@@ -6,6 +6,7 @@ and leaves no tmux server, process or worktree outside tmp_path behind.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -488,8 +489,24 @@ def check_private(home: Path, sock: str, session: str, secret: str) -> None:
         assert secret not in shown, f"the secret is in tmux's environment ({scope})"
     assert not (home / "state" / "handed-secrets.json").exists()
     beat = json.loads((home / "state" / "heartbeats" / "w1.json").read_text())
+    # Not on any command line, not in the worker's launch environment: the launch file
+    # brought it, and is gone; the worker's agent has it (it needs it).
     worker_env = Path(f"/proc/{beat['pid']}/environ").read_bytes()
-    assert f"ANTHROPIC_API_KEY={secret}".encode() in worker_env  # its agent needs it
+    assert secret.encode() not in worker_env
+    assert not (home / "state" / "launch" / "w1.json").exists()
+    wanted = f"ANTHROPIC_API_KEY={secret}".encode()
+
+    def agents_with_it() -> list[int]:
+        found = []
+        for pid, cmd in processes_of(home).items():
+            assert secret not in cmd, f"the secret is on a command line: {cmd}"
+            with contextlib.suppress(OSError):
+                env = Path(f"/proc/{pid}/environ").read_bytes()
+                if wanted in env and b"MULTIBOT_AGENT_KEY=" in env:
+                    found.append(pid)
+        return found
+
+    wait_until(agents_with_it, 30)
     for folder in ("state", "communication", "worktrees"):
         assert stat.S_IMODE((home / folder).stat().st_mode) == 0o700, folder
     assert stat.S_IMODE((home / "state" / "system-state.json").stat().st_mode) == 0o600

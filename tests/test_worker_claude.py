@@ -18,8 +18,7 @@ from typing import Any
 import pytest
 from fakeapi import ApiRequest, FakeAPI, Reply, Rule, Script, claude_env, error, text, tool
 
-from multibot import mailbox, procs, protocol
-from multibot.layout import MASTER_ID
+from multibot import procs, protocol
 from tests.helpers import wait_until
 from tests.rig import Rig, git_show
 
@@ -166,7 +165,7 @@ def test_a_question_goes_to_the_master_and_the_answer_to_the_model(
     assert q.sender == "w1" and q.task_id == "t2" and q.reply_to
     asked = len(main_requests(fake_api))
     assert not fake_api.saw("PORT-4242")
-    mailbox.reply(rig.home, q, protocol.Answer(answer="PORT-4242"), sender=MASTER_ID)
+    rig.send(protocol.Answer(answer="PORT-4242"), "t2", correlation_id=q.id)  # as the master
     done = expect(rig, protocol.TaskComplete)
     assert isinstance(done.payload, protocol.TaskComplete)
     after = main_requests(fake_api)[asked:]

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TextIO
 
-from multibot import mailbox, protocol
+from multibot import auth, mailbox, protocol
 from multibot.advisor import Advice, Advisor
 from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import (
@@ -113,6 +113,7 @@ class Master:
         self.plan = Plan()
         self.git: GitRepo | None = None
         self.inbox: mailbox.Receiver | None = None
+        self.keys = auth.Keys(b"")  # the run's, once it starts or resumes (use_keys)
         self.unhandled: list[protocol.Envelope] = []  # fetched, to be handled again (disk full)
         self.finished, self.exit_code = False, EXIT_DONE
         self.budget_said = False  # the budget-reached event is said once
@@ -193,6 +194,7 @@ class Master:
             raise PlanError(problems)
         for path in (self.home.state_dir, self.home.tasks_dir, self.home.workers_dir):
             path.mkdir(parents=True, exist_ok=True)
+        self.use_keys(auth.create_keys(self.home))  # a new run: nothing old verifies
         mailbox.create_inbox(self.home, MASTER_ID)
         self.open_repo()
         assert self.git is not None
@@ -229,6 +231,7 @@ class Master:
         self.sys.master_generation += 1
         self.sys.master_pid = os.getpid()
         self.repo = Path(self.sys.git.repo or self.repo)
+        self.use_keys(auth.keys_of(self.home, create=True))
         mailbox.create_inbox(self.home, MASTER_ID)
         self.open_repo()
         self.plan = self.plan_file.read()
@@ -258,9 +261,30 @@ class Master:
         self.journal.commit()
         self.flush(force=True)
 
+    def use_keys(self, keys: auth.Keys) -> None:
+        self.keys = self.pool.keys = keys
+
     def open_inbox(self) -> None:
-        self.inbox = mailbox.Receiver(self.home, MASTER_ID, rescan_s=self.config.rescan_interval)
+        self.inbox = mailbox.Receiver(
+            self.home, MASTER_ID, rescan_s=self.config.rescan_interval, verify=self.verify_sender
+        )
         self.journal.inbox = self.inbox
+
+    def verify_sender(self, m: protocol.Envelope) -> auth.Refusal | None:
+        """(inbox) A message counts only if its sender's key signed it (see auth.py)."""
+        refusal = auth.check_from_worker(self.keys, m)
+        if refusal is not None and refusal.forged:
+            self.sys.metrics.messages_refused += 1
+            self.view.dirty = True
+            self.event("message-refused", refusal.reason, sender=m.sender, message=m.id)
+        return refusal
+
+    def signed(self, message: protocol.Envelope) -> protocol.Envelope:
+        """message signed for its worker's current generation (a person's CLI, a stranger:
+        generation 0, which no worker has)."""
+        info = self.sys.workers.get(message.recipient)
+        generation = info.generation if info is not None else 0
+        return auth.sign(message, self.keys.worker(message.recipient, generation), generation)
 
     def reconcile_workers(self) -> None:
         """Free workers whose task ended after system-state.json was last written, and put
@@ -416,12 +440,14 @@ class Master:
     def send(self, wid: str, payload: protocol.Payload, task_id: str | None = None) -> None:
         """Queue a message for a worker, sent by the journal after the turn's task files."""
         self.journal.send(
-            protocol.make(
-                payload,
-                sender=MASTER_ID,
-                recipient=wid,
-                generation=self.sys.master_generation,
-                task_id=task_id,
+            self.signed(
+                protocol.make(
+                    payload,
+                    sender=MASTER_ID,
+                    recipient=wid,
+                    generation=self.sys.master_generation,
+                    task_id=task_id,
+                )
             )
         )
 
@@ -585,16 +611,17 @@ class Master:
         )
 
     def reply(self, q: QuestionRecord, text: str, by: str) -> protocol.Envelope:
-        """(questions) The message that answers q: to the inbox it asked from (a `multibot
-        ask` waiting), or, when that is gone (it gave up waiting), to the worker's own."""
-        waiting = q.reply_to and self.home.inbox(q.reply_to).root.is_dir()
-        return protocol.make(
-            protocol.Answer(answer=text, answered_by=by),
-            sender=MASTER_ID,
-            recipient=q.reply_to if waiting and q.reply_to else q.worker,
-            generation=self.sys.master_generation,
-            task_id=q.task_id,
-            correlation_id=q.message_id,
+        """(questions) The message that answers q, to the worker that asked: it passes it
+        on to its agent's `multibot ask` if that still waits, or into the agent's context."""
+        return self.signed(
+            protocol.make(
+                protocol.Answer(answer=text, answered_by=by),
+                sender=MASTER_ID,
+                recipient=q.worker,
+                generation=self.sys.master_generation,
+                task_id=q.task_id,
+                correlation_id=q.message_id,
+            )
         )
 
     def handle_advice(self) -> None:

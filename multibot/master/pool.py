@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from multibot import mailbox, procs, protocol, worktrees
+from multibot import mailbox, privacy, procs, protocol, worktrees
+from multibot.auth import Keys
 from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import GitError, LockTimeout, StateError, TmuxError
 from multibot.heartbeat import HeartbeatTracker, read_heartbeat
@@ -63,6 +64,7 @@ class WorkerPool:
     ) -> None:
         self.home, self.config, self.template = home, config, template
         self.agent_env = dict(agent_env or {})  # secrets for the agents (see privacy.py)
+        self.keys = Keys(b"")  # the run's (set by the master): each launch gets its worker's
         self.launcher, self.backend = launcher, backend
         self.state, self.chores, self.send, self.event = state, chores, send, event
         self.mono = monotonic
@@ -105,18 +107,34 @@ class WorkerPool:
 
     def launch(self, wid: str, info: WorkerInfo, *, restart: bool) -> None:
         argv = worker_argv(self.home, wid, self.backend, info.generation)
-        env = {**self.agent_env, "MULTIBOT_HOME": str(self.home.root)}
+        env = {"MULTIBOT_HOME": str(self.home.root)}
         if restart:
             # First: a frozen incarnation may hold the lock of its state file.
             self.kill_old_incarnation(wid, info.generation)
-        # The worker's state file must not let an older incarnation claim it back.
+        # The worker's state file must not let an older incarnation claim it back, and names
+        # no generation but the one launched here (a higher one is nobody's: reported).
         sf = StateFile(
             self.home.worker_state(wid), WorkerState, default=lambda: WorkerState(id=wid)
         )
+
+        def launched(s: WorkerState) -> WorkerState:
+            if s.generation > info.generation:
+                self.event(
+                    "worker-generation-impossible",
+                    f"{wid}'s state file named generation {s.generation}, but the master "
+                    f"launched it up to {info.generation}: set back",
+                    worker=wid,
+                )
+            return s.model_copy(update={"generation": info.generation})
+
         with contextlib.suppress(StateError, LockTimeout):
-            sf.update(
-                lambda s: s.model_copy(update={"generation": max(s.generation, info.generation)})
-            )
+            sf.update(launched)
+        # Its key and the agents' secrets, for its process alone (see privacy.py).
+        try:
+            key = self.keys.worker(wid, info.generation)
+            privacy.write_launch(self.home, wid, info.generation, key, self.agent_env)
+        except OSError as exc:  # it derives its key from the run key, but has no secrets
+            self.event("launch-file-failed", f"{wid}: {exc}", worker=wid)
         if restart and info.pane_id:
             info.pane_id = self.launcher.restart(info.pane_id, argv, env)
         else:
@@ -199,6 +217,13 @@ class WorkerPool:
                 self.event(
                     "worker-adopted",
                     f"{wid} (generation {ws.generation}) was started just before the restart",
+                    worker=wid,
+                )
+            elif ws.generation > info.generation + 1:  # no launch of ours: not taken
+                self.event(
+                    "worker-generation-impossible",
+                    f"{wid}'s state file names generation {ws.generation}, but the master "
+                    f"launched it up to {info.generation}: not taken",
                     worker=wid,
                 )
             elif info.status in LIVE_WORKER and ws.generation > info.generation:
