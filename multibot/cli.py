@@ -373,6 +373,7 @@ def cmd_report(a: argparse.Namespace, home: Home) -> int:
 
 @command("ask")
 def cmd_ask(a: argparse.Namespace, home: Home) -> int:
+    from multibot import sandbox
     from multibot.errors import AskTimeout
 
     voice = _agent_voice()
@@ -384,6 +385,7 @@ def cmd_ask(a: argparse.Namespace, home: Home) -> int:
             timeout=a.timeout,
             sign=voice.sign,
             verify=voice.heard,
+            reply_inbox=sandbox.reply_inbox(voice.worker),
         )
     except AskTimeout:
         return fail(

@@ -117,6 +117,15 @@ class WorkerTemplate(_Config):
     extra_args: tuple[str, ...] = Field((), description="More arguments for claude.")
     capabilities: tuple[str, ...] = Field((), description="What workers offer tasks that need it.")
     claude_bin: str = Field("claude", description="The claude binary workers run.")
+    sandbox: bool = Field(
+        True, description="Run each agent's commands in Claude Code's sandbox (docs/security.md)."
+    )
+    sandbox_network: tuple[str, ...] = Field(
+        (), description="Domains the agents' commands may reach (e.g. pypi.org, *.npmjs.org)."
+    )
+    sandbox_write: tuple[str, ...] = Field(
+        (), description="More paths the agents' commands may write (e.g. ~/.cache/pip)."
+    )
     tick: float = Field(0.05, gt=0, le=5, description="Worker loop period, seconds.")
 
 

@@ -203,11 +203,12 @@ def request(
     fsync: bool = True,
     sign: Callable[[Envelope], Envelope] | None = None,
     verify: Callable[[Envelope], Refusal | None] | None = None,
+    reply_inbox: str | None = None,
 ) -> Envelope:
     """Send message with a private reply inbox and return the reply; AskTimeout if none comes.
     sign seals the message once it names that inbox; verify checks each reply (see
-    Receiver)."""
-    ask = f"{EPHEMERAL_PREFIX}{secrets.token_hex(8)}"
+    Receiver). reply_inbox: a lasting inbox to wait in (kept), instead of a new one."""
+    ask = reply_inbox or f"{EPHEMERAL_PREFIX}{secrets.token_hex(8)}"
     try:
         with Receiver(home, ask, rescan_s=rescan_s, durable=False, verify=verify) as rx:
             asking = message.model_copy(update={"reply_to": ask})
@@ -223,7 +224,8 @@ def request(
                     raise AskTimeout(message.id, timeout)
                 rx.wait(left)
     finally:
-        remove_inbox(home, ask)
+        if reply_inbox is None:
+            remove_inbox(home, ask)
 
 
 def _stage(inbox: InboxPaths, name: str, data: bytes, fsync: bool) -> Staged:

@@ -34,7 +34,8 @@ def go_private(home: Home | None = None) -> None:
     if home is None:
         return
     for folder in (home.state_dir, home.communication_dir, home.worktrees_dir):
-        with contextlib.suppress(FileNotFoundError, PermissionError):
+        # OSError: not ours, gone, or read-only (an agent's command in its sandbox)
+        with contextlib.suppress(OSError):
             if not folder.is_symlink():
                 os.chmod(folder, 0o700)
 

@@ -107,6 +107,10 @@ def _run_master(
         raise MultibotError(f"a master is already running this home (pid {existing.master_pid})")
     resuming = existing is not None and existing.phase in UNFINISHED and not fresh
     backend = backend or (existing.backend if resuming and existing else template.backend)
+    if backend == "claude" and template.sandbox:  # before anything starts, not at every task
+        from multibot import sandbox
+
+        sandbox.require(template.permission_mode)
     launcher = make_launcher(home, use_tmux, config.max_panes_per_window)
     agent_env = take_over(home)
     master = Master(

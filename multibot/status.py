@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from multibot.config import load_worker
 from multibot.errors import MultibotError
 from multibot.heartbeat import read_heartbeat
 from multibot.layout import Home
@@ -16,6 +17,18 @@ from multibot.state import QuestionRecord, SystemState, TaskRecord, WorkerState
 from multibot.store import StateFile
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _sandbox(home: Home, backend: str, problems: list[str]) -> str:
+    """Whether the agents run sandboxed: on, off (the template says so), or no agents."""
+    if backend != "claude":
+        return f"none ({backend} backend: no agents)"
+    try:
+        on = load_worker(home).sandbox
+    except MultibotError as exc:
+        problems.append(str(exc))
+        return "unknown"
+    return "on" if on else 'OFF ("sandbox": false in config/worker-template.json)'
 
 
 def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
@@ -106,7 +119,10 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
             "restarts": m.restarts,
             "elapsed_s": round((m.finished_at or now) - m.started_at, 1),
         },
-        "security": {"messages_refused": m.messages_refused},
+        "security": {
+            "messages_refused": m.messages_refused,
+            "sandbox": _sandbox(home, system.backend, problems),
+        },
         "integration_branch": system.git.integration_branch,
         "pipeline": {**system.git.queue.model_dump(), "queued": queued(system)},
         "problems": problems,
@@ -227,7 +243,10 @@ def render(s: dict[str, Any]) -> str:
         f"{t['restarts']} restarts, ${t['cost_usd']:.4f}, "
         f"{t['input_tokens']} in / {t['output_tokens']} out tokens, {t['elapsed_s']:.0f}s",
     ]
-    refused = s["security"]["messages_refused"]
+    sec = s["security"]
+    if sec["sandbox"].startswith("OFF"):
+        lines += ["", f"SANDBOX  {sec['sandbox']}: agents' commands can write anywhere"]
+    refused = sec["messages_refused"]
     if refused:
         lines += [
             "",

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, TextIO
 
-from multibot import auth, mailbox, privacy, protocol
+from multibot import auth, mailbox, privacy, protocol, sandbox
 from multibot.agents import Agent, AgentEvent, AgentOutcome, AgentSpec, make_agent
 from multibot.agents.stream import render
 from multibot.auth import WorkerKey
@@ -177,6 +177,7 @@ class Worker:
         home.logs_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(home.log(self.id), "a", encoding="utf-8", buffering=1)  # noqa: SIM115
         mailbox.create_inbox(home, self.id)
+        mailbox.create_inbox(home, sandbox.reply_inbox(self.id))  # its agent's `multibot ask`
         self.inbox = mailbox.Receiver(home, self.id, verify=self._verify)
         self.task: protocol.Envelope | None = None
         self.task_started = 0.0
@@ -560,6 +561,11 @@ class Worker:
             identity = worktrees.identity_env(Path(a.working_directory))
             self.identities[a.working_directory] = identity
         env = {**identity, **agent_env(self.home, self.key, task_id)}
+        try:
+            allowed_tools, extra_args = self.confinement(a)
+        except AgentError as exc:
+            self._cannot_start(exc, task_id)
+            return
         prompt = (
             a.description if self.backend == "shell" else task_prompt(self.id, task_id, a, memory)
         )
@@ -574,10 +580,10 @@ class Worker:
             timeout_s=a.budget.max_minutes * 60 if a.budget.max_minutes else None,
             budget_usd=a.budget.max_usd,
             permission_mode=self.config.permission_mode,
-            allowed_tools=self.config.allowed_tools,
+            allowed_tools=allowed_tools,
             disallowed_tools=self.config.disallowed_tools,
             claude_bin=self.config.claude_bin,
-            extra_args=self.config.extra_args,
+            extra_args=extra_args,
         )
         _reset_file(self.home.worker_context(self.id), "".join(f"{line}\n" for line in a.context))
         self.task, self.task_started = m, self.clock()
@@ -589,13 +595,7 @@ class Worker:
         try:
             self.agent.start(spec)
         except AgentError as exc:
-            self.show(f"✗ cannot start: {exc}")
-            self.send(
-                protocol.ErrorReport(kind="startup", message=str(exc), recoverable=False),
-                task_id=task_id,
-            )
-            self.task = None
-            self._set_status("error")
+            self._cannot_start(exc, task_id)
             return
 
         def started(s: WorkerState) -> WorkerState:
@@ -613,6 +613,41 @@ class Worker:
         update = self._status_update("started", f"started {title}")
         self.send(update, task_id=task_id, durable=False)
         self._update_state(started, lazy=True)
+
+    def confinement(self, a: protocol.TaskAssignment) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The allowed tools and extra arguments that put a claude agent in its sandbox (see
+        sandbox.py), or the template's own when it is off or the backend is not claude."""
+        cfg = self.config
+        if self.backend != "claude" or not cfg.sandbox:
+            return cfg.allowed_tools, cfg.extra_args
+        sandbox.require(cfg.permission_mode, os.environ.get("PATH"))
+        deny: list[Path] = []
+        dirs = sandbox.git_dirs(Path(a.working_directory))
+        if dirs is not None:
+            try:
+                deny = sandbox.guard(dirs, a.branch, a.base_branch)
+            except OSError as exc:
+                raise sandbox.SandboxError(f"cannot guard {dirs.common}: {exc}") from exc
+        rules = sandbox.settings(
+            self.home,
+            self.id,
+            deny_write=deny,
+            allow_write=cfg.sandbox_write,
+            network=cfg.sandbox_network,
+        )
+        return sandbox.tools_for(cfg.allowed_tools), (
+            *cfg.extra_args,
+            *sandbox.settings_arg(rules),
+        )
+
+    def _cannot_start(self, exc: AgentError, task_id: str) -> None:
+        self.show(f"✗ cannot start: {exc}")
+        self.send(
+            protocol.ErrorReport(kind="startup", message=str(exc), recoverable=False),
+            task_id=task_id,
+        )
+        self.task = None
+        self._set_status("error")
 
     def _on_terminate(self, t: protocol.Terminate) -> None:
         self.show(f"■ terminate: {t.reason or 'asked by master'}")

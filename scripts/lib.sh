@@ -38,3 +38,20 @@ ensure_claude() {
   npm install --silent --no-audit --no-fund --prefix "$ROOT/.cache/claude-code" \
     "@anthropic-ai/claude-code@$CLAUDE_VERSION" >/dev/null
 }
+
+# Claude Code's sandbox on Linux needs bubblewrap and socat (docs/security.md).
+ensure_sandbox_tools() {
+  [ "$(uname -s)" = Linux ] || return 0
+  if command -v bwrap >/dev/null 2>&1 && command -v socat >/dev/null 2>&1; then
+    return 0
+  fi
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+  if command -v apt-get >/dev/null 2>&1; then
+    say "installing bubblewrap and socat for the agents' sandbox (apt, first run only)"
+    $sudo apt-get install -y -qq bubblewrap socat >/dev/null 2>&1 \
+      || { $sudo apt-get update -qq >/dev/null 2>&1 && $sudo apt-get install -y -qq bubblewrap socat >/dev/null 2>&1; }
+  fi
+  command -v bwrap >/dev/null 2>&1 && command -v socat >/dev/null 2>&1 \
+    || { say "bubblewrap and socat are missing: install them (apt-get install bubblewrap socat)"; return 1; }
+}

@@ -7,6 +7,7 @@ source "$(dirname "$0")/lib.sh"
 set -e
 ensure_venv dev
 ensure_claude || [ -z "${CI:-}" ] || { say "CI needs the claude binary"; exit 1; }
+ensure_sandbox_tools || [ -z "${CI:-}" ] || { say "CI needs the sandbox's tools"; exit 1; }
 set +e
 cd "$ROOT"
 say "ruff"

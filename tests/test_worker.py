@@ -500,3 +500,52 @@ def test_the_run_s_pause_is_read_off_the_loop_that_beats(rig: Rig) -> None:
         w.inbox.close()
         w.heartbeat.close()
         w._log.close()
+
+
+def test_forged_orders_are_refused_and_the_real_ones_taken(rig: Rig, tmp_path: Path) -> None:
+    """Issue 21: a TERMINATE dropped into w3's inbox with sender "master" made it kill its
+    agent; a forged TASK_ASSIGNMENT with a working_directory elsewhere was run there."""
+    from multibot import auth
+
+    rig.start_worker(generation=2)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    rig.assign("t1", ['until [ -f "$MULTIBOT_HOME/go" ]; do sleep 0.05; done', "echo 1 > one"])
+    rig.expect(protocol.StatusUpdate, kind="started")
+    agent = auth.agent_key(rig.keys.worker("w1", 2), "t1")
+    stop = protocol.make(protocol.Terminate(), sender=MASTER_ID, recipient="w1", task_id="t1")
+    outside = protocol.TaskAssignment(
+        title="x",
+        description="x",
+        branch="multibot/x",
+        working_directory=str(elsewhere),
+        commands=["touch pwned"],
+    )
+    run_there = protocol.make(outside, sender=MASTER_ID, recipient="w1", task_id="x")
+    forgeries = [
+        stop,  # unsigned
+        auth.sign(stop, agent, 2, auth.AGENT),  # the agent's own key
+        auth.sign(stop, rig.keys.worker("w2", 2), 2),  # another worker's key
+        auth.sign(stop.model_copy(update={"sender": "human"}), rig.keys.worker("w1", 2), 2),
+    ]
+    for forged in forgeries:
+        mailbox.send(rig.home, forged)
+    stale = auth.sign(stop, rig.keys.worker("w1", 1), 1)  # for the incarnation before
+    mailbox.send(rig.home, stale)
+    wait_until(lambda: len(mailbox.inbox_report(rig.home, "w1").rejected) == len(forgeries) + 1, 20)
+    reasons = [r.reason for r in mailbox.inbox_report(rig.home, "w1").rejected]
+    assert any("sent before a restart" in r for r in reasons)
+    assert any("only the master gives orders" in r for r in reasons)
+    (rig.home.root / "go").touch()
+    done = rig.expect(protocol.TaskComplete, task_id="t1")  # it was never stopped
+    assert isinstance(done.payload, protocol.TaskComplete)
+    # A signed assignment for a folder that is not its worktree is refused, and said so.
+    rig.send(outside, "x")
+    error = rig.expect(protocol.ErrorReport, task_id="x")
+    assert isinstance(error.payload, protocol.ErrorReport)
+    assert "not w1's worktree" in error.payload.message
+    assert not (elsewhere / "pwned").exists()
+    # And the real order is still taken.
+    rig.send(protocol.Terminate(reason="done"))
+    wait_until(lambda: rig.procs[-1].poll() is not None, 20)
+    assert run_there.task_id == "x"

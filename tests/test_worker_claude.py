@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from fakeapi import ApiRequest, FakeAPI, Reply, Rule, Script, claude_env, error,
 
 from multibot import procs, protocol
 from tests.helpers import wait_until
-from tests.rig import Rig, git_show
+from tests.rig import Rig, git_rev, git_show
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -307,3 +308,90 @@ def test_a_missing_claude_binary_is_a_startup_error_not_a_crash(
     reply = expect(rig, protocol.StatusUpdate, timeout=30, kind="status")
     assert reply.correlation_id == req.id and proc.poll() is None
     assert worker_state(rig)["current_task"] is None
+
+
+def test_an_agent_is_confined_to_its_worktree_and_can_still_work(
+    rig: Rig, fake_api: FakeAPI, tmp_path: Path
+) -> None:
+    """Issue 21 part 1: an agent's Bash commands could write to another worker's worktree, the
+    user's checkout, state/ and ~/.bashrc, reach any address, and its Write tool wrote
+    anywhere. In the sandbox (on by default) they cannot; it still commits, reports, asks."""
+    import http.server
+    import threading
+
+    hits: list[str] = []
+
+    class Counting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    other = rig.home.worktree("w2")
+    rig.git.ensure_worktree(other)
+    home_dir = Path(rig.env["HOME"])
+    targets = {
+        "OTHER": other / "x.txt",
+        "CHECKOUT": rig.git.root / "x.txt",
+        "HOME": home_dir / ".bashrc",
+        "STATE": rig.home.state_dir / "x.json",
+    }
+    probes = "; ".join(
+        f"(echo x > {path}) 2>/dev/null && echo WROTE-{name} || echo REFUSED-{name}"
+        for name, path in targets.items()
+    )
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    fetch = f"import urllib.request; urllib.request.urlopen({url!r}, timeout=5)"
+    script = (
+        f"{probes}; cat {rig.home.run_key} >/dev/null 2>&1 && echo READ-KEY || echo NO-KEY; "
+        f"python3 -c {shlex.quote(fetch)} >/dev/null 2>&1 && echo NET-OK || echo NET-REFUSED; "
+        "echo mine > mine.txt && git add mine.txt && git commit -qm mine && echo COMMITTED; "
+        # after the commit: HEAD is not where they are, so a move would change them
+        "git update-ref refs/heads/main HEAD 2>/dev/null && echo MOVED-MAIN || echo MAIN-SAFE; "
+        "git update-ref refs/heads/multibot/integration HEAD 2>/dev/null "
+        "&& echo MOVED-INTEGRATION || echo INTEGRATION-SAFE; "
+        "multibot report discovery SANDBOXED-NEWS && echo REPORTED"
+    )
+    outside = rig.git.root / "written-by-tool.txt"
+    fake_api.respond = Script(
+        [
+            Rule(
+                "MARK-JAIL",
+                [
+                    tool("Bash", {"command": script, "description": "probe"}),
+                    tool("Write", {"file_path": str(outside), "content": "no\n"}),
+                    text("probed"),
+                ],
+            )
+        ]
+    )
+    main_before = git_rev(rig, "main")
+    integration_before = git_rev(rig, "multibot/integration")
+    try:
+        rig.start_worker()
+        rig.assign("t1", description="MARK-JAIL: probe the walls")
+        news = expect(rig, protocol.StatusUpdate, kind="discovery")
+        done = expect(rig, protocol.TaskComplete)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert isinstance(news.payload, protocol.StatusUpdate)
+    assert news.payload.progress == "SANDBOXED-NEWS" and news.task_id == "t1"
+    results = "\n".join(r for req in main_requests(fake_api) for r in req.tool_results())
+    for name in targets:
+        assert f"REFUSED-{name}" in results, results
+    for said in ("NO-KEY", "NET-REFUSED", "MAIN-SAFE", "INTEGRATION-SAFE", "COMMITTED", "REPORTED"):
+        assert said in results, results
+    assert not any(path.exists() for path in targets.values())
+    assert hits == [] and not outside.exists()
+    assert git_rev(rig, "main") == main_before
+    assert git_rev(rig, "multibot/integration") == integration_before
+    assert isinstance(done.payload, protocol.TaskComplete)
+    assert git_show(rig, done.payload.commit or "", "mine.txt") == "mine\n"
+    memory = json.loads(rig.home.worker_memory("w1").read_text())
+    assert memory["discoveries"] == ["SANDBOXED-NEWS"]  # remembered by the worker
