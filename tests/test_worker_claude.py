@@ -207,7 +207,7 @@ def test_a_context_update_reaches_the_model_mid_task(rig: Rig, fake_api: FakeAPI
 def test_a_killed_worker_resumes_the_same_session(
     rig: Rig, fake_api: FakeAPI, tmp_path: Path
 ) -> None:
-    running = tmp_path / "slow.pid"
+    running = rig.home.worktree("w1") / "slow.pid"  # where its sandboxed commands may write
 
     def resumed(r: ApiRequest) -> bool:
         return r.conversation_text().count("MARK-RESUME") >= 2  # the prompt came twice
