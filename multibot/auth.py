@@ -90,12 +90,7 @@ def load_keys(home: Home) -> Keys:
         text = os.read(fd, 1024).decode(errors="replace").strip()
     finally:
         os.close(fd)
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        key = b""
-    if len(key) != KEY_BYTES:
-        raise MultibotError(f"{path} is not a run key ({KEY_BYTES * 2} hex digits)")
+    key = key_from_hex(text, path)
     return Keys(key)
 
 
@@ -124,7 +119,7 @@ def sign(message: Envelope, key: bytes, generation: int, kind: str = WORKER) -> 
 
 
 @dataclass(frozen=True)
-class Seal:
+class Mac:
     """What a message's mac claims: the kind of key and its generation."""
 
     kind: str
@@ -132,7 +127,7 @@ class Seal:
     digest: str
 
 
-def seal_of(message: Envelope) -> Seal | None:
+def mac_of(message: Envelope) -> Mac | None:
     """The claim in message's mac, or None if it has none or it is malformed."""
     if not message.mac:
         return None
@@ -140,13 +135,13 @@ def seal_of(message: Envelope) -> Seal | None:
     gen, _, digest = rest.partition(".")
     if kind not in (WORKER, AGENT) or not gen.isdigit() or len(digest) != 64:
         return None
-    return Seal(kind, int(gen), digest)
+    return Mac(kind, int(gen), digest)
 
 
 def verifies(message: Envelope, key: bytes) -> bool:
     """True if message's mac was made with key."""
-    seal = seal_of(message)
-    return seal is not None and hmac.compare_digest(seal.digest, _mac(key, message))
+    claim = mac_of(message)
+    return claim is not None and hmac.compare_digest(claim.digest, _mac(key, message))
 
 
 @dataclass(frozen=True)
@@ -160,15 +155,15 @@ class Refusal:
 
 def check_from_worker(keys: Keys, message: Envelope) -> Refusal | None:
     """(master) None if message was signed by the worker it names, at its generation."""
-    seal = seal_of(message)
-    if seal is None:
+    claim = mac_of(message)
+    if claim is None:
         return Refusal(f"{message.type} from {message.sender!r} is not signed")
-    if seal.kind != WORKER or seal.generation != message.generation:
+    if claim.kind != WORKER or claim.generation != message.generation:
         return Refusal(
-            f"{message.type} from {message.sender!r} is signed with a {seal.kind} key of "
-            f"generation {seal.generation}: only a worker's own key, at its generation, counts"
+            f"{message.type} from {message.sender!r} is signed with a {claim.kind} key of "
+            f"generation {claim.generation}: only a worker's own key, at its generation, counts"
         )
-    if not verifies(message, keys.worker(message.sender, seal.generation)):
+    if not verifies(message, keys.worker(message.sender, claim.generation)):
         return Refusal(f"{message.type} from {message.sender!r}: its signature does not verify")
     return None
 
@@ -190,18 +185,18 @@ class WorkerKey:
     def check(self, message: Envelope, task_id: str | None) -> Refusal | None:
         """(worker) None if message is from the master (or a person) for this generation, or
         from this worker's own agent about task_id in a kind an agent may use."""
-        seal = seal_of(message)
-        if seal is None:
+        claim = mac_of(message)
+        if claim is None:
             return Refusal(f"{message.type} from {message.sender!r} is not signed")
-        if seal.generation < self.generation:
+        if claim.generation < self.generation:
             return Refusal(
-                f"{message.type} was signed for generation {seal.generation} of "
+                f"{message.type} was signed for generation {claim.generation} of "
                 f"{self.worker_id}, this is {self.generation} (sent before a restart)",
                 forged=False,
             )
-        if seal.generation > self.generation:
-            return Refusal(f"{message.type} is signed for a later generation {seal.generation}")
-        if seal.kind == WORKER:
+        if claim.generation > self.generation:
+            return Refusal(f"{message.type} is signed for a later generation {claim.generation}")
+        if claim.kind == WORKER:
             if message.sender == self.worker_id or not verifies(message, self.key):
                 return Refusal(f"{message.type} from {message.sender!r} does not verify")
             return None
@@ -214,11 +209,8 @@ class WorkerKey:
         return None
 
 
-def key_hex(key: bytes) -> str:
-    return key.hex()
-
-
 def key_from_hex(text: str, where: str | Path) -> bytes:
+    """The key written as text (a run key, MULTIBOT_AGENT_KEY); MultibotError naming where."""
     try:
         key = bytes.fromhex(text)
     except ValueError:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from multibot import mailbox, protocol
+from multibot import auth, mailbox, protocol
 from multibot.config import load_master, load_worker
 from multibot.errors import DecodeError, MultibotError
 from multibot.layout import MASTER_ID, Home
@@ -284,7 +284,6 @@ def cmd_send(a: argparse.Namespace, home: Home) -> int:
 def _signed(home: Home, message: protocol.Envelope, generation: int | None) -> protocol.Envelope:
     """message signed, from the run key, as its recipient's master (to a worker, at the
     generation its state file names) or as its sender (to the master)."""
-    from multibot import auth
     from multibot.state import WorkerState
     from multibot.store import StateFile
 
@@ -323,23 +322,17 @@ class AgentVoice(NamedTuple):
         return self.sign(message)
 
     def sign(self, message: protocol.Envelope) -> protocol.Envelope:
-        from multibot import auth
-
         return auth.sign(message, self.key, self.generation, auth.AGENT)
 
-    def heard(self, message: protocol.Envelope) -> Any:
+    def heard(self, message: protocol.Envelope) -> auth.Refusal | None:
         """(ask inbox) None if the reply was signed by our worker for this task."""
-        from multibot import auth
-
-        seal = auth.seal_of(message)
-        if seal is not None and seal.kind == auth.AGENT and auth.verifies(message, self.key):
+        claim = auth.mac_of(message)
+        if claim is not None and claim.kind == auth.AGENT and auth.verifies(message, self.key):
             return None
         return auth.Refusal(f"{message.type} from {message.sender!r} is not from our worker")
 
 
 def _agent_voice() -> AgentVoice:
-    from multibot import auth
-
     env = os.environ
     missing = [
         k

@@ -292,7 +292,6 @@ class Receiver:
         self.home, self.owner = home, check_id(owner, "inbox id")
         # Checks each message's signature: one refused goes to rejected/ with the reason.
         self.verify = verify
-        self.forged = 0  # messages refused as not proving their sender
         self.paths = create_inbox(home, owner)
         self._new, self._cur = str(self.paths.new), str(self.paths.cur)  # str: hot path
         self.rescan_s, self._durable, self._watch, self._clock = rescan_s, durable, watch, clock
@@ -460,7 +459,6 @@ class Receiver:
         assert message is not None
         refusal = self.verify(message) if self.verify is not None else None
         if refusal is not None:
-            self.forged += refusal.forged
             # Not told: a forger learns nothing, and a stale message's sender is gone.
             self._reject(name, refusal.reason, raw, tell_sender=False)
             return None

@@ -527,6 +527,7 @@ def test_forged_orders_are_refused_and_the_real_ones_taken(rig: Rig, tmp_path: P
         auth.sign(stop, agent, 2, auth.AGENT),  # the agent's own key
         auth.sign(stop, rig.keys.worker("w2", 2), 2),  # another worker's key
         auth.sign(stop.model_copy(update={"sender": "human"}), rig.keys.worker("w1", 2), 2),
+        run_there,  # an unsigned assignment, for a folder elsewhere
     ]
     for forged in forgeries:
         mailbox.send(rig.home, forged)
@@ -548,4 +549,3 @@ def test_forged_orders_are_refused_and_the_real_ones_taken(rig: Rig, tmp_path: P
     # And the real order is still taken.
     rig.send(protocol.Terminate(reason="done"))
     wait_until(lambda: rig.procs[-1].poll() is not None, 20)
-    assert run_there.task_id == "x"
