@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import queue
 import socket
+import stat
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
+from multibot.errors import UnsafePath
+
+FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _counter = itertools.count()
 
 
@@ -29,14 +36,58 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durable(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Write data to a new file at path (which must not exist), flushed to disk if fsync."""
-    os.close(_write_new(path, data, fsync))
+def open_folder(path: Path | str, *, dir_fd: int | None = None, shown: Path | None = None) -> int:
+    """Open the folder at path (relative to dir_fd if given) as a descriptor for the *at()
+    calls, without following a symlink: UnsafePath, naming it as shown, if it is a link or
+    not a folder."""
+    try:
+        return os.open(path, FOLDER, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+            raise
+        where = shown or Path(path)
+        try:
+            link = stat.S_ISLNK(os.lstat(path, dir_fd=dir_fd).st_mode)
+        except OSError:
+            link = False
+        raise UnsafePath(where, "is a symbolic link" if link else "is not a folder") from exc
 
 
-def _write_new(path: Path, data: bytes, fsync: bool) -> int:
+@contextlib.contextmanager
+def no_links(path: Path) -> Iterator[None]:
+    """Turn the ELOOP of an O_NOFOLLOW open of path inside the block into UnsafePath."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise UnsafePath(path, "is a symbolic link") from exc
+
+
+def open_file(path: Path, flags: int, mode: int = 0o644) -> int:
+    """os.open that refuses a symlink at path (UnsafePath) instead of following it: for
+    every runtime file multibot rewrites or appends to."""
+    with no_links(path):
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+
+
+def open_log(path: Path) -> TextIO:
+    """Open the text log at path for appending, line-buffered (UnsafePath if it is a link)."""
+    fd = open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    return os.fdopen(fd, "a", encoding="utf-8", buffering=1)
+
+
+def write_durable(
+    path: Path | str, data: bytes, *, fsync: bool = True, dir_fd: int | None = None
+) -> None:
+    """Write data to a new file at path (which must not exist, not even as a symlink),
+    relative to the folder dir_fd if given; flushed to disk if fsync."""
+    os.close(_write_new(path, data, fsync, dir_fd))
+
+
+def _write_new(path: Path | str, data: bytes, fsync: bool, dir_fd: int | None = None) -> int:
     """Write data to a new file at path; return its descriptor, open for writing."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     try:
         view = memoryview(data)
         while view:
@@ -47,7 +98,7 @@ def _write_new(path: Path, data: bytes, fsync: bool) -> int:
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            os.unlink(path, dir_fd=dir_fd)
         raise
     return fd
 

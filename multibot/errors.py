@@ -70,6 +70,18 @@ class WriteFailed(StateError):
     memory and the write is tried again; nothing is wrong with the file itself."""
 
 
+class UnsafePath(MultibotError):
+    """A runtime path under the home is a symbolic link, or not the kind of file expected:
+    multibot never writes, deletes or appends through one."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path, self.what = path, what
+        super().__init__(
+            f"{path} {what}: multibot does not follow links in its runtime folders; "
+            "remove it (multibot makes what it needs anew)"
+        )
+
+
 class LockTimeout(MultibotError):
     """A lock could not be taken in time; names the process that holds it, if known."""
 

@@ -47,7 +47,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers.api import BaseObserver, EventQueue, ObservedWatch
 
 from multibot import protocol
-from multibot.atomic import atomic_write, fsync_dir, unique_name, write_durable
+from multibot.atomic import atomic_write, open_file, open_folder, unique_name, write_durable
 from multibot.auth import Refusal
 from multibot.errors import AskTimeout, DecodeError, MultibotError, SendError, UnknownRecipient
 from multibot.ids import check_id
@@ -73,10 +73,12 @@ Bell = threading.Event
 
 
 def create_inbox(home: Home, owner: str) -> InboxPaths:
-    """Create (or repair) the inbox folders of owner."""
+    """Create (or repair) the inbox folders of owner; UnsafePath if one is a symlink."""
     paths = home.inbox(owner)
     for d in paths.dirs():
         d.mkdir(parents=True, exist_ok=True)
+    for fd in _open_folders(paths, *FOLDERS):
+        os.close(fd)
     return paths
 
 
@@ -130,32 +132,40 @@ class Staged:
 
     inbox: InboxPaths
     name: str
-    tmp: Path
+    tmp_name: str  # in inbox.tmp
     fsync: bool
 
     def publish(self) -> Path:
         """Deliver: link into new/ (made durable if the message was staged so); return the
         path there."""
-        inbox, new_dir = self.inbox, self.inbox.new
+        tmp_fd = new_fd = -1
         try:
-            target = _link_unique(self.tmp, new_dir, self.name)
+            tmp_fd, new_fd = _open_folders(self.inbox, "tmp", "new")
+            name = _link_unique(self.tmp_name, tmp_fd, new_fd, self.name)
             try:
                 if self.fsync:
-                    fsync_dir(new_dir)
+                    os.fsync(new_fd)
             except OSError:  # visible but not durable: take it back, the caller gets the error
                 with contextlib.suppress(OSError):
-                    os.unlink(target)
+                    os.unlink(name, dir_fd=new_fd)
                 raise
         except OSError as exc:
-            raise _failure(inbox, exc) from exc
+            raise _failure(self.inbox, exc) from exc
         finally:
-            self.discard()
-        return target
+            if tmp_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.tmp_name, dir_fd=tmp_fd)
+            _close(tmp_fd, new_fd)
+        return self.inbox.new / name
 
     def discard(self) -> None:
         """Remove the staged file (it is never delivered)."""
         with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
+            (tmp_fd,) = _open_folders(self.inbox, "tmp")
+            try:
+                os.unlink(self.tmp_name, dir_fd=tmp_fd)
+            finally:
+                os.close(tmp_fd)
 
 
 def broadcast(home: Home, message: Envelope, *, fsync: bool = True) -> list[Path]:
@@ -229,36 +239,68 @@ def request(
 
 
 def _stage(inbox: InboxPaths, name: str, data: bytes, fsync: bool) -> Staged:
-    if not inbox.root.is_dir():
-        raise UnknownRecipient(inbox.root.name, inbox.root)
     try:
-        return Staged(inbox, name, _write_tmp(inbox.tmp, data, fsync), fsync)
+        (tmp_fd,) = _open_folders(inbox, "tmp")
+    except FileNotFoundError:
+        raise UnknownRecipient(inbox.root.name, inbox.root) from None
     except OSError as exc:
         raise _failure(inbox, exc) from exc
+    try:
+        return Staged(inbox, name, _write_tmp(tmp_fd, data, fsync), fsync)
+    except OSError as exc:
+        raise _failure(inbox, exc) from exc
+    finally:
+        os.close(tmp_fd)
 
 
-def _write_tmp(tmp_dir: Path, data: bytes, fsync: bool) -> Path:
+def _write_tmp(tmp_fd: int, data: bytes, fsync: bool) -> str:
     for attempt in range(5):
-        # O_EXCL inside write_durable: a clashing name is refused, never overwritten
-        path = tmp_dir / unique_name(f"{secrets.token_hex(4)}-" if attempt else "")
+        # O_EXCL: a clashing name (or a planted link) is refused, never written through
+        name = unique_name(f"{secrets.token_hex(4)}-" if attempt else "")
         try:
-            write_durable(path, data, fsync=fsync)
-            return path
+            write_durable(name, data, fsync=fsync, dir_fd=tmp_fd)
+            return name
         except FileExistsError:
             continue
-    raise FileExistsError(f"no free temporary name in {tmp_dir}")
+    raise FileExistsError("no free temporary name in tmp/")
 
 
-def _link_unique(tmp: Path, new_dir: Path, name: str) -> Path:
+def _link_unique(tmp_name: str, tmp_fd: int, new_fd: int, name: str) -> str:
     # os.rename would silently replace a message with the same name; link() refuses to
-    target = new_dir / name
+    target = name
     for _ in range(5):
         try:
-            os.link(tmp, target)
+            os.link(tmp_name, target, src_dir_fd=tmp_fd, dst_dir_fd=new_fd, follow_symlinks=False)
             return target
         except FileExistsError:
-            target = new_dir / f"{name.removesuffix('.json')}_{secrets.token_hex(4)}.json"
-    raise FileExistsError(f"no free name for {name} in {new_dir}")
+            target = f"{name.removesuffix('.json')}_{secrets.token_hex(4)}.json"
+    raise FileExistsError(f"no free name for {name} in new/")
+
+
+FOLDERS = ("tmp", "new", "cur", "rejected")
+
+
+def _open_folders(inbox: InboxPaths, *names: str) -> list[int]:
+    """Open the inbox's root and then each named folder in it, following no symlink on the
+    way (UnsafePath): a planted link must not make a sender write, or an owner delete,
+    anywhere else. Returns a descriptor per name; the caller closes them."""
+    root = open_folder(inbox.root)
+    fds: list[int] = []
+    try:
+        for name in names:
+            fds.append(open_folder(name, dir_fd=root, shown=inbox.root / name))
+    except BaseException:
+        _close(*fds)
+        raise
+    finally:
+        os.close(root)
+    return fds
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _failure(inbox: InboxPaths, exc: OSError) -> MultibotError:
@@ -293,19 +335,21 @@ class Receiver:
         # Checks each message's signature: one refused goes to rejected/ with the reason.
         self.verify = verify
         self.paths = create_inbox(home, owner)
-        self._new, self._cur = str(self.paths.new), str(self.paths.cur)  # str: hot path
+        # Every file operation goes through descriptors of the folders, opened without
+        # following links: swapping a folder for a symlink later does not redirect them.
+        self._tmp, self._new, self._cur, self._rejected = -1, -1, -1, -1
+        self._folders_ino = -1
+        self._open_folders()
         self.rescan_s, self._durable, self._watch, self._clock = rescan_s, durable, watch, clock
         self._bell = threading.Event()
         self._observer: BaseObserver | None = None
         self._watched_ino = -1
         self._handled = _load_ledger(self.paths.handled_log, repair=True)
-        self._log_fd = os.open(
-            self.paths.handled_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644
-        )
+        self._log_fd = open_file(self.paths.handled_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         self._tmp_max_age_s = tmp_max_age_s
-        _clean_tmp(self.paths.tmp, tmp_max_age_s, clock())
+        _clean_tmp(self._tmp, tmp_max_age_s, clock())
         # claimed before a crash and never recorded as handled: deliver again, first
-        self._backlog = [n for n in _names(self.paths.cur) if _id_of(n) not in self._handled]
+        self._backlog = [n for n in _names(self._cur) if _id_of(n) not in self._handled]
         self._claimed: dict[str, str] = {}  # id -> its file in cur/, until done (set_aside)
         self._check_watch()
 
@@ -321,16 +365,13 @@ class Receiver:
         if self._log_fd >= 0:
             os.close(self._log_fd)
             self._log_fd = -1
+        _close(self._tmp, self._new, self._cur, self._rejected)
+        self._tmp, self._new, self._cur, self._rejected = -1, -1, -1, -1
 
     def fetch(self) -> list[Envelope]:
         """Claim everything waiting, in order; return the valid messages not yet handled."""
         claimed, self._backlog = self._backlog, []
-        try:
-            waiting = sorted(os.listdir(self._new))
-        except FileNotFoundError:
-            create_inbox(self.home, self.owner)
-            waiting = []
-        for name in waiting:
+        for name in sorted(os.listdir(self._new)):
             as_name = self._claim(name)
             if as_name is not None:
                 claimed.append(as_name)
@@ -402,26 +443,26 @@ class Receiver:
         so a resend of a pruned id would be handled again: prune well past any resend window.
         """
         now = self._clock() if now is None else now
-        _clean_tmp(self.paths.tmp, self._tmp_max_age_s, now)
-        handled = [n for n in _names(self.paths.cur) if _id_of(n) in self._handled]
+        _clean_tmp(self._tmp, self._tmp_max_age_s, now)
+        handled = [n for n in _names(self._cur) if _id_of(n) in self._handled]
         drop = set(handled[: max(0, len(handled) - max_count)] if max_count is not None else [])
         if max_age_s is not None:
-            drop.update(n for n in handled if _sent_at(self.paths.cur / n) < now - max_age_s)
+            drop.update(n for n in handled if _sent_at(n, self._cur) < now - max_age_s)
         for name in drop:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.paths.cur / name)
+                os.unlink(name, dir_fd=self._cur)
         if rejected_max_age_s is not None:
-            for name in _names(self.paths.rejected):
-                path = self.paths.rejected / name
+            for name in _names(self._rejected):
                 with contextlib.suppress(FileNotFoundError):
-                    if path.stat().st_mtime < now - rejected_max_age_s:
-                        path.unlink()
+                    mtime = os.stat(name, dir_fd=self._rejected, follow_symlinks=False).st_mtime
+                    if mtime < now - rejected_max_age_s:
+                        os.unlink(name, dir_fd=self._rejected)
         if drop:  # compact the ledger to the ids whose files remain
-            kept = {_id_of(n) for n in _names(self.paths.cur)} & self._handled
+            kept = {_id_of(n) for n in _names(self._cur)} & self._handled
             data = "".join(f"{i}\n" for i in sorted(kept)).encode()
             atomic_write(self.paths.handled_log, data, fsync=self._durable)
             os.close(self._log_fd)  # the old fd points at the replaced file
-            self._log_fd = os.open(self.paths.handled_log, os.O_WRONLY | os.O_APPEND)
+            self._log_fd = open_file(self.paths.handled_log, os.O_WRONLY | os.O_APPEND)
             self._handled = kept
         return len(drop)
 
@@ -430,17 +471,17 @@ class Receiver:
     def _claim(self, name: str) -> str | None:
         """Move new/name into cur/; return its name there, None if someone else took it."""
         as_name = name
-        if os.path.lexists(f"{self._cur}/{name}"):  # same name claimed earlier: keep both
+        if _lexists(name, self._cur):  # same name claimed earlier: keep both
             as_name = f"{name.removesuffix('.json')}_{secrets.token_hex(4)}.json"
         try:
-            os.rename(f"{self._new}/{name}", f"{self._cur}/{as_name}")
+            os.rename(name, as_name, src_dir_fd=self._new, dst_dir_fd=self._cur)
         except FileNotFoundError:
             return None
         return as_name
 
     def _load(self, name: str) -> Envelope | None:
         try:
-            raw, problem = _read(f"{self._cur}/{name}")
+            raw, problem = _read(name, self._cur)
         except FileNotFoundError:
             return None
         if name.startswith("."):  # hidden from ls, and never made by a sender
@@ -466,10 +507,10 @@ class Receiver:
 
     def _reject(self, name: str, reason: str, raw: bytes, tell_sender: bool = True) -> None:
         target = self.paths.rejected / (name.lstrip(".") or "dot-file")
-        if os.path.lexists(target):
+        if _lexists(target.name, self._rejected):
             target = target.with_name(f"{name}.{secrets.token_hex(4)}")
         try:
-            os.rename(self.paths.cur / name, target)
+            os.rename(name, target.name, src_dir_fd=self._cur, dst_dir_fd=self._rejected)
         except FileNotFoundError:
             return None
         sender = _sender_of(raw)
@@ -492,10 +533,12 @@ class Receiver:
     def _check_watch(self) -> None:
         """Recreate deleted folders and restart a dead or stale observer."""
         try:
-            ino = os.stat(self.paths.new).st_ino
+            ino = os.lstat(self.paths.new).st_ino
         except FileNotFoundError:
-            ino = create_inbox(self.home, self.owner).new.stat().st_ino
+            ino = create_inbox(self.home, self.owner).new.lstat().st_ino
             self._bell.set()  # look at once: the folder was just recreated
+        if ino != self._folders_ino:
+            self._open_folders()
         if not self._watch:
             return
         obs = self._observer
@@ -507,6 +550,13 @@ class Receiver:
             self._observer, self._watched_ino = _watch(self.paths.new, self._bell), ino
         except OSError:  # folder vanished again: the rescan covers us, retry on the next wait
             return
+
+    def _open_folders(self) -> None:
+        """(Re)open the descriptors of the inbox's folders (UnsafePath if one is a link)."""
+        fds = _open_folders(self.paths, *FOLDERS)
+        _close(self._tmp, self._new, self._cur, self._rejected)
+        self._tmp, self._new, self._cur, self._rejected = fds
+        self._folders_ino = os.fstat(self._new).st_ino
 
     def _stop_observer(self) -> None:
         obs, self._observer = self._observer, None
@@ -582,11 +632,11 @@ def _watch(folder: Path, bell: Bell) -> BaseObserver:
 # -- files and names ------------------------------------------------------------------------
 
 
-def _read(path: str) -> tuple[bytes, str | None]:
+def _read(name: str, dir_fd: int) -> tuple[bytes, str | None]:
     """Return a claimed file's bytes and what makes it unreadable, if anything."""
     try:
         # no symlink may make us read elsewhere; a FIFO must not block the loop
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
         raise
     except OSError as exc:
@@ -605,17 +655,27 @@ def _read(path: str) -> tuple[bytes, str | None]:
         os.close(fd)
 
 
-def _names(folder: Path | str) -> list[str]:
+def _names(folder: Path | int) -> list[str]:
     return sorted(n for n in os.listdir(folder) if not n.startswith("."))
+
+
+def _lexists(name: str, dir_fd: int) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _id_of(name: str) -> str:
     return name.split(".", 1)[0].split("_", 1)[0]
 
 
-def _sent_at(path: Path) -> float:
-    stamp = path.name[:20]
-    return int(stamp) / 1e9 if stamp.isdigit() else path.stat().st_mtime
+def _sent_at(name: str, dir_fd: int) -> float:
+    stamp = name[:20]
+    if stamp.isdigit():
+        return int(stamp) / 1e9
+    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime
 
 
 def _valid_id(value: str) -> bool:
@@ -646,15 +706,15 @@ def _load_ledger(path: Path, *, repair: bool = False) -> set[str]:
     return {line for line in data.decode(errors="replace").split("\n") if line}
 
 
-def _clean_tmp(tmp_dir: Path, max_age_s: float, now: float) -> int:
+def _clean_tmp(tmp_fd: int, max_age_s: float, now: float) -> int:
     removed, host = 0, socket.gethostname()
-    for name in _names(tmp_dir):
-        path = tmp_dir / name
+    for name in _names(tmp_fd):
         writer = _TMP_WRITER.search(name)
         dead = writer is not None and writer.group(2) == host and not _pid_alive(int(writer[1]))
         with contextlib.suppress(FileNotFoundError):
-            if dead or path.lstat().st_mtime < now - max_age_s:
-                path.unlink()
+            st = os.stat(name, dir_fd=tmp_fd, follow_symlinks=False)
+            if dead or st.st_mtime < now - max_age_s:
+                os.unlink(name, dir_fd=tmp_fd)
                 removed += 1
     return removed
 

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple, TextIO
 from multibot.advisor import Advice, Advisor
 from multibot.agents.claude import child_env, resolve_bin
 from multibot.agents.stream import result_tokens
+from multibot.atomic import open_log
 from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import AgentError, MultibotError, PlanError
 from multibot.layout import Home
@@ -516,7 +517,7 @@ def find_claude(name: str) -> str:
 def _log(home: Home, line: str) -> None:
     try:
         home.logs_dir.mkdir(parents=True, exist_ok=True)
-        with open(home.log(LOG_ID), "a", encoding="utf-8") as f:
+        with open_log(home.log(LOG_ID)) as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
     except OSError:
         pass  # the log is for people; a full disk must not stop the run here

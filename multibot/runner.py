@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from multibot import procs
 from multibot.advisor import Advisor
+from multibot.atomic import open_log
 from multibot.config import load_master, load_worker
 from multibot.errors import MultibotError
 from multibot.launcher import Launcher, ProcessLauncher, TmuxLauncher
@@ -72,7 +73,7 @@ def run_master(home: Home, **kwargs: object) -> int:
         from multibot.layout import MASTER_ID
 
         home.logs_dir.mkdir(parents=True, exist_ok=True)
-        with open(home.log(MASTER_ID), "a", encoding="utf-8") as f:
+        with open_log(home.log(MASTER_ID)) as f:
             f.write(f"FATAL: {exc}\n")
         raise
 

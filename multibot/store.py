@@ -40,7 +40,14 @@ import filelock
 import pydantic_core
 from pydantic import BaseModel, ValidationError
 
-from multibot.atomic import atomic_write, close_later, fsync_dir, unique_name, write_durable
+from multibot.atomic import (
+    atomic_write,
+    close_later,
+    fsync_dir,
+    no_links,
+    unique_name,
+    write_durable,
+)
 from multibot.errors import LockTimeout, MultibotError, StateError, WriteFailed
 from multibot.layout import backup_of, lock_of
 
@@ -585,7 +592,8 @@ class StateFile(Generic[M]):
         holder = _holder_of(self.path)
         try:
             # Held for one read-modify-write (a few ms): look often, not every 50 ms.
-            self._lock.acquire(timeout=self.lock_timeout, poll_interval=0.002)
+            with no_links(lock_of(self.path)):  # filelock opens it without following links
+                self._lock.acquire(timeout=self.lock_timeout, poll_interval=0.002)
         except filelock.Timeout as e:
             try:
                 who: str | None = holder.read_text(errors="replace").strip() or None

@@ -9,6 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from multibot.atomic import open_file
+
 
 class Timeline:
     """Appends events to state/timeline.jsonl; never rewrites a line.
@@ -24,7 +26,7 @@ class Timeline:
         self.path = path
         self.clock = clock
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = open_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         self.pending: list[bytes] = []
         self.dropped = 0  # events lost past PENDING_MAX
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, NamedTuple, TextIO
 from multibot import auth, mailbox, privacy, protocol, sandbox
 from multibot.agents import Agent, AgentEvent, AgentOutcome, AgentSpec, make_agent
 from multibot.agents.stream import render
+from multibot.atomic import open_file, open_log
 from multibot.auth import WorkerKey
 from multibot.config import WorkerTemplate, load_worker
 from multibot.errors import (
@@ -29,6 +30,7 @@ from multibot.errors import (
     MultibotError,
     SendError,
     StateError,
+    UnsafePath,
     WriteFailed,
 )
 from multibot.heartbeat import HeartbeatWriter
@@ -87,7 +89,11 @@ def _reset_file(path: Path, text: str) -> None:
     on a disk mounted with discard, on the way of every task's start.
     """
     data = text.encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fd = open_file(path, os.O_WRONLY | os.O_CREAT)
+    except UnsafePath:  # a link planted in its place: drop the link, never write through it
+        os.unlink(path)
+        fd = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         os.pwrite(fd, data, 0)
         os.ftruncate(fd, len(data))
@@ -175,7 +181,7 @@ class Worker:
             home.heartbeat(self.id), self.id, generation, heartbeat_interval
         )
         home.logs_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(home.log(self.id), "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self._log = open_log(home.log(self.id))
         mailbox.create_inbox(home, self.id)
         mailbox.create_inbox(home, sandbox.reply_inbox(self.id))  # its agent's `multibot ask`
         self.inbox = mailbox.Receiver(home, self.id, verify=self._verify)

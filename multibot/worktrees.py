@@ -26,6 +26,7 @@ import git
 from git import exc as git_exc
 
 from multibot import procs
+from multibot.atomic import no_links
 from multibot.errors import GitError, InvalidId, LockTimeout, MergeBlocked
 from multibot.ids import check_branch, check_id
 
@@ -889,7 +890,8 @@ class GitRepo:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             # Held for a git command or a few: poll often (the default waits 50 ms a look).
-            lock.acquire(timeout=self._lock_timeout, poll_interval=0.002)
+            with no_links(path):  # filelock opens it without following links
+                lock.acquire(timeout=self._lock_timeout, poll_interval=0.002)
         except filelock.Timeout as e:
             raise LockTimeout(path, None, self._lock_timeout) from e
         try:

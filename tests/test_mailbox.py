@@ -27,7 +27,7 @@ import pytest
 from helpers import wait_until
 
 from multibot import mailbox, protocol
-from multibot.errors import AskTimeout, SendError, UnknownRecipient
+from multibot.errors import AskTimeout, SendError, UnknownRecipient, UnsafePath
 from multibot.layout import Home
 from multibot.protocol import Envelope
 
@@ -637,3 +637,54 @@ def test_inbox_report(home: Home) -> None:
     assert json.loads(json.dumps(report.to_dict()))["owner"] == "master"
     with pytest.raises(UnknownRecipient):
         mailbox.inbox_report(home, "ghost")
+
+
+# -- symlinks in the inbox folders ---------------------------------------------------------
+
+
+def _plant_link(home: Home, folder: str, tmp_path: Path) -> Path:
+    """Swap the master inbox's folder for a link to an outside folder holding an old file."""
+    outside = tmp_path / f"outside-{folder}"
+    outside.mkdir()
+    precious = outside / "precious.txt"
+    precious.write_text("the user's file\n")
+    os.utime(precious, (1, 1))  # far older than any tmp/ age limit
+    target = getattr(home.inbox("master"), folder)
+    shutil.rmtree(target)
+    target.symlink_to(outside, target_is_directory=True)
+    return outside
+
+
+@pytest.mark.parametrize("folder", ["tmp", "new"])
+def test_a_symlinked_inbox_folder_is_refused_and_nothing_goes_through_it(
+    home: Home, tmp_path: Path, folder: str
+) -> None:
+    outside = _plant_link(home, folder, tmp_path)
+    with pytest.raises(UnsafePath, match=f"master/{folder} is a symbolic link"):
+        mailbox.send(home, note("w1", "master", "through the link?"))
+    with pytest.raises(UnsafePath, match="symbolic link"):  # a restart of its owner
+        mailbox.Receiver(home, "master", watch=False, tmp_max_age_s=0)
+    assert sorted(os.listdir(outside)) == ["precious.txt"]  # nothing written, nothing deleted
+    assert (outside / "precious.txt").read_text() == "the user's file\n"
+
+
+def test_a_folder_swapped_for_a_link_while_receiving_is_not_followed(
+    home: Home, tmp_path: Path
+) -> None:
+    with mailbox.Receiver(home, "master", watch=False, tmp_max_age_s=0) as rx:
+        outside = _plant_link(home, "cur", tmp_path)
+        os.utime(home.inbox("master").new, None)
+        rx.prune(max_count=0, rejected_max_age_s=0)  # deletes through its own descriptors
+        with pytest.raises(UnsafePath, match="master/cur is a symbolic link"):
+            mailbox.create_inbox(home, "master")
+    assert sorted(os.listdir(outside)) == ["precious.txt"]
+
+
+def test_a_symlinked_root_inbox_is_refused(home: Home, tmp_path: Path) -> None:
+    real = tmp_path / "elsewhere"
+    shutil.copytree(home.inbox("master").root, real)
+    shutil.rmtree(home.inbox("master").root)
+    home.inbox("master").root.symlink_to(real, target_is_directory=True)
+    with pytest.raises(UnsafePath, match="inbox/master is a symbolic link"):
+        mailbox.send(home, note("w1", "master", "through the link?"))
+    assert os.listdir(real / "new") == [] and os.listdir(real / "tmp") == []

@@ -549,3 +549,27 @@ def test_forged_orders_are_refused_and_the_real_ones_taken(rig: Rig, tmp_path: P
     # And the real order is still taken.
     rig.send(protocol.Terminate(reason="done"))
     wait_until(lambda: rig.procs[-1].poll() is not None, 20)
+
+
+def test_a_symlinked_context_file_or_log_is_never_written_through(
+    rig: Rig, tmp_path: Path
+) -> None:
+    precious = tmp_path / "precious.txt"
+    precious.write_text("the user's file\n")
+    log = rig.home.log("w1")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.symlink_to(precious)
+    refused = rig.start_worker()
+    assert refused.wait(timeout=30) != 0
+    assert f"{log} is a symbolic link" in rig.outputs[-1].read_text()
+    log.unlink()
+    context = rig.home.worker_context("w1")
+    context.parent.mkdir(parents=True, exist_ok=True)
+    context.symlink_to(precious)
+    rig.start_worker(generation=2)
+    rig.assign("t1", ['cp "$MULTIBOT_CONTEXT_FILE" seen.txt'], context=["use tabs"])
+    done = rig.expect(protocol.TaskComplete)
+    assert isinstance(done.payload, protocol.TaskComplete)
+    assert git_show(rig, done.payload.commit or "", "seen.txt") == "use tabs\n"
+    assert precious.read_text() == "the user's file\n"
+    assert not context.is_symlink() and not log.is_symlink()

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from pathlib import Path
 
 from multibot.agents.base import Agent, AgentEvent, AgentOutcome, AgentSpec, ChildProcess
-from multibot.errors import AgentError
+from multibot.atomic import open_log
+from multibot.errors import AgentError, UnsafePath
 
 
 class ShellAgent(Agent):
@@ -72,8 +74,11 @@ class ShellAgent(Agent):
         path = self._spec.env.get("MULTIBOT_CONTEXT_FILE")
         if not path:
             return False
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(text.rstrip("\n") + "\n")
+        try:
+            with open_log(Path(path)) as f:
+                f.write(text.rstrip("\n") + "\n")
+        except UnsafePath:  # the task's commands made it a link: not written through
+            return False
         return True
 
     def poll(self) -> list[AgentEvent]:

@@ -24,6 +24,7 @@ from typing import TextIO
 
 from multibot import auth, mailbox, protocol
 from multibot.advisor import Advice, Advisor
+from multibot.atomic import open_log
 from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import (
     GitError,
@@ -121,7 +122,7 @@ class Master:
         self.branches: dict[str, BranchInfo] = {}  # each task's entry in system-state.json
         self.timeline = Timeline(home.timeline, clock)
         home.logs_dir.mkdir(parents=True, exist_ok=True)
-        self._log = open(home.log(MASTER_ID), "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self._log = open_log(home.log(MASTER_ID))
         # What the loop must not wait for, one at a time in order: tmux calls (pane titles,
         # the look for dead panes) and system-state.json (written, and looked at for the
         # person's pause, only from this thread). Each is tens of ms on a busy machine.
