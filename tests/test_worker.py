@@ -551,9 +551,7 @@ def test_forged_orders_are_refused_and_the_real_ones_taken(rig: Rig, tmp_path: P
     wait_until(lambda: rig.procs[-1].poll() is not None, 20)
 
 
-def test_a_symlinked_context_file_or_log_is_never_written_through(
-    rig: Rig, tmp_path: Path
-) -> None:
+def test_a_symlinked_context_file_or_log_is_never_written_through(rig: Rig, tmp_path: Path) -> None:
     precious = tmp_path / "precious.txt"
     precious.write_text("the user's file\n")
     log = rig.home.log("w1")
