@@ -126,21 +126,23 @@ def _run_master(
     )
     if resuming:
         assert existing is not None
-        master.show(f"resuming run {existing.run_id} from {home.state_dir}")
+        master.ctx.show(f"resuming run {existing.run_id} from {home.state_dir}")
         master.resume()
     else:
         if repo is None:
             raise MultibotError("--repo is required to start a run")
         if existing is not None:
             dest = archive_run(home, existing.run_id)
-            master.show(f"earlier run archived in {dest}")
+            master.ctx.show(f"earlier run archived in {dest}")
         opus_session, opus_cost = None, 0.0
         if plan_file is not None:
             plan = load_plan_file(plan_file)
         elif goal:
             from multibot.opus import plan_with_opus
 
-            plan, opus_session, opus_cost = plan_with_opus(home, config, repo, goal, out=master.out)
+            plan, opus_session, opus_cost = plan_with_opus(
+                home, config, repo, goal, out=master.ctx.out
+            )
         else:
             raise MultibotError("give --goal TEXT (Opus plans it) or --plan FILE")
         run_id = time.strftime("%Y%m%d-%H%M%S")
@@ -184,10 +186,10 @@ def _end_children(master: Master, launcher: ProcessLauncher, terminated: bool) -
         launcher.wait_all(CHILD_GRACE_S)
         launcher.stop_all()
     elif terminated:
-        master.show("SIGTERM: stopping the workers (start the master again to resume)")
+        master.ctx.show("SIGTERM: stopping the workers (start the master again to resume)")
         launcher.wind_down(CHILD_GRACE_S)
     elif launcher.children:
-        master.show("the workers keep running: start the master again to resume the run")
+        master.ctx.show("the workers keep running: start the master again to resume the run")
 
 
 def run_repo(home: Home) -> GitRepo:

@@ -25,6 +25,7 @@ from multibot import auth, mailbox, protocol
 from multibot.config import MasterConfig
 from multibot.layout import MASTER_ID, Home
 from multibot.master import EXIT_DONE, EXIT_FAILED, Master
+from multibot.master.intake import Intake
 from multibot.state import Plan, PlanTask, TaskRecord, WorkerState
 from multibot.status import render, snapshot
 from multibot.store import StateFile
@@ -144,8 +145,8 @@ class World:
 
     def tick(self) -> None:
         self.master.tick()
-        assert self.master.inbox is not None
-        self.master.inbox.wait(0.01)  # a job done in a lane rings it
+        assert self.master.ctx.inbox is not None
+        self.master.ctx.inbox.wait(0.01)  # a job done in a lane rings it
 
     def until(
         self, pred: Callable[[], object], what: str, timeout: float = 20.0, step: float = 0.05
@@ -366,14 +367,14 @@ def test_a_message_that_breaks_its_handler_is_set_aside_for_good(
     w = world(tasks("a"), max_workers=1)
     w.tick()
     (m,) = w.assignments("w1")
-    handle = Master.on_status
+    handle = Intake.on_status
 
-    def poisoned(self: Master, m: protocol.Envelope, p: protocol.StatusUpdate) -> None:
+    def poisoned(self: Intake, m: protocol.Envelope, p: protocol.StatusUpdate) -> None:
         if p.progress == "poison":
             raise ValueError("a handler bug")
         handle(self, m, p)
 
-    monkeypatch.setattr(Master, "on_status", poisoned)
+    monkeypatch.setattr(Intake, "on_status", poisoned)
     w.report("w1", m, protocol.StatusUpdate(status="working", kind="progress", progress="poison"))
     w.until(lambda: w.events("message-set-aside"), "set aside")
     (entry,) = mailbox.inbox_report(w.home, MASTER_ID).rejected
@@ -425,7 +426,7 @@ def test_a_discovery_reaches_a_paused_worker_and_is_recorded_once(
         w.tick()
     assert context_updates(w, "w2") == []
     assert len(w.events("discovery")) == 1
-    shared = w.master.discoveries.all()
+    shared = w.master.ctx.discoveries.all()
     assert [(d.task_id, d.text) for d in shared] == [("a", "port is 8080")]
     assert mb.task_id == "b"
 
@@ -499,11 +500,11 @@ def test_a_cancel_that_comes_as_the_merge_lands_leaves_the_task_merged(
     rec = w.master.tasks["a"]
     w.master.sys.workers["w1"].current_task = None  # as when its completion came
     w.master.sys.workers["w1"].status = "idle"
-    w.master.book.move(rec, "verifying")
-    w.master.book.move(rec, "verified")
+    w.master.ctx.book.move(rec, "verifying")
+    w.master.ctx.book.move(rec, "verified")
     w.master.take_edit(rec, rec.model_copy(update={"cancel": True}))
     assert rec.status == "cancelled"
-    w.master.take_outcome(Merged(task_id="a", merge_commit=None))  # the land was in flight
+    w.master.results.take_outcome(Merged(task_id="a", merge_commit=None))  # the land was in flight
     assert rec.status == "merged" and w.events("cancel-too-late")
     w.until(lambda: w.master.tasks["b"].status == "assigned", "its dependent goes on")
 
@@ -554,7 +555,7 @@ def test_a_full_disk_does_not_stop_the_master(
     for _ in range(40):  # the completions come in, and nothing can be written
         w.clock.advance(0.05)
         w.tick()
-    assert w.events("write-failed") or w.master.write_failing is not None
+    assert w.events("write-failed") or w.master.ctx.write_failing is not None
     assert not w.master.finished
     filler.unlink()
     w.until(lambda: w.master.tasks["c"].status == "assigned", "goes on once space is back")
@@ -628,7 +629,7 @@ def test_a_forged_field_while_the_master_runs_is_reported_and_put_back(
     hand_edit(w.home.task("b"), **{"task.title": "renamed by hand"})
     w.until(lambda: w.events("bad-edit"), "reported")
     assert "b.json: a field only multibot writes" in w.events("bad-edit")[0]["text"]
-    w.master.book.move(w.master.tasks["b"], "cancelled")
+    w.master.ctx.book.move(w.master.tasks["b"], "cancelled")
     w.until(lambda: w.task("b").status == "cancelled", "written")
     assert w.task("b").task.title == "b" and not w.task("b").forged()
 
@@ -671,7 +672,7 @@ def test_an_answer_is_delivered_only_once_it_is_in_the_inbox(
     from multibot.state import FaqEntry, QuestionRecord
 
     w = world(tasks("a"), max_workers=1)
-    w.master.plan = w.master.plan.model_copy(
+    w.master.ctx.plan = w.master.ctx.plan.model_copy(
         update={"faq": [FaqEntry(match="port", answer="8080")]}
     )
     w.tick()
@@ -753,7 +754,7 @@ def test_messages_that_do_not_prove_their_sender_are_refused_and_counted(
     w.until(lambda: w.master.sys.metrics.messages_refused == len(forgeries), "all refused")
     for _ in range(5):
         w.tick()
-    assert w.master.discoveries.all() == [] and context_updates(w, "w2") == []
+    assert w.master.ctx.discoveries.all() == [] and context_updates(w, "w2") == []
     assert w.master.tasks["a"].status in ("assigned", "running")  # not verifying, not merged
     rejected = mailbox.inbox_report(w.home, MASTER_ID).rejected
     assert len(rejected) == len(forgeries)
