@@ -24,6 +24,9 @@ Delivery guarantees
 * **Events are a doorbell; the directory is the truth.** watchdog only wakes ``wait``; every
   ``fetch`` lists ``new/`` in name order, and ``wait`` returns at least every ``rescan_s``
   seconds. A dead observer, a lost event or a deleted ``new/`` costs at most one rescan interval.
+
+The folders and their files are handled in ``maildir.py`` (never through a symlink), the
+doorbell in ``doorbell.py``; this module is the rules above, for senders and for receivers.
 """
 
 from __future__ import annotations
@@ -31,79 +34,64 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import secrets
-import shutil
-import socket
-import stat
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers.api import BaseObserver, EventQueue, ObservedWatch
-
 from multibot import protocol
-from multibot.atomic import atomic_write, open_file, open_folder, unique_name, write_durable
+from multibot.atomic import atomic_write, open_file, unique_name, write_durable
 from multibot.auth import Refusal
+from multibot.doorbell import Watcher, watch
 from multibot.errors import AskTimeout, DecodeError, MultibotError, SendError, UnknownRecipient
 from multibot.ids import check_id
 from multibot.layout import Home, InboxPaths
+from multibot.maildir import (
+    EPHEMERAL_PREFIX,
+    FOLDERS,
+    TMP_MAX_AGE_S,
+    InboxReport,
+    RejectedEntry,
+    clean_tmp,
+    close_fds,
+    create_inbox,
+    id_of,
+    inbox_report,
+    lexists,
+    list_inboxes,
+    load_ledger,
+    names,
+    open_folders,
+    read_claimed,
+    remove_inbox,
+    sender_of,
+    sent_at,
+)
 from multibot.protocol import BROADCAST, Envelope
 
-try:  # Linux: inotify, subscribed to arrivals only (see _ArrivalEmitter)
-    from watchdog.observers.inotify import InotifyEmitter
-    from watchdog.observers.inotify_c import InotifyConstants, InotifyFD, Mask
-except ImportError:  # pragma: no cover - other platforms use watchdog's default observer
-    InotifyEmitter = None  # type: ignore[assignment,misc]
+__all__ = [  # the bus's whole surface, with the folders' helpers it re-exports
+    "DEFAULT_RESCAN_S",
+    "EPHEMERAL_PREFIX",
+    "TMP_MAX_AGE_S",
+    "InboxReport",
+    "Receiver",
+    "RejectedEntry",
+    "Staged",
+    "broadcast",
+    "create_inbox",
+    "inbox_report",
+    "list_inboxes",
+    "remove_inbox",
+    "reply",
+    "request",
+    "send",
+    "stage",
+]
 
-EPHEMERAL_PREFIX = "ask-"
 DEFAULT_RESCAN_S = 1.0
-TMP_MAX_AGE_S = 600.0
-_TMP_WRITER = re.compile(r"\.P(\d+)Q\d+\.(.+)$")  # pid and host inside atomic.unique_name()
-_SENDER = re.compile(rb'"sender"\s*:\s*"([a-z0-9][a-z0-9_-]{0,62})"')
-_HEAD = 65536
-Bell = threading.Event
-
-
-# -- inboxes --------------------------------------------------------------------------------
-
-
-def create_inbox(home: Home, owner: str) -> InboxPaths:
-    """Create (or repair) the inbox folders of owner; UnsafePath if one is a symlink."""
-    paths = home.inbox(owner)
-    for d in paths.dirs():
-        d.mkdir(parents=True, exist_ok=True)
-    for fd in _open_folders(paths, *FOLDERS):
-        os.close(fd)
-    return paths
-
-
-def remove_inbox(home: Home, owner: str) -> None:
-    """Delete an inbox and everything in it (for ephemeral ask- inboxes)."""
-    root = home.inbox(owner).root
-    for _ in range(5):  # a late reply may land while the tree is being removed: try again
-        try:
-            shutil.rmtree(root)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            continue
-    shutil.rmtree(root, ignore_errors=True)
-
-
-def list_inboxes(home: Home) -> list[str]:
-    """Return the ids of every inbox under home, sorted."""
-    try:
-        names = os.listdir(home.inboxes_dir)
-    except FileNotFoundError:
-        return []
-    return sorted(n for n in names if _valid_id(n) and (home.inboxes_dir / n).is_dir())
-
 
 # -- sending --------------------------------------------------------------------------------
 
@@ -140,7 +128,7 @@ class Staged:
         path there."""
         tmp_fd = new_fd = -1
         try:
-            tmp_fd, new_fd = _open_folders(self.inbox, "tmp", "new")
+            tmp_fd, new_fd = open_folders(self.inbox, "tmp", "new")
             name = _link_unique(self.tmp_name, tmp_fd, new_fd, self.name)
             try:
                 if self.fsync:
@@ -155,13 +143,13 @@ class Staged:
             if tmp_fd >= 0:
                 with contextlib.suppress(OSError):
                     os.unlink(self.tmp_name, dir_fd=tmp_fd)
-            _close(tmp_fd, new_fd)
+            close_fds(tmp_fd, new_fd)
         return self.inbox.new / name
 
     def discard(self) -> None:
         """Remove the staged file (it is never delivered)."""
         with contextlib.suppress(OSError):
-            (tmp_fd,) = _open_folders(self.inbox, "tmp")
+            (tmp_fd,) = open_folders(self.inbox, "tmp")
             try:
                 os.unlink(self.tmp_name, dir_fd=tmp_fd)
             finally:
@@ -240,7 +228,7 @@ def request(
 
 def _stage(inbox: InboxPaths, name: str, data: bytes, fsync: bool) -> Staged:
     try:
-        (tmp_fd,) = _open_folders(inbox, "tmp")
+        (tmp_fd,) = open_folders(inbox, "tmp")
     except FileNotFoundError:
         raise UnknownRecipient(inbox.root.name, inbox.root) from None
     except OSError as exc:
@@ -275,32 +263,6 @@ def _link_unique(tmp_name: str, tmp_fd: int, new_fd: int, name: str) -> str:
         except FileExistsError:
             target = f"{name.removesuffix('.json')}_{secrets.token_hex(4)}.json"
     raise FileExistsError(f"no free name for {name} in new/")
-
-
-FOLDERS = ("tmp", "new", "cur", "rejected")
-
-
-def _open_folders(inbox: InboxPaths, *names: str) -> list[int]:
-    """Open the inbox's root and then each named folder in it, following no symlink on the
-    way (UnsafePath): a planted link must not make a sender write, or an owner delete,
-    anywhere else. Returns a descriptor per name; the caller closes them."""
-    root = open_folder(inbox.root)
-    fds: list[int] = []
-    try:
-        for name in names:
-            fds.append(open_folder(name, dir_fd=root, shown=inbox.root / name))
-    except BaseException:
-        _close(*fds)
-        raise
-    finally:
-        os.close(root)
-    return fds
-
-
-def _close(*fds: int) -> None:
-    for fd in fds:
-        if fd >= 0:
-            os.close(fd)
 
 
 def _failure(inbox: InboxPaths, exc: OSError) -> MultibotError:
@@ -339,17 +301,17 @@ class Receiver:
         # following links: swapping a folder for a symlink later does not redirect them.
         self._tmp, self._new, self._cur, self._rejected = -1, -1, -1, -1
         self._folders_ino = -1
-        self._open_folders()
+        self._reopen()
         self.rescan_s, self._durable, self._watch, self._clock = rescan_s, durable, watch, clock
         self._bell = threading.Event()
-        self._observer: BaseObserver | None = None
+        self._observer: Watcher | None = None
         self._watched_ino = -1
-        self._handled = _load_ledger(self.paths.handled_log, repair=True)
+        self._handled = load_ledger(self.paths.handled_log, repair=True)
         self._log_fd = open_file(self.paths.handled_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
         self._tmp_max_age_s = tmp_max_age_s
-        _clean_tmp(self._tmp, tmp_max_age_s, clock())
+        clean_tmp(self._tmp, tmp_max_age_s, clock())
         # claimed before a crash and never recorded as handled: deliver again, first
-        self._backlog = [n for n in _names(self._cur) if _id_of(n) not in self._handled]
+        self._backlog = [n for n in names(self._cur) if id_of(n) not in self._handled]
         self._claimed: dict[str, str] = {}  # id -> its file in cur/, until done (set_aside)
         self._check_watch()
 
@@ -365,7 +327,7 @@ class Receiver:
         if self._log_fd >= 0:
             os.close(self._log_fd)
             self._log_fd = -1
-        _close(self._tmp, self._new, self._cur, self._rejected)
+        close_fds(self._tmp, self._new, self._cur, self._rejected)
         self._tmp, self._new, self._cur, self._rejected = -1, -1, -1, -1
 
     def fetch(self) -> list[Envelope]:
@@ -443,22 +405,22 @@ class Receiver:
         so a resend of a pruned id would be handled again: prune well past any resend window.
         """
         now = self._clock() if now is None else now
-        _clean_tmp(self._tmp, self._tmp_max_age_s, now)
-        handled = [n for n in _names(self._cur) if _id_of(n) in self._handled]
+        clean_tmp(self._tmp, self._tmp_max_age_s, now)
+        handled = [n for n in names(self._cur) if id_of(n) in self._handled]
         drop = set(handled[: max(0, len(handled) - max_count)] if max_count is not None else [])
         if max_age_s is not None:
-            drop.update(n for n in handled if _sent_at(n, self._cur) < now - max_age_s)
+            drop.update(n for n in handled if sent_at(n, self._cur) < now - max_age_s)
         for name in drop:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=self._cur)
         if rejected_max_age_s is not None:
-            for name in _names(self._rejected):
+            for name in names(self._rejected):
                 with contextlib.suppress(FileNotFoundError):
                     mtime = os.stat(name, dir_fd=self._rejected, follow_symlinks=False).st_mtime
                     if mtime < now - rejected_max_age_s:
                         os.unlink(name, dir_fd=self._rejected)
         if drop:  # compact the ledger to the ids whose files remain
-            kept = {_id_of(n) for n in _names(self._cur)} & self._handled
+            kept = {id_of(n) for n in names(self._cur)} & self._handled
             data = "".join(f"{i}\n" for i in sorted(kept)).encode()
             atomic_write(self.paths.handled_log, data, fsync=self._durable)
             os.close(self._log_fd)  # the old fd points at the replaced file
@@ -471,7 +433,7 @@ class Receiver:
     def _claim(self, name: str) -> str | None:
         """Move new/name into cur/; return its name there, None if someone else took it."""
         as_name = name
-        if _lexists(name, self._cur):  # same name claimed earlier: keep both
+        if lexists(name, self._cur):  # same name claimed earlier: keep both
             as_name = f"{name.removesuffix('.json')}_{secrets.token_hex(4)}.json"
         try:
             os.rename(name, as_name, src_dir_fd=self._new, dst_dir_fd=self._cur)
@@ -481,7 +443,7 @@ class Receiver:
 
     def _load(self, name: str) -> Envelope | None:
         try:
-            raw, problem = _read(name, self._cur)
+            raw, problem = read_claimed(name, self._cur)
         except FileNotFoundError:
             return None
         if name.startswith("."):  # hidden from ls, and never made by a sender
@@ -507,13 +469,13 @@ class Receiver:
 
     def _reject(self, name: str, reason: str, raw: bytes, tell_sender: bool = True) -> None:
         target = self.paths.rejected / (name.lstrip(".") or "dot-file")
-        if _lexists(target.name, self._rejected):
+        if lexists(target.name, self._rejected):
             target = target.with_name(f"{name}.{secrets.token_hex(4)}")
         try:
             os.rename(name, target.name, src_dir_fd=self._cur, dst_dir_fd=self._rejected)
         except FileNotFoundError:
             return None
-        sender = _sender_of(raw)
+        sender = sender_of(raw)
         note = {"file": target.name, "reason": reason, "time": self._clock(), "sender": sender}
         sidecar = target.with_name(target.name + ".reason.json")
         with contextlib.suppress(OSError):  # the file is set aside already; go on regardless
@@ -538,7 +500,7 @@ class Receiver:
             ino = create_inbox(self.home, self.owner).new.lstat().st_ino
             self._bell.set()  # look at once: the folder was just recreated
         if ino != self._folders_ino:
-            self._open_folders()
+            self._reopen()
         if not self._watch:
             return
         obs = self._observer
@@ -547,14 +509,14 @@ class Receiver:
             return
         self._stop_observer()
         try:
-            self._observer, self._watched_ino = _watch(self.paths.new, self._bell), ino
+            self._observer, self._watched_ino = watch(self.paths.new, self._bell), ino
         except OSError:  # folder vanished again: the rescan covers us, retry on the next wait
             return
 
-    def _open_folders(self) -> None:
+    def _reopen(self) -> None:
         """(Re)open the descriptors of the inbox's folders (UnsafePath if one is a link)."""
-        fds = _open_folders(self.paths, *FOLDERS)
-        _close(self._tmp, self._new, self._cur, self._rejected)
+        fds = open_folders(self.paths, *FOLDERS)
+        close_fds(self._tmp, self._new, self._cur, self._rejected)
         self._tmp, self._new, self._cur, self._rejected = fds
         self._folders_ino = os.fstat(self._new).st_ino
 
@@ -564,219 +526,3 @@ class Receiver:
             obs.stop()
             if obs.is_alive():
                 obs.join()
-
-
-if InotifyEmitter is not None:
-
-    class _ArrivalEmitter(InotifyEmitter):
-        """Ring the bell on arrivals, straight from the emitter thread.
-
-        Only arrivals (create, move-to) and the folder's own deletion are subscribed: watchdog
-        holds each IN_MOVED_FROM back 0.5 s to pair it with a move-to, which would delay every
-        later event, and our own claims move files out of new/. Ringing here rather than in a
-        handler saves the observer thread's hop and dispatch work on every message.
-        """
-
-        def __init__(
-            self, event_queue: EventQueue, watch: ObservedWatch, *, bell: Bell, **kw: Any
-        ) -> None:
-            super().__init__(event_queue, watch, **kw)
-            self._bell = bell
-
-        def get_event_mask_from_filter(self) -> Mask:
-            c = InotifyConstants
-            return Mask(c.IN_CREATE | c.IN_MOVED_TO | c.IN_DELETE_SELF)
-
-        def queue_event(self, event: FileSystemEvent) -> None:
-            self._bell.set()
-
-    class _InboxObserver(BaseObserver):
-        def __init__(self, bell: Bell) -> None:
-            self._fd = InotifyFD()  # private, so stopping it never affects another Receiver
-            self._fd.start()
-            super().__init__(_ArrivalEmitter, inotify_fd=self._fd, bell=bell)
-
-        def on_thread_stop(self) -> None:
-            super().on_thread_stop()
-            self._fd.stop()
-            if self._fd.is_alive():
-                self._fd.join()
-
-
-class _Doorbell(FileSystemEventHandler):
-    def __init__(self, bell: Bell) -> None:
-        self._bell = bell
-
-    def dispatch(self, event: FileSystemEvent) -> None:
-        self._bell.set()
-
-
-def _watch(folder: Path, bell: Bell) -> BaseObserver:
-    """Start an observer that rings bell when a file arrives in folder (OSError if it cannot)."""
-    if InotifyEmitter is not None:
-        obs: BaseObserver = _InboxObserver(bell)
-        obs.schedule(FileSystemEventHandler(), str(folder))
-    else:  # pragma: no cover - other platforms
-        from watchdog.observers import Observer
-
-        obs = Observer()
-        obs.schedule(_Doorbell(bell), str(folder))
-    try:
-        obs.start()
-    except BaseException:
-        obs.stop()
-        raise
-    return obs
-
-
-# -- files and names ------------------------------------------------------------------------
-
-
-def _read(name: str, dir_fd: int) -> tuple[bytes, str | None]:
-    """Return a claimed file's bytes and what makes it unreadable, if anything."""
-    try:
-        # no symlink may make us read elsewhere; a FIFO must not block the loop
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        return b"", f"cannot open: {exc}"
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return b"", "not a regular file"
-        if st.st_size > protocol.MAX_MESSAGE_BYTES:
-            why = f"message is {st.st_size} bytes (max {protocol.MAX_MESSAGE_BYTES})"
-            return os.read(fd, _HEAD), why
-        # one read: a regular file is read short only at its end; a writer still appending
-        # (never ours: we link only finished files) gets a cut that fails to decode
-        return os.read(fd, st.st_size + 1), None
-    finally:
-        os.close(fd)
-
-
-def _names(folder: Path | int) -> list[str]:
-    return sorted(n for n in os.listdir(folder) if not n.startswith("."))
-
-
-def _lexists(name: str, dir_fd: int) -> bool:
-    try:
-        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _id_of(name: str) -> str:
-    return name.split(".", 1)[0].split("_", 1)[0]
-
-
-def _sent_at(name: str, dir_fd: int) -> float:
-    stamp = name[:20]
-    if stamp.isdigit():
-        return int(stamp) / 1e9
-    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mtime
-
-
-def _valid_id(value: str) -> bool:
-    try:
-        check_id(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _sender_of(raw: bytes) -> str | None:
-    try:
-        value = json.loads(raw).get("sender")
-    except (ValueError, AttributeError, RecursionError):
-        found = _SENDER.search(raw[:_HEAD])
-        value = found.group(1).decode() if found else None
-    return value if isinstance(value, str) and _valid_id(value) else None
-
-
-def _load_ledger(path: Path, *, repair: bool = False) -> set[str]:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return set()
-    if repair and data and not data.endswith(b"\n"):  # torn append: end it, keep the next whole
-        with open(path, "ab") as f:
-            f.write(b"\n")
-    return {line for line in data.decode(errors="replace").split("\n") if line}
-
-
-def _clean_tmp(tmp_fd: int, max_age_s: float, now: float) -> int:
-    removed, host = 0, socket.gethostname()
-    for name in _names(tmp_fd):
-        writer = _TMP_WRITER.search(name)
-        dead = writer is not None and writer.group(2) == host and not _pid_alive(int(writer[1]))
-        with contextlib.suppress(FileNotFoundError):
-            st = os.stat(name, dir_fd=tmp_fd, follow_symlinks=False)
-            if dead or st.st_mtime < now - max_age_s:
-                os.unlink(name, dir_fd=tmp_fd)
-                removed += 1
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-# -- reports --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RejectedEntry:
-    """A message set aside, with the reason written beside it."""
-
-    name: str
-    reason: str
-    time: float | None
-    sender: str | None
-
-
-@dataclass(frozen=True)
-class InboxReport:
-    """What an inbox holds, for ``multibot inbox ID``."""
-
-    owner: str
-    waiting: list[str]
-    claimed_unhandled: list[str]
-    handled: int
-    rejected: list[RejectedEntry]
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the report as plain JSON-ready data."""
-        return asdict(self)
-
-
-def inbox_report(home: Home, owner: str) -> InboxReport:
-    """Describe owner's inbox: waiting, claimed but unhandled, handled, rejected with reasons."""
-    paths = home.inbox(owner)
-    if not paths.root.is_dir():
-        raise UnknownRecipient(owner, paths.root)
-    handled = _load_ledger(paths.handled_log)
-    rejected = []
-    for name in _names(paths.rejected):
-        if name.endswith(".reason.json"):
-            continue
-        try:
-            note = json.loads((paths.rejected / f"{name}.reason.json").read_bytes())
-        except (OSError, ValueError):
-            note = {"reason": "unknown (no readable reason file)"}
-        reason, when, sender = note.get("reason"), note.get("time"), note.get("sender")
-        rejected.append(RejectedEntry(name, str(reason), when, sender))
-    return InboxReport(
-        owner=owner,
-        waiting=sorted(os.listdir(paths.new)) if paths.new.is_dir() else [],
-        claimed_unhandled=[n for n in _names(paths.cur) if _id_of(n) not in handled],
-        handled=len(handled),
-        rejected=rejected,
-    )

@@ -26,7 +26,7 @@ import bus_child
 import pytest
 from helpers import wait_until
 
-from multibot import mailbox, protocol
+from multibot import doorbell, mailbox, maildir, protocol
 from multibot.errors import AskTimeout, SendError, UnknownRecipient, UnsafePath
 from multibot.layout import Home
 from multibot.protocol import Envelope
@@ -358,7 +358,7 @@ def test_new_folder_deleted_and_recreated(home: Home) -> None:
 def test_events_lost_rescan_delivers_within_interval(
     home: Home, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(mailbox._ArrivalEmitter, "queue_event", lambda self, event: None)
+    monkeypatch.setattr(doorbell._ArrivalEmitter, "queue_event", lambda self, event: None)
     with mailbox.Receiver(home, "master", rescan_s=RESCAN) as rx:
         assert rx.fetch() == []
         mailbox.send(home, note("w1", "master", "silent"))
@@ -611,7 +611,7 @@ def test_prune_keeps_unhandled_and_compacts_ledger(home: Home) -> None:
         rx.done(*got[:8])  # the last two stay claimed but unhandled
         assert rx.prune(max_count=3) == 5
         cur = files(home.inbox("master").cur)
-        assert [mailbox._id_of(n) for n in cur] == [m.id for m in sent[5:]]
+        assert [maildir.id_of(n) for n in cur] == [m.id for m in sent[5:]]
         assert home.inbox("master").handled_log.read_text().split() == [m.id for m in sent[5:8]]
         assert rx.prune(max_age_s=60, now=sent[9].sent_at + 3600) == 3
         rx.done(sent[9])  # the ledger fd follows the compacted file
