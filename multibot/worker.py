@@ -560,11 +560,11 @@ class Worker:
         state = self.state.read()
         memory = self.memory.read()
         self.discoveries_at_start = len(memory.discoveries)
-        from multibot import worktrees
+        from multibot import checkout
 
         identity = self.identities.get(a.working_directory)
         if identity is None:  # two git calls: once per worktree for this process's life
-            identity = worktrees.identity_env(Path(a.working_directory))
+            identity = checkout.identity_env(Path(a.working_directory))
             self.identities[a.working_directory] = identity
         env = {**identity, **agent_env(self.home, self.key, task_id)}
         try:
@@ -753,14 +753,14 @@ class Worker:
         task_id = m.task_id or ""
         a = m.payload
         assert isinstance(a, protocol.TaskAssignment)
-        from multibot import worktrees
+        from multibot import checkout
 
         cwd = Path(a.working_directory)
         commit: str | None = None
         head: str | None = None  # HEAD, when the agent left nothing to commit
         self._clear_lock(cwd)  # the agent's git may have been killed mid-command
         try:
-            head = worktrees.settled(cwd)  # one git call tells that, the usual case
+            head = checkout.settled(cwd)  # one git call tells that, the usual case
             if head is None:
                 commit = self._commit(a, f"multibot: {task_id} {a.title}".rstrip())
             if a.repo:  # prepared by this process (start_task), and now all committed
@@ -777,11 +777,11 @@ class Worker:
             if head is not None and head == self.start_commit:
                 files: list[str] = []  # still where its new branch began: nothing changed
             else:
-                files = worktrees.changed_files(cwd, a.base_branch)
+                files = checkout.changed_files(cwd, a.base_branch)
             report = protocol.TaskComplete(
                 summary=outcome.summary,
                 branch=a.branch,
-                commit=commit or head or worktrees.head_commit(cwd),
+                commit=commit or head or checkout.head_commit(cwd),
                 files_changed=files,
                 cost_usd=outcome.cost_usd,
                 tokens=protocol.Tokens(input=outcome.input_tokens, output=outcome.output_tokens),
@@ -820,16 +820,16 @@ class Worker:
 
     def _clear_lock(self, worktree: Path) -> None:
         """Remove a stale index.lock from this worker's worktree (only it works there)."""
-        from multibot import worktrees
+        from multibot import checkout
 
-        note = worktrees.clear_stale_lock(worktree)
+        note = checkout.clear_stale_lock(worktree)
         if note is not None:
             self.show(f"! {note}")
 
     def _commit(self, a: protocol.TaskAssignment, message: str) -> str | None:
-        from multibot import worktrees
+        from multibot import checkout
 
-        return worktrees.commit_all(Path(a.working_directory), message)
+        return checkout.commit_all(Path(a.working_directory), message)
 
     # -- output -----------------------------------------------------------------------------
     def _status_update(self, kind: str, progress: str = "") -> protocol.StatusUpdate:

@@ -1,47 +1,43 @@
 """The git layer: an integration branch, a worktree per worker, a branch per task, verified merges.
 
-The only module that imports GitPython. Merges happen in a dedicated integration worktree whose
+Merges happen in a dedicated integration worktree whose
 HEAD is kept *detached*: a task branch is merged there, the verify command runs, and only then is
 the integration branch moved, by compare-and-swap (``git update-ref <new> <old>``). So the
 integration branch only ever points at verified commits: a task started during a verify, or a
 crash in the middle of one, never sees an unverified merge, and undoing a failed merge is a reset
 of our own worktree. The user's checkout and branches are never touched unless merge_into is called.
+
+Below it: ``repository.py`` (locks, refs, the worktree list), ``checkout.py`` (one worktree seen
+from inside, for workers), ``gitcmd.py`` (git itself; the only module that imports GitPython)
+and ``commands.py`` (shell commands).
 """
 
 from __future__ import annotations
 
-import functools
 import os
-import shutil
 import signal
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
-import filelock
-import git
-from git import exc as git_exc
-
-from multibot import procs
-from multibot.atomic import no_links
-from multibot.errors import GitError, InvalidId, LockTimeout, MergeBlocked
+from multibot.checkout import (
+    commit_all,
+    has_uncommitted,
+    head_commit,
+    snapshot,
+    uncommitted,
+    worktree_dirs,
+)
+from multibot.commands import run_shell
+from multibot.errors import GitError, InvalidId, MergeBlocked
+from multibot.gitcmd import git_out, run_git
 from multibot.ids import check_branch, check_id
+from multibot.repository import DEFAULT_INTEGRATION, TASK_PREFIX, Conflict, Repository
 
-TASK_PREFIX = "multibot/"
-DEFAULT_INTEGRATION = "multibot/integration"
-_IDENTITY = {"name": "multibot", "email": "multibot@localhost"}
-_MAX_OUTPUT = 64 * 1024
-
-
-class Conflict(NamedTuple):
-    """One conflicting file: both sides' content (None where that side deleted the file)."""
-
-    path: str
-    ours: str | None  # the integration branch
-    theirs: str | None  # the task branch
+__all__ = ["DEFAULT_INTEGRATION", "TASK_PREFIX", "Conflict", "GitRepo", "task_id_of"]
 
 
 @dataclass(frozen=True)
@@ -112,22 +108,6 @@ class TaskStart:
     start: str | None = None
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """A worktree as one `git status` sees it."""
-
-    head: str | None  # the commit HEAD points at; None before a first commit
-    branch: str | None  # short name; None when detached
-    dirty: tuple[str, ...]  # changed, staged or untracked (not ignored) paths
-
-
-@dataclass(frozen=True)
-class _Worktree:
-    path: Path
-    head: str | None
-    branch: str | None  # short name; None when detached
-
-
 def task_id_of(branch: str) -> str | None:
     """Return the task id a multibot task branch belongs to, or None."""
     if not branch.startswith(TASK_PREFIX):
@@ -139,297 +119,8 @@ def task_id_of(branch: str) -> str | None:
         return None
 
 
-def _exe() -> str:
-    return git.Git.GIT_PYTHON_GIT_EXECUTABLE or "git"
-
-
-def _git(
-    cwd: Path, *args: str, env: Mapping[str, str] | None = None, check: bool = True
-) -> tuple[int, str, str]:
-    """Run git in cwd; return (exit code, stdout, stderr); raise GitError on failure if check."""
-    try:
-        code, out, err = git.Git(str(cwd)).execute(
-            [_exe(), *args],
-            with_extended_output=True,
-            with_exceptions=False,
-            env=env,
-            strip_newline_in_stdout=False,
-        )
-    except (git_exc.GitError, OSError) as e:
-        raise GitError(f"git {' '.join(args)} in {cwd}: {e}") from e
-    if check and code != 0:
-        said = (err.strip() or out.strip())[-2000:]
-        raise GitError(f"git {' '.join(args)} failed in {cwd} (exit {code}): {said}")
-    return code, out, err
-
-
-def _out(cwd: Path, *args: str) -> str:
-    """Run git in cwd and return its stdout stripped."""
-    return _git(cwd, *args)[1].strip()
-
-
-def _blob(cwd: Path, sha: str) -> str:
-    """Return a blob's content as text (undecodable bytes replaced)."""
-    try:
-        data = git.Git(str(cwd)).execute(
-            [_exe(), "cat-file", "blob", sha],
-            stdout_as_string=False,
-            strip_newline_in_stdout=False,
-        )
-    except git_exc.GitError as e:
-        raise GitError(f"cannot read blob {sha} in {cwd}: {e}") from e
-    return data.decode("utf-8", errors="replace")
-
-
-def _tail(text: str) -> str:
-    """Keep the end of a long output (where test runners print their summary)."""
-    if len(text) <= _MAX_OUTPUT:
-        return text
-    return f"[... {len(text) - _MAX_OUTPUT} characters cut]\n" + text[-_MAX_OUTPUT:]
-
-
-def run_shell(
-    command: str,
-    cwd: Path,
-    timeout: float | None,
-    running: set[subprocess.Popen[bytes]] | None = None,
-    env: Mapping[str, str] | None = None,
-) -> tuple[int, str]:
-    """Run a shell command in cwd in its own process group; return (exit code, output).
-
-    running, if given, holds the process while it runs (see GitRepo.stop_hooks); env is
-    added to this process's environment.
-    """
-    proc = subprocess.Popen(
-        command,
-        shell=True,
-        cwd=cwd,
-        env={**os.environ, **env} if env else None,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    if running is not None:
-        running.add(proc)
-    try:
-        return _finish_shell(proc, timeout)
-    finally:
-        if running is not None:
-            running.discard(proc)
-
-
-def _finish_shell(proc: subprocess.Popen[bytes], timeout: float | None) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        # Kill the whole group: children of a test runner would otherwise keep the pipe open.
-        # The leader is not reaped yet, so its pid (= the group id) cannot have been reused.
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        text = out.decode("utf-8", errors="replace")
-        return -signal.SIGKILL, _tail(text + f"\n[killed: timed out after {timeout:g}s]")
-    return proc.returncode, _tail(out.decode("utf-8", errors="replace"))
-
-
-# -- work inside one worktree: what a worker process calls, knowing only its folder ---------
-def commit_all(worktree: Path, message: str) -> str | None:
-    """Commit every change (untracked too, .gitignore respected); return the sha or None."""
-    if not message.strip():
-        raise GitError("a commit needs a message")
-    if _git(worktree, "symbolic-ref", "--quiet", "HEAD", check=False)[0] != 0:
-        raise GitError(f"{worktree} is not on a branch (detached HEAD); nothing was committed")
-    _git(worktree, "add", "--all")
-    code, _, err = _git(worktree, "diff", "--cached", "--quiet", check=False)
-    if code not in (0, 1):
-        raise GitError(f"git diff --cached failed in {worktree}: {err.strip()}")
-    # A resolved merge whose result equals HEAD has no diff but must still be committed,
-    # or the branch would conflict with the integration branch again.
-    gitdir = Path(_out(worktree, "rev-parse", "--absolute-git-dir"))
-    if code == 0 and not (gitdir / "MERGE_HEAD").exists():
-        return None
-    _git(worktree, "commit", "--quiet", "--no-edit", "-m", message, env=identity_env(worktree))
-    return head_commit(worktree)
-
-
-def head_commit(worktree: Path) -> str:
-    """Return the sha HEAD points at in worktree."""
-    return _out(worktree, "rev-parse", "--verify", "HEAD^{commit}")
-
-
-def has_uncommitted(worktree: Path) -> bool:
-    """Return True if worktree has changes or untracked files not ignored."""
-    return bool(_uncommitted(worktree))
-
-
-def changed_files(worktree: Path, base: str) -> list[str]:
-    """Return the files HEAD in worktree changed since its merge-base with branch base."""
-    span = f"refs/heads/{check_branch(base)}...HEAD"
-    out = _git(worktree, "diff", "--name-only", "-z", span)[1]
-    return [p for p in out.split("\0") if p]
-
-
-# Fields before the path in `git status --porcelain=v2` records, by record kind.
-_STATUS_FIELDS = {"1": 7, "2": 8, "u": 9, "?": 0}
-
-
-_LOOK_ONLY = {"GIT_OPTIONAL_LOCKS": "0"}
-
-
-def snapshot(worktree: Path) -> Snapshot:
-    """Return HEAD, branch and uncommitted paths of worktree, from one `git status`."""
-    # A look, not a change: without optional locks git does not rewrite the index to note
-    # the file times it saw. That rewrite freed a file and cost a third of the call.
-    out = _git(worktree, "status", "--porcelain=v2", "--branch", "-z", env=_LOOK_ONLY)[1]
-    head = branch = None
-    dirty = []
-    records = iter(out.split("\0"))
-    for record in records:
-        kind, _, rest = record.partition(" ")
-        if kind == "#":
-            key, _, value = rest.partition(" ")
-            if key == "branch.oid" and value != "(initial)":
-                head = value
-            elif key == "branch.head" and value != "(detached)":
-                branch = value
-        elif kind in _STATUS_FIELDS:
-            dirty.append(rest.split(" ", _STATUS_FIELDS[kind])[-1])
-            if kind == "2":  # a rename or copy is followed by its source path
-                next(records, None)
-    return Snapshot(head, branch, tuple(dirty))
-
-
-def settled(worktree: Path) -> str | None:
-    """Return HEAD if worktree has nothing to commit (clean, on a branch, no merge), else None."""
-    now = snapshot(worktree)
-    if now.dirty or now.branch is None or now.head is None:
-        return None
-    try:
-        gitdir = _dirs(worktree)[0]
-    except GitError:  # not the top of a worktree: let commit_all look at it
-        return None
-    # A resolved merge whose result equals HEAD shows no change but must still be committed.
-    return None if (gitdir / "MERGE_HEAD").exists() else now.head
-
-
-_DIRS: dict[tuple[Path, int, int], tuple[Path, Path]] = {}
-
-
-def _dirs(worktree: Path) -> tuple[Path, Path]:
-    """Return the git dir and common git dir of the worktree whose top is worktree (no git run)."""
-    # Asked twice per task: remembered for as long as the worktree's .git stays the same file.
-    try:
-        st = os.stat(worktree / ".git")
-    except OSError as e:
-        raise GitError(f"{worktree} is not the top of a git worktree: {e.strerror}") from e
-    key = (worktree, st.st_ino, st.st_mtime_ns)
-    if key not in _DIRS:
-        _DIRS[key] = _find_dirs(worktree)
-    return _DIRS[key]
-
-
-def _find_dirs(worktree: Path) -> tuple[Path, Path]:
-    try:
-        repo = git.Repo(worktree)
-    except (git_exc.GitError, OSError) as e:
-        raise GitError(f"{worktree} is not the top of a git worktree: {e}") from e
-    try:
-        return Path(repo.git_dir).resolve(), Path(repo.common_dir).resolve()
-    finally:
-        repo.close()
-
-
-def clear_stale_lock(worktree: Path) -> str | None:
-    """Remove the index.lock of a worktree that no live git process works in; say so.
-
-    For a worktree that one process owns (a worker's, or one of the master's): a git killed
-    mid-command (a SIGKILL during `git add` of a big tree) leaves the lock, and every later
-    git command there fails on it. A git still running there keeps it.
-    """
-    try:
-        lock = _dirs(worktree)[0] / "index.lock"
-    except GitError:
-        return None
-    if not lock.exists() or procs.working_in(worktree.resolve(), "git"):
-        return None
-    lock.unlink(missing_ok=True)
-    return f"removed a stale {lock} (no git process runs in {worktree})"
-
-
-def _uncommitted(worktree: Path) -> list[str]:
-    return list(snapshot(worktree).dirty)
-
-
-def identity_env(cwd: Path) -> dict[str, str]:
-    """Return env giving commits an identity when neither config nor env has one."""
-    env: dict[str, str] = {}
-    for key, default in _IDENTITY.items():
-        if _git(cwd, "config", "--get", f"user.{key}", check=False)[1].strip():
-            continue
-        for who in ("AUTHOR", "COMMITTER"):
-            var = f"GIT_{who}_{key.upper()}"
-            if not os.environ.get(var):
-                env[var] = default
-    return env
-
-
-def _open_repo(path: Path) -> Path:
-    """Return the top folder of the repository at path, or raise a GitError saying what is wrong."""
-    path = path.expanduser()
-    if not path.is_dir():
-        raise GitError(f"{path}: no such folder; give the path of a git repository")
-    try:
-        repo = git.Repo(path, search_parent_directories=True)
-    except git_exc.InvalidGitRepositoryError as e:
-        raise GitError(f"{path}: not a git repository (run `git init` there first)") from e
-    except git_exc.NoSuchPathError as e:
-        raise GitError(f"{path}: no such folder") from e
-    try:
-        if repo.bare or repo.working_tree_dir is None:
-            raise GitError(f"{path}: a bare repository; multibot needs one with a checkout")
-        top = Path(repo.working_tree_dir).resolve()
-    finally:
-        repo.close()
-    if top != path.resolve():
-        raise GitError(f"{path}: inside the git repository {top}; give its top folder")
-    if _git(top, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", check=False)[0] != 0:
-        raise GitError(f"{path}: the repository has no commit yet; make a first commit")
-    return top
-
-
-class GitRepo:
+class GitRepo(Repository):
     """One target repository: its integration branch, worker worktrees and merge queue."""
-
-    def __init__(
-        self,
-        repo: Path,
-        integration_worktree: Path,
-        *,
-        integration_branch: str = DEFAULT_INTEGRATION,
-        setup_hook: str | None = None,
-        hook_env: Mapping[str, str] | None = None,
-        command_timeout: float | None = 3600.0,
-        lock_timeout: float = 600.0,
-    ) -> None:
-        self.integration = check_branch(integration_branch)
-        self.root = _open_repo(Path(repo))
-        self.integration_worktree = Path(integration_worktree).expanduser().resolve()
-        self.setup_hook = setup_hook or None
-        self.hook_env = dict(hook_env or {})  # marks the hook's processes as whose they are
-        self.command_timeout = command_timeout
-        folder = self.integration_worktree.parent
-        self._lock_timeout = lock_timeout
-        # Guards the integration worktree: merges, recovery, landing, cleanup.
-        self._lock = filelock.FileLock(folder / f".{self.integration_worktree.name}.lock")
-        # Guards the repository's worktree list: concurrent `git worktree add` runs read each
-        # other's half-written entries ("failed to read .git/worktrees/w0/commondir").
-        self._admin = filelock.FileLock(folder / ".git-worktrees.lock")
-        self._worktree_locks: dict[Path, filelock.FileLock] = {}
-        self._views: dict[tuple[Path, Path], git.Repo] = {}  # GitPython's view of worker worktrees
-        self._hooks: set[subprocess.Popen[bytes]] = set()  # setup hooks running (stop_hooks)
-        # Scratch worktree -> the commit it is known to be clean at (builds skip a reset).
-        self._clean_at: dict[Path, str] = {}
-        self._slots: set[Path] = set()  # scratch worktrees known to exist
 
     def stop_hooks(self) -> None:
         """Kill the setup hooks running (from another thread): their worktrees are removed."""
@@ -448,7 +139,9 @@ class GitRepo:
 
     def task_branches(self) -> list[str]:
         """Return every multibot task branch (not the integration branch)."""
-        out = _out(self.root, "for-each-ref", "--format=%(refname:short)", "refs/heads/multibot/")
+        out = git_out(
+            self.root, "for-each-ref", "--format=%(refname:short)", "refs/heads/multibot/"
+        )
         return [b for b in out.splitlines() if b and b != self.integration]
 
     # -- integration branch and worktrees ------------------------------------------------
@@ -457,7 +150,7 @@ class GitRepo:
         start = "HEAD" if base is None else check_branch(base)
         with self._locked():
             if not self._branch_exists(self.integration):
-                _git(self.root, "branch", "--no-track", self.integration, self._rev(start))
+                run_git(self.root, "branch", "--no-track", self.integration, self._rev(start))
             self._ensure_integration_worktree()
             return self._integration_tip()
 
@@ -486,7 +179,7 @@ class GitRepo:
         current = self._find(path)
         if current is not None and current.branch == branch:
             return TaskStart(branch)  # resumed in place: keep commits and uncommitted work
-        dirty = _uncommitted(path)
+        dirty = uncommitted(path)
         if dirty:
             raise GitError(
                 f"{path} has uncommitted changes ({_some(dirty)}); commit or remove them "
@@ -499,7 +192,7 @@ class GitRepo:
             if (
                 holder is not None
                 and holder != self.integration_worktree
-                and not _uncommitted(holder)
+                and not uncommitted(holder)
             ):
                 # The task comes back to a different worker (its last one is busy or gone):
                 # the old worktree lets go of the branch; everything it did is committed on it.
@@ -530,11 +223,13 @@ class GitRepo:
         if path == self.integration_worktree:
             return None
         try:
-            if _dirs(path)[1] != self._common_dir:  # a worktree of this repository, at its top
+            if (
+                worktree_dirs(path)[1] != self._views.common_dir
+            ):  # a worktree of this repository, at its top
                 return None
-            if self._quick_rev(f"refs/heads/{branch}") is not None:
+            if self._views.rev(f"refs/heads/{branch}") is not None:
                 return None  # the task comes back: its branch exists
-            tip = self._quick_rev(f"refs/heads/{self.integration}")
+            tip = self._views.rev(f"refs/heads/{self.integration}")
             if tip is None or (clean_at is None and snapshot(path).dirty):
                 return None
         except GitError:
@@ -554,20 +249,16 @@ class GitRepo:
             # starts here, and git leaves the index as it is instead of writing it again.
             at = () if head == tip else (tip,)
             switch = ("switch", "--quiet", "--no-track", "-c", branch, *at)
-            if _git(path, *switch, check=False)[0] != 0:
+            if run_git(path, *switch, check=False)[0] != 0:
                 return None  # e.g. the branch exists: nothing was changed
         return TaskStart(branch, tip)
 
     def _head_of(self, path: Path) -> tuple[str | None, str | None]:
         """Return (commit, branch) of a worktree's HEAD, read without git; Nones if detached."""
-        repo = self._worktree_repo(path)
-        try:
-            ref = git.SymbolicReference(repo, "HEAD").reference.path
-        except TypeError:  # a detached HEAD
+        ref = self._views.head_ref(path, worktree_dirs(path)[0])
+        if ref is None:
             return None, None
-        except (ValueError, OSError, git_exc.GitError) as e:
-            raise GitError(f"cannot read HEAD of {path}: {e}") from e
-        return self._quick_rev(ref), ref.removeprefix("refs/heads/")
+        return self._views.rev(ref), ref.removeprefix("refs/heads/")
 
     # -- work in a worktree --------------------------------------------------------------
     def commit_all(self, worktree: Path, message: str) -> str | None:
@@ -587,14 +278,14 @@ class GitRepo:
         branch = check_branch(branch)
         self._require_branch(branch)
         span = f"refs/heads/{self.integration}...refs/heads/{branch}"
-        return _git(self.root, "diff", "--stat", "--patch", span)[1]
+        return run_git(self.root, "diff", "--stat", "--patch", span)[1]
 
     def changed_files(self, branch: str) -> list[str]:
         """Return the files a branch changed since its merge-base with the integration branch."""
         branch = check_branch(branch)
         self._require_branch(branch)
         span = f"refs/heads/{self.integration}...refs/heads/{branch}"
-        out = _git(self.root, "diff", "--name-only", "-z", span)[1]
+        out = run_git(self.root, "diff", "--name-only", "-z", span)[1]
         return [p for p in out.split("\0") if p]
 
     def is_merged(self, branch: str) -> bool:
@@ -618,11 +309,11 @@ class GitRepo:
             notes = self._clear_stale_lock(path)
             if base is None:
                 with self._locked():
-                    base = self._quick_rev(f"refs/heads/{self.integration}")
+                    base = self._views.rev(f"refs/heads/{self.integration}")
                     if base is None:
                         raise GitError(f"{self.root} has no branch {self.integration}")
             fmt, where = "--format=%(refname)", "refs/heads/multibot/"
-            listed = _out(self.root, "for-each-ref", fmt, "--merged", base, where)
+            listed = git_out(self.root, "for-each-ref", fmt, "--merged", base, where)
             merged = {ref.removeprefix("refs/heads/") for ref in listed.splitlines()}
             merges: list[tuple[str, str | None]] = []
             conflicts: list[MergeOutcome] = []
@@ -632,7 +323,7 @@ class GitRepo:
                 if branch in merged:  # in already (a task that changed nothing, or landed)
                     merges.append((task_id, None))
                     continue
-                if self._quick_rev(f"refs/heads/{branch}") is None:
+                if self._views.rev(f"refs/heads/{branch}") is None:
                     gone = f"branch {branch} does not exist (deleted by hand?)"
                     conflicts.append(MergeOutcome("missing", task_id, branch, None, (), gone))
                     continue
@@ -645,7 +336,7 @@ class GitRepo:
                 if found:
                     conflicts.append(MergeOutcome("conflict", task_id, branch, None, found, output))
                 else:
-                    commit = _out(path, "rev-parse", "HEAD")
+                    commit = git_out(path, "rev-parse", "HEAD")
                     merges.append((task_id, commit))
             if placed:  # clean at the candidate (a conflict's merge was aborted)
                 self._clean_at[path] = commit
@@ -696,7 +387,7 @@ class GitRepo:
         """
         ref = f"refs/heads/{self.integration}"
         with self._locked():
-            tip = self._quick_rev(ref)
+            tip = self._views.rev(ref)
             if tip is None:
                 raise GitError(f"{self.root} has no branch {self.integration}")
             if tip == commit:
@@ -707,7 +398,7 @@ class GitRepo:
                     f"{self.integration} moved to {tip[:12]} while a candidate was built on "
                     f"{base[:12]}; the queue builds it again on the new tip",
                 )
-            if _git(self.root, "merge-base", "--is-ancestor", base, commit, check=False)[0]:
+            if run_git(self.root, "merge-base", "--is-ancestor", base, commit, check=False)[0]:
                 raise GitError(f"candidate {commit[:12]} does not descend from {base[:12]}")
             holder = self._holder(self.integration)
             if holder is not None:
@@ -718,7 +409,7 @@ class GitRepo:
                     "that checkout switches to another branch",
                 )
             message = f"multibot: land {what or commit[:12]}"
-            code, _, err = _git(
+            code, _, err = run_git(
                 self.root, "update-ref", "-m", message, ref, commit, base, check=False
             )
             if code != 0:
@@ -762,7 +453,7 @@ class GitRepo:
             wt = self.integration_worktree
             if self._find(wt) is None or not self._branch_exists(self.integration):
                 return Recovery(tuple(actions), ())
-            gitdir = Path(_out(wt, "rev-parse", "--absolute-git-dir"))
+            gitdir = Path(git_out(wt, "rev-parse", "--absolute-git-dir"))
             # Only multibot works in this worktree and we hold its lock: an index.lock left
             # here belongs to a git killed mid-command, and would block every later command.
             stale = gitdir / "index.lock"
@@ -776,16 +467,16 @@ class GitRepo:
                 names = [b for sha in shas for b in self._branches_at(sha)]
                 interrupted += names
                 actions.append(f"aborted an interrupted merge of {', '.join(names or shas)}")
-            elif _out(wt, "ls-files", "--unmerged"):
+            elif git_out(wt, "ls-files", "--unmerged"):
                 actions.append("cleared unmerged index entries")
-            head = _out(wt, "rev-parse", "HEAD")
+            head = git_out(wt, "rev-parse", "HEAD")
             if head != tip and self._unmerged(wt, head):
-                parents = _out(wt, "rev-list", "--parents", "-n", "1", head).split()[1:]
+                parents = git_out(wt, "rev-list", "--parents", "-n", "1", head).split()[1:]
                 names = [b for sha in parents[1:] for b in self._branches_at(sha)]
                 interrupted += names
                 what = f" of {', '.join(names)}" if names else ""
                 actions.append(f"dropped unverified merge {head[:12]}{what}")
-            if _uncommitted(wt) and not actions:
+            if uncommitted(wt) and not actions:
                 actions.append(f"discarded stray changes in {wt}")
             self._reset_integration(tip)
         return Recovery(tuple(actions), tuple(dict.fromkeys(interrupted)))
@@ -812,7 +503,7 @@ class GitRepo:
         if force:
             return None
         reasons = []
-        dirty = _uncommitted(path)
+        dirty = uncommitted(path)
         if dirty:
             reasons.append(f"uncommitted changes: {_some(dirty)}")
         ahead = self._unmerged(path, "HEAD")
@@ -851,7 +542,7 @@ class GitRepo:
             holder = self._holder(target)
             if holder is not None:
                 # Checked out: update it there, but only if no tracked file is modified.
-                dirty = _git(holder, "status", "--porcelain", "--untracked-files=no")[1]
+                dirty = run_git(holder, "status", "--porcelain", "--untracked-files=no")[1]
                 if dirty.strip():
                     raise GitError(
                         f"{target} is checked out in {holder} with uncommitted changes; "
@@ -864,7 +555,7 @@ class GitRepo:
                 new = self._rev(ref)
                 return Landing(target, "fast-forward" if new == tip else "merge", new)
             if not self._unmerged(self.root, old, tip):
-                _git(self.root, "update-ref", "-m", message, ref, tip, old)
+                run_git(self.root, "update-ref", "-m", message, ref, tip, old)
                 return Landing(target, "fast-forward", tip)
             # Diverged and not checked out: merge on the detached integration worktree, then
             # move the target by compare-and-swap, so no checkout of the user's is involved.
@@ -875,235 +566,11 @@ class GitRepo:
                 _, conflicts = self._try_merge(wt, f"refs/heads/{self.integration}", message)
                 if conflicts:
                     raise GitError(_landing_failed(target, conflicts))
-                new = _out(wt, "rev-parse", "HEAD")
-                _git(self.root, "update-ref", "-m", message, ref, new, old)
+                new = git_out(wt, "rev-parse", "HEAD")
+                run_git(self.root, "update-ref", "-m", message, ref, new, old)
             finally:
                 self._reset_integration(tip)
             return Landing(target, "merge", new)
-
-    # -- internals -------------------------------------------------------------------------
-    @contextmanager
-    def _locked(self, lock: filelock.FileLock | None = None) -> Iterator[None]:
-        """Hold the integration lock (or the given one); always taken in that order."""
-        lock = lock or self._lock
-        path = Path(lock.lock_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # Held for a git command or a few: poll often (the default waits 50 ms a look).
-            with no_links(path):  # filelock opens it without following links
-                lock.acquire(timeout=self._lock_timeout, poll_interval=0.002)
-        except filelock.Timeout as e:
-            raise LockTimeout(path, None, self._lock_timeout) from e
-        try:
-            yield
-        finally:
-            lock.release()
-
-    def _worktree_lock(self, path: Path) -> filelock.FileLock:
-        """Return the lock of changes to one worktree's HEAD made by others than its worker."""
-        lock = self._worktree_locks.get(path)
-        if lock is None:
-            lock = self._worktree_locks[path] = filelock.FileLock(
-                path.parent / f".{path.name}.lock"
-            )
-        return lock
-
-    def _admin_git(self, cwd: Path, *args: str, check: bool = True) -> tuple[int, str, str]:
-        """Run a git command that reads or changes the worktree list, one at a time."""
-        with self._locked(self._admin):
-            return _git(cwd, *args, check=check)
-
-    def _abs(self, path: Path) -> Path:
-        path = Path(path).expanduser().resolve()
-        if path == self.root or path.is_relative_to(self.root / ".git"):
-            raise GitError(f"{path} cannot be a worker worktree of {self.root}")
-        return path
-
-    def _rev(self, rev: str) -> str:
-        code, out, _ = _git(
-            self.root, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}", check=False
-        )
-        if code != 0:
-            raise GitError(f"{rev!r} is not a commit in {self.root}")
-        return out.strip()
-
-    @functools.cached_property
-    def _refs(self) -> git.Repo:
-        """GitPython's view of the repository, kept to read refs without running git."""
-        return git.Repo(self.root)
-
-    def _worktree_repo(self, path: Path) -> git.Repo:
-        """GitPython's view of one worktree (its HEAD), kept while its .git file stays the same."""
-        key = (path, _dirs(path)[0])  # a worktree made again at path may have another git dir
-        repo = self._views.get(key)
-        if repo is None:
-            try:
-                repo = self._views[key] = git.Repo(path)
-            except (git_exc.GitError, OSError) as e:
-                raise GitError(f"{path} is not a git worktree: {e}") from e
-        return repo
-
-    @functools.cached_property
-    def _common_dir(self) -> Path:
-        return Path(self._refs.common_dir).resolve()
-
-    def _quick_rev(self, ref: str) -> str | None:
-        """Read a ref from its file (loose or packed) without running git; None if it is not."""
-        try:
-            return git.SymbolicReference.dereference_recursive(self._refs, ref)
-        except ValueError:  # no such ref
-            return None
-        except (OSError, git_exc.GitError) as e:
-            raise GitError(f"cannot read {ref} in {self.root}: {e}") from e
-
-    def _integration_tip(self) -> str:
-        if not self._branch_exists(self.integration):
-            raise GitError(f"{self.root} has no branch {self.integration}; run ensure_integration")
-        return self._rev(f"refs/heads/{self.integration}")
-
-    def _branch_exists(self, branch: str) -> bool:
-        ref = f"refs/heads/{branch}"
-        return _git(self.root, "show-ref", "--verify", "--quiet", ref, check=False)[0] == 0
-
-    def _require_branch(self, branch: str) -> None:
-        if not self._branch_exists(branch):
-            raise GitError(f"{self.root} has no branch {branch}")
-
-    def _unmerged(self, cwd: Path, rev: str, into: str | None = None) -> int:
-        """Count commits reachable from rev but not from `into` (default: integration)."""
-        into = into or f"refs/heads/{self.integration}"
-        return int(_out(cwd, "rev-list", "--count", rev, "--not", into))
-
-    def _worktrees(self) -> list[_Worktree]:
-        """List live worktrees, after pruning entries whose folder is gone."""
-        with self._locked(self._admin):
-            listing = _out(self.root, "worktree", "list", "--porcelain")
-            paths = [ln[9:] for ln in listing.splitlines() if ln.startswith("worktree ")]
-            if not all(Path(p).is_dir() for p in paths):  # prune only when there is a stale one
-                _git(self.root, "worktree", "prune")
-                listing = _out(self.root, "worktree", "list", "--porcelain")
-        result = []
-        for block in listing.split("\n\n"):
-            fields: dict[str, str] = {}
-            for line in block.splitlines():
-                key, _, value = line.partition(" ")
-                fields[key] = value
-            if "worktree" in fields and Path(fields["worktree"]).is_dir():
-                branch = fields.get("branch")
-                result.append(
-                    _Worktree(
-                        Path(fields["worktree"]).resolve(),
-                        fields.get("HEAD"),
-                        branch.removeprefix("refs/heads/") if branch else None,
-                    )
-                )
-        return result
-
-    def _find(self, path: Path) -> _Worktree | None:
-        return next((w for w in self._worktrees() if w.path == path), None)
-
-    def _holder(self, branch: str) -> Path | None:
-        return next((w.path for w in self._worktrees() if w.branch == branch), None)
-
-    def _branches_at(self, sha: str) -> list[str]:
-        """Return the task branches that contain commit sha (none if sha is not a commit)."""
-        fmt, where = "--format=%(refname:short)", "refs/heads/multibot/"
-        code, out, _ = _git(self.root, "for-each-ref", fmt, "--contains", sha, where, check=False)
-        return [b for b in out.splitlines() if b and b != self.integration] if code == 0 else []
-
-    def _add_worktree(self, path: Path, commit: str) -> None:
-        if path.exists() and any(path.iterdir()):
-            raise GitError(f"{path} exists and is not a worktree of {self.root}; move it away")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._admin_git(self.root, "worktree", "add", "--quiet", "--detach", str(path), commit)
-        if self.setup_hook:
-            code, output = run_shell(
-                self.setup_hook, path, self.command_timeout, self._hooks, self.hook_env
-            )
-            if code != 0:
-                # Remove the new worktree so the next attempt runs the hook again.
-                remove = ("worktree", "remove", "--force", str(path))
-                if self._admin_git(self.root, *remove, check=False)[0]:
-                    shutil.rmtree(path, ignore_errors=True)
-                    self._admin_git(self.root, "worktree", "prune", check=False)
-                raise GitError(
-                    f"setup hook {self.setup_hook!r} failed in {path} (exit {code}):\n{output}"
-                )
-
-    def _ensure_integration_worktree(self) -> None:
-        if self._find(self.integration_worktree) is None:
-            self._add_worktree(self.integration_worktree, self._integration_tip())
-
-    def _slot_lock(self, path: Path) -> filelock.FileLock:
-        """The lock of a scratch worktree: the integration lock for the integration worktree
-        (one file, so one object: a second lock object on it would wait for the first)."""
-        return self._lock if path == self.integration_worktree else self._worktree_lock(path)
-
-    def _put_slot(self, path: Path, commit: str) -> None:
-        """Put a scratch worktree at commit: a checkout when it is known clean, else a reset."""
-        clean = self._clean_at.get(path)
-        if clean == commit:
-            return
-        if clean is not None:
-            _git(path, "checkout", "--quiet", "--detach", commit)
-        else:
-            self._reset_worktree(path, commit)
-        self._clean_at[path] = commit
-
-    def _clear_stale_lock(self, path: Path) -> tuple[str, ...]:
-        """Remove an index.lock in a scratch worktree that no live git holds; say so."""
-        note = clear_stale_lock(path)
-        if note is None:
-            return ()
-        self._clean_at.pop(path, None)
-        return (note,)
-
-    def _reset_integration(self, commit: str) -> None:
-        self._reset_worktree(self.integration_worktree, commit)
-        self._clean_at[self.integration_worktree] = commit
-
-    def _reset_worktree(self, wt: Path, commit: str) -> None:
-        """Put a scratch worktree, detached, exactly at commit, dropping any merge state."""
-        _git(wt, "merge", "--abort", check=False)
-        _git(wt, "reset", "--quiet", "--hard")  # HEAD only: never moves a branch
-        _git(wt, "checkout", "--quiet", "--detach", commit)
-        _git(wt, "clean", "--quiet", "-fd")
-
-    def _try_merge(
-        self, cwd: Path, rev: str, message: str, ff: str = "--no-ff"
-    ) -> tuple[str, tuple[Conflict, ...]]:
-        """Merge rev in cwd; on a conflict abort it and return the conflicts with the output."""
-        code, out, err = _git(
-            cwd,
-            "merge",
-            ff,
-            "--no-edit",
-            "-m",
-            message,
-            rev,
-            env=identity_env(self.root),
-            check=False,
-        )
-        output = _tail((out + err).strip())
-        if code == 0:
-            return output, ()
-        conflicts = self._conflicts(cwd)
-        _git(cwd, "merge", "--abort", check=False)
-        if not conflicts:
-            raise GitError(f"git merge {rev} failed in {cwd}: {output[-2000:]}")
-        return output, conflicts
-
-    def _conflicts(self, cwd: Path) -> tuple[Conflict, ...]:
-        """Return the unmerged files of an in-progress merge with ours and theirs content."""
-        sides: dict[str, dict[str, str]] = {}
-        for entry in _git(cwd, "ls-files", "--unmerged", "-z")[1].split("\0"):
-            if not entry:
-                continue
-            info, _, path = entry.partition("\t")
-            mode, sha, stage = info.split()
-            content = f"Subproject commit {sha}\n" if mode == "160000" else _blob(cwd, sha)
-            sides.setdefault(path, {})[stage] = content
-        return tuple(Conflict(p, s.get("2"), s.get("3")) for p, s in sorted(sides.items()))
 
 
 def _message(task_id: str, title: str) -> str:

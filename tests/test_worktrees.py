@@ -10,7 +10,7 @@ from typing import Any
 import filelock
 import pytest
 
-from multibot import worktrees
+from multibot import checkout, worktrees
 from multibot.errors import GitError, InvalidId, LockTimeout, MergeBlocked
 from multibot.worktrees import GitRepo, task_id_of
 
@@ -546,16 +546,16 @@ def test_worker_side_functions_need_only_the_worktree_folder(repo: Path, home: P
     gr = make(repo, home)
     wt = gr.ensure_worktree(home / "w1")
     with pytest.raises(GitError, match="detached HEAD"):
-        worktrees.commit_all(wt, "no branch yet")
+        checkout.commit_all(wt, "no branch yet")
     gr.start_task(wt, "t1")
     (wt / "a.txt").write_text("x\n")
-    assert worktrees.has_uncommitted(wt)
-    sha = worktrees.commit_all(wt, "work")
-    assert sha == worktrees.head_commit(wt) == gr.head_commit(wt)
-    assert worktrees.changed_files(wt, "multibot/integration") == ["a.txt"]
+    assert checkout.has_uncommitted(wt)
+    sha = checkout.commit_all(wt, "work")
+    assert sha == checkout.head_commit(wt) == gr.head_commit(wt)
+    assert checkout.changed_files(wt, "multibot/integration") == ["a.txt"]
     assert "+x" in gr.diff("multibot/t1")
     with pytest.raises(InvalidId):
-        worktrees.changed_files(wt, "--output=/tmp/x")
+        checkout.changed_files(wt, "--output=/tmp/x")
 
 
 def test_resolved_conflict_without_diff_is_still_committed(repo: Path, home: Path) -> None:
@@ -571,9 +571,9 @@ def test_resolved_conflict_without_diff_is_still_committed(repo: Path, home: Pat
     assert b"CONFLICT" in done.stdout, done.stderr
     git(w2, "checkout", "--ours", "app.txt")
     git(w2, "add", "app.txt")
-    assert worktrees.snapshot(w2).dirty == ()  # nothing shows, but the merge is to commit
-    assert worktrees.settled(w2) is None
-    sha = worktrees.commit_all(w2, "resolve")
+    assert checkout.snapshot(w2).dirty == ()  # nothing shows, but the merge is to commit
+    assert checkout.settled(w2) is None
+    sha = checkout.commit_all(w2, "resolve")
     assert sha is not None
     assert len(git(w2, "rev-list", "--parents", "-n", "1", sha).split()) == 3
     out = gr.merge("t2", "two")
@@ -595,13 +595,13 @@ def test_quick_start_makes_the_branch_at_the_integration_tip(
     assert git(w1, "symbolic-ref", "--short", "HEAD") == "multibot/t2"
     assert git(w1, "rev-parse", "HEAD") == tip and (w1 / "a.txt").exists()
     # Nothing done: the finish needs one `git status` to know there is nothing to report.
-    assert worktrees.settled(w1) == tip
-    assert worktrees.changed_files(w1, "multibot/integration") == []
+    assert checkout.settled(w1) == tip
+    assert checkout.changed_files(w1, "multibot/integration") == []
     (w1 / "b.txt").write_text("y\n")
-    assert worktrees.settled(w1) is None
-    sha = worktrees.commit_all(w1, "work")
-    assert sha is not None and worktrees.settled(w1) == sha != tip
-    assert worktrees.changed_files(w1, "multibot/integration") == ["b.txt"]
+    assert checkout.settled(w1) is None
+    sha = checkout.commit_all(w1, "work")
+    assert sha is not None and checkout.settled(w1) == sha != tip
+    assert checkout.changed_files(w1, "multibot/integration") == ["b.txt"]
     assert gr.quick_start(w1, "t3") == worktrees.TaskStart("multibot/t3", tip)
     # Already at the tip (t3 did nothing yet): the next branch starts right there.
     assert gr.quick_start(w1, "t4") == worktrees.TaskStart("multibot/t4", tip)
@@ -609,14 +609,14 @@ def test_quick_start_makes_the_branch_at_the_integration_tip(
     assert git(w1, "rev-parse", "HEAD") == tip
     # The caller saw it clean at the tip moments ago: no `git status`, one `git switch`.
     ran: list[str] = []
-    real_git = worktrees._git
+    real_git = worktrees.run_git
 
     def spy(cwd: Path, *args: str, **kw: Any) -> tuple[int, str, str]:
         ran.append(args[0])
         return real_git(cwd, *args, **kw)
 
     with monkeypatch.context() as m:
-        m.setattr(worktrees, "_git", spy)
+        m.setattr(worktrees, "run_git", spy)
         assert gr.quick_start(w1, "t5", clean_at=tip) == worktrees.TaskStart("multibot/t5", tip)
     assert ran == ["switch"]
     assert git(w1, "symbolic-ref", "--short", "HEAD") == "multibot/t5"
@@ -673,13 +673,13 @@ def test_snapshot_reads_one_status(repo: Path, home: Path) -> None:
     wt = home / "w1"
     gr.start_task(wt, "t1")
     head = git(wt, "rev-parse", "HEAD")
-    assert worktrees.snapshot(wt) == worktrees.Snapshot(head, "multibot/t1", ())
+    assert checkout.snapshot(wt) == checkout.Snapshot(head, "multibot/t1", ())
     git(wt, "mv", "app.txt", "moved app.txt")
     (wt / "z new.txt").write_text("x\n")
     (wt / "debug.log").write_text("ignored\n")
-    assert worktrees.snapshot(wt).dirty == ("moved app.txt", "z new.txt")
+    assert checkout.snapshot(wt).dirty == ("moved app.txt", "z new.txt")
     git(wt, "reset", "--hard", "-q")
     (wt / "z new.txt").unlink()
     git(wt, "switch", "--detach", "-q")
-    assert worktrees.snapshot(wt) == worktrees.Snapshot(head, None, ())
-    assert worktrees.settled(wt) is None  # commit_all says why: not on a branch
+    assert checkout.snapshot(wt) == checkout.Snapshot(head, None, ())
+    assert checkout.settled(wt) is None  # commit_all says why: not on a branch

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
+from multibot.commands import run_shell
 from multibot.config import MasterConfig
 from multibot.errors import LockTimeout, MergeBlocked, MultibotError, StateError
 from multibot.layout import Home
@@ -33,7 +34,7 @@ from multibot.master.jobs import Done, Jobs
 from multibot.master.merging import Culprit, Group, MergeQueue, Split
 from multibot.state import MergeQueueRecord, QueueGroup, QueueView
 from multibot.store import StateFile
-from multibot.worktrees import Candidate, GitRepo, MergeOutcome, run_shell
+from multibot.worktrees import Candidate, GitRepo, MergeOutcome
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 5.0

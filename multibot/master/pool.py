@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from multibot import mailbox, privacy, procs, protocol, worktrees
+from multibot import checkout, mailbox, privacy, procs, protocol
 from multibot.auth import Keys
 from multibot.config import MasterConfig, WorkerTemplate
 from multibot.errors import GitError, LockTimeout, StateError, TmuxError
@@ -184,7 +184,7 @@ class WorkerPool:
             return
         self.kill_old_incarnation(info.id, info.generation + 1)  # a frozen one may linger
         try:
-            commit = worktrees.commit_all(path, f"multibot: work left by {info.id}")
+            commit = checkout.commit_all(path, f"multibot: work left by {info.id}")
             git.cleanup([path], force=True)  # everything is on the branch now
         except GitError as exc:  # a detached HEAD holds no branch; else the assignment says why
             self.event("worktree-kept", f"{path}: {exc}", worker=info.id)
