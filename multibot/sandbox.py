@@ -30,8 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from multibot.config import WorkerTemplate
 from multibot.errors import AgentError
 from multibot.layout import Home
+from multibot.protocol import TaskAssignment
 
 TOOLS = ("bwrap", "socat")
 INSTALL = (
@@ -190,3 +192,24 @@ def reply_inbox(worker_id: str) -> str:
     """The inbox its agent's `multibot ask` waits in: made by the worker, so the sandbox can
     let the agent write it (a folder made later could not be)."""
     return f"ask-{worker_id}"
+
+
+def confinement(
+    cfg: WorkerTemplate, backend: str, home: Home, worker_id: str, a: TaskAssignment
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The allowed tools and extra arguments that put a claude agent in its sandbox, or the
+    template's own when it is off or the backend is not claude."""
+    if backend != "claude" or not cfg.sandbox:
+        return cfg.allowed_tools, cfg.extra_args
+    require(cfg.permission_mode, os.environ.get("PATH"))
+    deny: list[Path] = []
+    dirs = git_dirs(Path(a.working_directory))
+    if dirs is not None:
+        try:
+            deny = guard(dirs, a.branch, a.base_branch)
+        except OSError as exc:
+            raise SandboxError(f"cannot guard {dirs.common}: {exc}") from exc
+    rules = settings(
+        home, worker_id, deny_write=deny, allow_write=cfg.sandbox_write, network=cfg.sandbox_network
+    )
+    return tools_for(cfg.allowed_tools), (*cfg.extra_args, *settings_arg(rules))

@@ -14,6 +14,7 @@ import pytest
 
 from multibot import mailbox, procs, protocol
 from multibot import worker as worker_module
+from multibot.worker import branches
 from multibot.heartbeat import read_heartbeat
 from multibot.layout import MASTER_ID
 from multibot.state import WorkerState
@@ -337,7 +338,7 @@ def test_a_tidy_worker_starts_its_next_branch_the_quick_way(
         # the last check that `git status` looks again).
         (wt / "stray.txt").write_text("left behind\n")
         with monkeypatch.context() as m:
-            m.setattr(worker_module, "CLEAN_TRUST_S", 0.0)
+            m.setattr(branches, "CLEAN_TRUST_S", 0.0)
             refused = run_here(w, rig, "t3", ["true"]).payload
         assert quick[-1] == (None, None)
         assert isinstance(refused, protocol.ErrorReport) and refused.kind == "git"
@@ -455,7 +456,7 @@ def test_a_report_that_cannot_be_sent_is_sent_once_the_disk_has_room(
 
     try:
         w.register()
-        monkeypatch.setattr(worker_module.mailbox, "send", send)
+        monkeypatch.setattr(mailbox, "send", send)
         w.send(protocol.StatusUpdate(status="working", kind="progress", progress="one"))
         w.send(protocol.StatusUpdate(status="working", kind="progress", progress="two"))
         w.step()
@@ -464,7 +465,7 @@ def test_a_report_that_cannot_be_sent_is_sent_once_the_disk_has_room(
         w.step()
         got = [m.payload.progress for m in rig.received(protocol.StatusUpdate)]  # type: ignore[union-attr]
         assert got[-2:] == ["one", "two"]  # in order, once each
-        assert w.unsent == []
+        assert w.outbox.unsent == []
     finally:
         w.inbox.close()
         w.heartbeat.close()
@@ -480,13 +481,13 @@ def test_the_run_s_pause_is_read_off_the_loop_that_beats(rig: Rig) -> None:
 
     w = Worker(rig.home, "w1", generation=1, out=io.StringIO())
     readers: list[str] = []
-    real = w.system.read
+    real = w.pause.system.read
 
     def read() -> object:
         readers.append(threading.current_thread().name)
         return real()
 
-    w.system.read = read  # type: ignore[method-assign]
+    w.pause.system.read = read  # type: ignore[method-assign]
     try:
         w.register()
         f = StateFile(rig.home.system_state, SystemState, default=SystemState)
@@ -496,7 +497,7 @@ def test_the_run_s_pause_is_read_off_the_loop_that_beats(rig: Rig) -> None:
         wait_until(lambda: (w.step(), not w.paused)[1], 10)
         assert readers and all(r.startswith("pause-look") for r in readers)
     finally:
-        w.looks.shutdown()
+        w.pause.close()
         w.inbox.close()
         w.heartbeat.close()
         w._log.close()

@@ -10,64 +10,45 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple, TextIO
+from typing import TYPE_CHECKING, TextIO
 
-from multibot import auth, mailbox, privacy, protocol, sandbox
-from multibot.agents import Agent, AgentEvent, AgentOutcome, AgentSpec, make_agent
+from multibot import auth, mailbox, protocol, sandbox
+from multibot.agents import Agent, AgentEvent, AgentOutcome, make_agent
 from multibot.agents.stream import render
-from multibot.atomic import open_file, open_log
+from multibot.atomic import open_log
 from multibot.auth import WorkerKey
 from multibot.config import WorkerTemplate, load_worker
 from multibot.errors import (
     AgentError,
-    LockTimeout,
     MultibotError,
-    SendError,
-    StateError,
-    UnsafePath,
-    WriteFailed,
 )
 from multibot.heartbeat import HeartbeatWriter
 from multibot.ids import check_id
 from multibot.layout import MASTER_ID, Home
 from multibot.prompts import task_prompt
-from multibot.state import ContextMemory, CurrentTask, Decision, PauseView, WorkerState
+from multibot.state import ContextMemory, CurrentTask, WorkerState
 from multibot.store import StateFile
+from multibot.worker.branches import Branches, Tidy
+from multibot.worker.launch import agent_env, agent_spec, reset_file, worker_key
+from multibot.worker.outbox import Outbox
+from multibot.worker.pause import PauseWatch
+from multibot.worker.report import end_report, remember_file, remember_note, remember_report
+from multibot.worker.writes import Replaced, StateWrites
 
 if TYPE_CHECKING:  # imported when used: GitPython is slow to import, and workers start often
-    from multibot.worktrees import GitRepo, TaskStart
+    from multibot.worktrees import TaskStart
 
 EXIT_OK = 0
 EXIT_STARTUP = 2
 EXIT_REPLACED = 3
 
-MAX_NOTES = 200
 TASK_OUTPUT_SHOWN = 5_000_000  # bytes of a task's output shown in the pane and log
 
-# How long the worker's own check that a worktree has everything committed stands in for a
-# new one when its next task starts there (GitRepo.quick_start's clean_at). Between one task's
-# end and the next assignment no one is meant to touch a worker's worktree: its agent is gone
-# and the master verifies and merges in worktrees of its own. A start this soon after the
-# check skips a `git status`; later (a person may have looked in and edited), git looks again.
-CLEAN_TRUST_S = 1.0
-# A task's start is written to the worker's state file this long after it, if the task has not
-# ended by then (the end's write then says it all): a short task costs one write, not two.
-LAZY_STATE_S = 0.5
 ORDERS = (protocol.TaskAssignment, protocol.Terminate)  # taken from the master alone
-
-
-class Tidy(NamedTuple):
-    """A worktree this process saw with everything committed, at commit `head`."""
-
-    path: str
-    head: str | None  # None: not known (the next start checks with git)
-    at: float  # time.monotonic() of the check
 
 
 class Stopped(MultibotError):
@@ -76,58 +57,6 @@ class Stopped(MultibotError):
 
 def _raise_stopped(signum: int, frame: object) -> None:
     raise Stopped(signal.Signals(signum).name)
-
-
-class Replaced(MultibotError):
-    """A newer incarnation of this worker exists: this one must stop without writing."""
-
-
-def _reset_file(path: Path, text: str) -> None:
-    """Make the file at path hold text, rewritten in place (no reader is looking yet).
-
-    Not truncated first: emptying a file frees its block, which costs a millisecond or more
-    on a disk mounted with discard, on the way of every task's start.
-    """
-    data = text.encode("utf-8")
-    try:
-        fd = open_file(path, os.O_WRONLY | os.O_CREAT)
-    except UnsafePath:  # a link planted in its place: drop the link, never write through it
-        os.unlink(path)
-        fd = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-    try:
-        os.pwrite(fd, data, 0)
-        os.ftruncate(fd, len(data))
-    finally:
-        os.close(fd)
-
-
-def agent_env(home: Home, key: WorkerKey, task_id: str) -> dict[str, str]:
-    """Return the environment that lets the agent's `multibot` commands speak for this worker,
-    about this task, and no more: they sign with a key for the task (see auth.py)."""
-    bindir = str(Path(sys.executable).parent)
-    return {
-        "MULTIBOT_HOME": str(home.root),
-        "MULTIBOT_WORKER_ID": key.worker_id,
-        "MULTIBOT_TASK_ID": task_id,
-        "MULTIBOT_GENERATION": str(key.generation),
-        "MULTIBOT_AGENT_KEY": auth.agent_key(key.key, task_id).hex(),
-        "MULTIBOT_CONTEXT_FILE": str(home.worker_context(key.worker_id)),
-        "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-    }
-
-
-def worker_key(home: Home, worker_id: str, generation: int) -> WorkerKey:
-    """This incarnation's key: from the launch file the master left (its secrets go into our
-    environment, for the agent), or, for a worker started by hand, from the run key."""
-    launch = privacy.take_launch(home, worker_id, generation)
-    if launch is not None:
-        key, env = launch
-        os.environ.update(env)
-        return WorkerKey(worker_id, generation, key)
-    return WorkerKey(worker_id, generation, auth.load_keys(home).worker(worker_id, generation))
-
-
-Preparing = tuple[protocol.Envelope, protocol.TaskAssignment, "Future[TaskStart]"]
 
 
 class Worker:
@@ -158,25 +87,12 @@ class Worker:
         self.agent: Agent = make_agent(backend)
         self.state = StateFile(home.worker_state(self.id), WorkerState, default=self._fresh_state)
         self.memory = StateFile(home.worker_memory(self.id), ContextMemory, default=ContextMemory)
-        self.system = StateFile(home.system_state, PauseView, default=PauseView)
-        self.run_paused = self.system.read().paused  # then read in the pause-look thread only
+        self.pause = PauseWatch(home, self.state, self.show)
         self.paused_at = 0.0  # when the agent was last stopped (see _hold_paused)
-        self.looks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pause-look")
-        self.system_look: Future[tuple[bool, StateError | None] | None] | None = None
         self.heartbeat_interval = heartbeat_interval
-        self.setup_hook = setup_hook
-        self.master_contact: float | None = None
-        self.repos: dict[tuple[str, str], GitRepo] = {}
-        # The worktree this process prepared for its last task, which ended with everything
-        # committed: its next branch may start the quick way (see GitRepo.quick_start).
-        self.tidy: Tidy | None = None
-        # State changes not written yet (see _update_state), and when they are due.
-        self.lazy: list[Callable[[WorkerState], WorkerState]] = []
-        self.lazy_due: float | None = None
+        self.writes = StateWrites(self.state, generation, self.show)
         self.start_commit: str | None = None  # where the current task's new branch began
         self.identities: dict[str, dict[str, str]] = {}  # identity_env per worktree
-        # A branch being made the careful way, in a thread (see start_task).
-        self.preparing: Preparing | None = None
         self.heartbeat = HeartbeatWriter(
             home.heartbeat(self.id), self.id, generation, heartbeat_interval
         )
@@ -185,6 +101,8 @@ class Worker:
         mailbox.create_inbox(home, self.id)
         mailbox.create_inbox(home, sandbox.reply_inbox(self.id))  # its agent's `multibot ask`
         self.inbox = mailbox.Receiver(home, self.id, verify=self._verify)
+        self.branches = Branches(home, self.id, generation, setup_hook, self.inbox.ring)
+        self.outbox = Outbox(home, self.show)
         self.task: protocol.Envelope | None = None
         self.task_started = 0.0
         self.deferred: list[protocol.Envelope] = []
@@ -196,10 +114,7 @@ class Worker:
         self.cost = 0.0
         self.current_tool: str | None = None
         self.output_bytes, self.output_hidden = 0, 0  # a task's output shown, lines not
-        self.unsent: list[tuple[protocol.Envelope, bool]] = []  # (message, durable), in order
-        self.send_failing = False
         self.discoveries_at_start = 0
-        self.last_problem = ""
 
     # -- lifecycle --------------------------------------------------------------------------
     def _fresh_state(self) -> WorkerState:
@@ -216,7 +131,7 @@ class Worker:
             return s
 
         self.state.update(claim)
-        self.paused = self._want_pause()
+        self.paused = self.pause.wanted()
         self.status = "paused" if self.paused else "idle"
         self.heartbeat.beat(self.status)
         self.show(f"worker {self.id} ready (generation {self.generation}, {self.backend} backend)")
@@ -259,16 +174,16 @@ class Worker:
             self.inbox.close()
             self.heartbeat.close()
             self._log.close()
-            self.looks.shutdown(cancel_futures=True)
+            self.pause.close()
         return EXIT_OK
 
     def step(self) -> None:
         """One turn of the main loop: heartbeat, pause, inbox, agent."""
         self.heartbeat.beat(self.status)
-        self.send_unsent()
+        self.outbox.flush()
         self._check_pause()
-        if self.lazy_due is not None and time.monotonic() >= self.lazy_due:
-            self._update_state()  # the lazy changes, on their own
+        if self.writes.due():
+            self.writes.update()  # the lazy changes, on their own
         for message in self.inbox.fetch():
             try:
                 self.handle(message)
@@ -289,9 +204,6 @@ class Worker:
             self.finish(outcome)
 
     # -- pause ------------------------------------------------------------------------------
-    def _want_pause(self) -> bool:
-        return self.state.read().paused or self.run_paused
-
     def _hold_paused(self) -> None:
         """Stop the agent's group again each second while paused: a single SIGSTOP was seen
         undone now and then, most likely by the SIGCONT the kernel sends an orphaned process
@@ -301,40 +213,12 @@ class Worker:
             self.paused_at = now
             self.agent.suspend()
 
-    def _look_at_system(self) -> tuple[bool, StateError | None] | None:
-        """(pause-look thread) The run's pause and the file's problem, if it changed.
-        system-state.json is the master's, rewritten twice a second and as big as the run:
-        read here, off the loop that beats."""
-        if not self.system.changed():
-            return None
-        return self.system.read().paused, self.system.problem()
-
-    def _system_changed(self) -> bool:
-        """Take in the last look at system-state.json and start the next; True if the
-        run's pause (or the file's problem) changed."""
-        changed = False
-        if self.system_look is not None and self.system_look.done():
-            seen, self.system_look = self.system_look.result(), None
-            if seen is not None:
-                changed = seen[0] != self.run_paused or seen[1] is not None
-                self.run_paused, problem = seen
-                self._report_problem(problem)
-        if self.system_look is None:
-            self.system_look = self.looks.submit(self._look_at_system)
-        return changed
-
-    def _report_problem(self, problem: StateError | None) -> None:
-        if problem and str(problem) != self.last_problem:
-            self.last_problem = str(problem)
-            self.show(f"! ignoring a bad edit, last good state stays in force: {problem}")
-
     def _check_pause(self) -> None:
-        if not (self._system_changed() | self.state.changed()):
+        if not self.pause.changed():
             return
-        self._report_problem(self.state.problem())
         if self.state.read().generation > self.generation:
             raise Replaced(f"state file names generation {self.state.read().generation}")
-        want = self._want_pause()
+        want = self.pause.wanted()
         if want and not self.paused:
             self.paused = True
             self.agent.suspend()
@@ -343,7 +227,7 @@ class Worker:
         elif not want and self.paused:
             self.paused = False
             self.agent.resume()
-            self._set_status("working" if self.task or self.preparing else "idle")
+            self._set_status("working" if self.task or self.branches.preparing else "idle")
             self.show("▶  resumed")
             deferred, self.deferred = self.deferred, []
             for message in deferred:
@@ -351,7 +235,7 @@ class Worker:
 
     # -- messages ---------------------------------------------------------------------------
     def current_task_id(self) -> str | None:
-        current = self.task or (self.preparing[0] if self.preparing else None)
+        current = self.task or (self.branches.preparing[0] if self.branches.preparing else None)
         return current.task_id if current is not None else None
 
     def _verify(self, m: protocol.Envelope) -> auth.Refusal | None:
@@ -370,7 +254,7 @@ class Worker:
             self._from_agent(m)
             return
         if m.sender == MASTER_ID:
-            self.master_contact = self.clock()  # written with the next state change
+            self.writes.master_contact = self.clock()  # written with the next state change
         p = m.payload
         if isinstance(p, protocol.Answer) and m.correlation_id in self.asked:
             self._answer_agent(m, p)
@@ -398,31 +282,17 @@ class Worker:
             self.show(f"?  {p.question}")
         elif isinstance(p, protocol.StatusUpdate):
             self.show(f"✎  {p.kind}: {p.progress}")
-            text = p.progress
-
-            def remember(mem: ContextMemory) -> ContextMemory:
-                if p.kind == "discovery":
-                    return mem.model_copy(update={"discoveries": [*mem.discoveries, text]})
-                if p.kind == "blocked":
-                    return mem.model_copy(update={"blockers": [*mem.blockers, text]})
-                if p.kind == "decision":
-                    return mem.model_copy(
-                        update={"decisions": [*mem.decisions, Decision(text=text, task_id=task)]}
-                    )
-                return mem
-
-            if p.kind in ("discovery", "blocked", "decision"):
-                self._update(self.memory, remember)
+            remember = remember_report(p.kind, p.progress, task)
+            if remember is not None:
+                self.writes.other(self.memory, remember)
         onward = m.model_copy(update={"recipient": MASTER_ID, "mac": None})
-        self.unsent.append((self.key.sign(onward), True))
-        self.send_unsent()
+        self.outbox.put(self.key.sign(onward))
 
     def _answer_agent(self, m: protocol.Envelope, p: protocol.Answer) -> None:
         """The master's answer to our agent's question: to the `multibot ask` waiting for it,
         or, when that gave up, into the agent's context like any message."""
         waiting_in, question = self.asked.pop(m.correlation_id or "")
-        note = f"Q: {question} A: {p.answer}"
-        self._update(self.memory, lambda mem: mem.model_copy(update={"notes": [*mem.notes, note]}))
+        self.writes.other(self.memory, remember_note(f"Q: {question} A: {p.answer}"))
         task = m.task_id or self.current_task_id()
         if task is not None and waiting_in and self.home.inbox(waiting_in).root.is_dir():
             onward = m.model_copy(update={"recipient": waiting_in, "mac": None})
@@ -445,7 +315,7 @@ class Worker:
                 task_id=task_id,
             )
             return
-        current = self.task or (self.preparing[0] if self.preparing else None)
+        current = self.task or (self.branches.preparing[0] if self.branches.preparing else None)
         if current is not None:
             if current.task_id == task_id:
                 return  # the same assignment again (master restarted): already on it
@@ -467,73 +337,28 @@ class Worker:
         self.start_task(m, a)
 
     def start_task(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
-        """Check out the task's branch, then start the agent on it."""
+        """Check out the task's branch (see branches.py), then start the agent on it."""
         task_id = m.task_id or "task"
-        tidy, self.tidy = self.tidy, None  # tidy again once it ends well
+        tidy, self.branches.tidy = self.branches.tidy, None  # tidy again once it ends well
         self.start_commit = None
         if not a.repo:
             self.run_agent(m, a)
             return
-        repo = self.repos.get((a.repo, a.base_branch))
         self._clear_lock(Path(a.working_directory))
-        if tidy and tidy.path == a.working_directory and repo is not None:
-            # This process left the worktree with everything committed: the branch is made
-            # here in the loop (the usual case, and the latency that counts): no `git status`
-            # if the check that found it clean was moments ago, no git at all at the tip.
-            recent = time.monotonic() - tidy.at <= CLEAN_TRUST_S
-            with contextlib.suppress(MultibotError):
-                started = repo.quick_start(
-                    Path(a.working_directory), task_id, clean_at=tidy.head if recent else None
-                )
-                if started is not None:
-                    self.branch_ready(m, a, started)
-                    return
-        # The careful way may wait for the repository's lock, add the worktree and run the
-        # setup hook: seconds, minutes for a hook that installs packages. A loop that waited
-        # would stop beating and be judged dead.
-        job: Future[TaskStart] = Future()
-
-        def prepare() -> None:
-            try:
-                job.set_result(self.prepare_branch(task_id, a))
-            except BaseException as exc:  # taken by take_branch in the loop
-                job.set_exception(exc)
-            self.inbox.ring()
-
-        # A daemon: a worker told to stop does not wait for a hook still running.
-        threading.Thread(target=prepare, name="worker-prep", daemon=True).start()
-        self.preparing = (m, a, job)
+        started = self.branches.quick(task_id, a, tidy)
+        if started is not None:
+            self.branch_ready(m, a, started)
+            return
+        self.branches.begin(m, a, task_id)
         self.status = "working"
         self.show(f"… {task_id}: preparing branch {a.branch}")
 
-    def prepare_branch(self, task_id: str, a: protocol.TaskAssignment) -> TaskStart:
-        """(prep thread) Check out the task's branch in the worktree (made on first use)."""
-        from multibot import worktrees
-
-        key = (a.repo, a.base_branch)
-        repo = self.repos.get(key)
-        if repo is None:  # opening checks the repository: once per worker, not per task
-            repo = self.repos[key] = worktrees.GitRepo(
-                Path(a.repo),
-                self.home.integration_worktree,
-                integration_branch=a.base_branch,
-                setup_hook=self.setup_hook,
-                # A hook this incarnation leaves behind when killed is found by the next
-                # one's master like a stray agent (procs.stray_agents), and killed.
-                hook_env={
-                    "MULTIBOT_HOME": str(self.home.root),
-                    "MULTIBOT_WORKER_ID": self.id,
-                    "MULTIBOT_GENERATION": str(self.generation),
-                },
-            )
-        return repo.begin_task(Path(a.working_directory), task_id)
-
     def take_branch(self) -> None:
         """Start the agent once the branch being prepared is ready (not while paused)."""
-        if self.preparing is None or self.paused or not self.preparing[2].done():
+        done = None if self.paused else self.branches.take()
+        if done is None:
             return
-        m, a, job = self.preparing
-        self.preparing = None
+        m, a, job = done
         try:
             started = job.result()
         except MultibotError as exc:
@@ -568,30 +393,24 @@ class Worker:
             self.identities[a.working_directory] = identity
         env = {**identity, **agent_env(self.home, self.key, task_id)}
         try:
-            allowed_tools, extra_args = self.confinement(a)
+            confined = sandbox.confinement(self.config, self.backend, self.home, self.id, a)
         except AgentError as exc:
             self._cannot_start(exc, task_id)
             return
         prompt = (
             a.description if self.backend == "shell" else task_prompt(self.id, task_id, a, memory)
         )
-        spec = AgentSpec(
-            task_id=task_id,
+        resume = state.sessions.get(task_id)
+        spec = agent_spec(
+            task_id,
+            a,
+            self.config,
             prompt=prompt,
-            cwd=Path(a.working_directory),
-            model=a.model,
-            commands=tuple(a.commands),
             env=env,
-            resume_session=state.sessions.get(task_id),
-            timeout_s=a.budget.max_minutes * 60 if a.budget.max_minutes else None,
-            budget_usd=a.budget.max_usd,
-            permission_mode=self.config.permission_mode,
-            allowed_tools=allowed_tools,
-            disallowed_tools=self.config.disallowed_tools,
-            claude_bin=self.config.claude_bin,
-            extra_args=extra_args,
+            resume_session=resume,
+            confined=confined,
         )
-        _reset_file(self.home.worker_context(self.id), "".join(f"{line}\n" for line in a.context))
+        reset_file(self.home.worker_context(self.id), "".join(f"{line}\n" for line in a.context))
         self.task, self.task_started = m, self.clock()
         self.turns, self.cost, self.current_tool = 0, 0.0, None
         self.output_bytes, self.output_hidden = 0, 0
@@ -618,33 +437,7 @@ class Worker:
         # crash would kill too, and the master learns the rest from the task's outcome.
         update = self._status_update("started", f"started {title}")
         self.send(update, task_id=task_id, durable=False)
-        self._update_state(started, lazy=True)
-
-    def confinement(self, a: protocol.TaskAssignment) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """The allowed tools and extra arguments that put a claude agent in its sandbox (see
-        sandbox.py), or the template's own when it is off or the backend is not claude."""
-        cfg = self.config
-        if self.backend != "claude" or not cfg.sandbox:
-            return cfg.allowed_tools, cfg.extra_args
-        sandbox.require(cfg.permission_mode, os.environ.get("PATH"))
-        deny: list[Path] = []
-        dirs = sandbox.git_dirs(Path(a.working_directory))
-        if dirs is not None:
-            try:
-                deny = sandbox.guard(dirs, a.branch, a.base_branch)
-            except OSError as exc:
-                raise sandbox.SandboxError(f"cannot guard {dirs.common}: {exc}") from exc
-        rules = sandbox.settings(
-            self.home,
-            self.id,
-            deny_write=deny,
-            allow_write=cfg.sandbox_write,
-            network=cfg.sandbox_network,
-        )
-        return sandbox.tools_for(cfg.allowed_tools), (
-            *cfg.extra_args,
-            *sandbox.settings_arg(rules),
-        )
+        self.writes.update(started, lazy=True)
 
     def _cannot_start(self, exc: AgentError, task_id: str) -> None:
         self.show(f"✗ cannot start: {exc}")
@@ -658,11 +451,8 @@ class Worker:
     def _on_terminate(self, t: protocol.Terminate) -> None:
         self.show(f"■ terminate: {t.reason or 'asked by master'}")
         self.stopping = True
-        self.tidy = None
-        if self.preparing is not None:  # its branch is still being made: it never started
-            m, self.preparing = self.preparing[0], None
-            for repo in list(self.repos.values()):
-                repo.stop_hooks()
+        m = self.branches.stop()
+        if m is not None:  # its branch is still being made: it never started
             self.send(
                 protocol.ErrorReport(
                     kind="terminated", message="terminated before it started", recoverable=True
@@ -689,13 +479,7 @@ class Worker:
         line = f"[{kind} from {source}] {text}"
         self.show(f"✉  {line}")
 
-        def remember(mem: ContextMemory) -> ContextMemory:
-            # Other workers' discoveries are notes here: `discoveries` holds this worker's own,
-            # which its TASK_COMPLETE reports.
-            mem.notes = [*mem.notes, line][-MAX_NOTES:]
-            return mem
-
-        self._update(self.memory, remember)
+        self.writes.other(self.memory, remember_note(line))
         if self.task is not None and not self.agent.inject(line):
             self.show("   (kept for the next task)")
 
@@ -713,7 +497,7 @@ class Worker:
                 return s
 
             if sid and self.state.read().session_id != sid:
-                self._update_state(keep)
+                self.writes.update(keep)
             return
         if event.kind == "tool":
             self.current_tool = str(event.data.get("name") or event.text)
@@ -721,14 +505,7 @@ class Worker:
         elif event.kind == "cost":
             self.cost = float(event.data.get("cost_usd", self.cost))
         elif event.kind == "file":
-            path = event.text
-
-            def touched(mem: ContextMemory) -> ContextMemory:
-                if path not in mem.files:
-                    mem.files = [*mem.files, path][-MAX_NOTES:]
-                return mem
-
-            self._update(self.memory, touched)
+            self.writes.other(self.memory, remember_file(event.text))
         line = render(event)
         if line:
             self.show_output(line)
@@ -764,44 +541,28 @@ class Worker:
             if head is None:
                 commit = self._commit(a, f"multibot: {task_id} {a.title}".rstrip())
             if a.repo:  # prepared by this process (start_task), and now all committed
-                self.tidy = Tidy(a.working_directory, commit or head, time.monotonic())
+                self.branches.tidy = Tidy(a.working_directory, commit or head, time.monotonic())
         except MultibotError as exc:
             self.show(f"✗ commit failed: {exc}")
             outcome = AgentOutcome(False, f"commit failed: {exc}", "git")
         elapsed = self.clock() - self.task_started
         if outcome.session_id:
             self.on_event(AgentEvent("session", outcome.session_id))
-        report: protocol.Payload
+        files: list[str] = []
+        discoveries: list[str] = []
         if outcome.ok:
-            memory = self.memory.read()
-            if head is not None and head == self.start_commit:
-                files: list[str] = []  # still where its new branch began: nothing changed
-            else:
+            discoveries = self.memory.read().discoveries[self.discoveries_at_start :]
+            if head is None or head != self.start_commit:  # else nothing changed
                 files = checkout.changed_files(cwd, a.base_branch)
-            report = protocol.TaskComplete(
-                summary=outcome.summary,
-                branch=a.branch,
-                commit=commit or head or checkout.head_commit(cwd),
-                files_changed=files,
-                cost_usd=outcome.cost_usd,
-                tokens=protocol.Tokens(input=outcome.input_tokens, output=outcome.output_tokens),
-                turns=outcome.turns,
-                duration_s=elapsed,
-                discoveries=memory.discoveries[self.discoveries_at_start :],
-                session_id=outcome.session_id,
-            )
-            line = f"✓ {task_id} done in {elapsed:.1f}s: {outcome.summary[:200]}"
-        else:
-            kind = {"timeout": "timeout", "budget": "budget", "git": "git"}.get(
-                outcome.error_kind or "", "agent"
-            )
-            report = protocol.ErrorReport(
-                kind=kind,
-                message=outcome.summary[-2000:],
-                recoverable=kind != "budget",
-                detail=outcome.error_kind or "",
-            )
-            line = f"✗ {task_id} failed ({outcome.error_kind}): {outcome.summary[-300:]}"
+        report, line = end_report(
+            task_id,
+            a,
+            outcome,
+            commit=commit or head or (checkout.head_commit(cwd) if outcome.ok else ""),
+            files=files,
+            discoveries=discoveries,
+            elapsed=elapsed,
+        )
 
         def idle(s: WorkerState) -> WorkerState:
             s.current_task, s.current_tool, s.status = None, None, "idle"
@@ -812,7 +573,7 @@ class Worker:
             return s
 
         # The state says idle before the master hears of the end, so it never sees it busy.
-        self._update_state(idle)
+        self.writes.update(idle)
         self.status = "paused" if self.paused else "idle"
         self.finished.add((task_id, a.attempt))
         self.send(report, task_id=task_id)
@@ -861,26 +622,7 @@ class Worker:
             task_id=task_id,
             correlation_id=correlation_id,
         )
-        self.unsent.append((self.key.sign(message), durable))
-        self.send_unsent()
-
-    def send_unsent(self) -> None:
-        """Send the messages not sent yet, in order. One that could not be made durable (a
-        full disk) waits, with those after it, for the next step; one to an inbox that is
-        gone is dropped."""
-        while self.unsent:
-            message, durable = self.unsent[0]
-            try:
-                mailbox.send(self.home, message, fsync=durable)
-            except SendError as exc:
-                if not self.send_failing:
-                    self.show(f"! could not send {message.type}, sent again until it works: {exc}")
-                self.send_failing = True
-                return
-            except MultibotError as exc:
-                self.show(f"! could not send {message.type}: {exc}")
-            self.unsent.pop(0)
-            self.send_failing = False
+        self.outbox.put(self.key.sign(message), durable)
 
     def _set_status(self, status: str) -> None:
         self.status = status
@@ -889,44 +631,8 @@ class Worker:
             s.status = status  # type: ignore[assignment]
             return s
 
-        self._update_state(put)
+        self.writes.update(put)
         self.heartbeat.beat(status)
-
-    def _update_state(
-        self, fn: Callable[[WorkerState], WorkerState] | None = None, lazy: bool = False
-    ) -> None:
-        """Apply fn to the state file, with the lazy changes before it; if lazy, only note it,
-        for the next write or LAZY_STATE_S from now, whichever comes first."""
-        if fn is not None:
-            self.lazy.append(fn)
-        if lazy:
-            if self.lazy_due is None:
-                self.lazy_due = time.monotonic() + LAZY_STATE_S
-            return
-        fns, self.lazy, self.lazy_due = self.lazy, [], None
-
-        def guarded(s: WorkerState) -> WorkerState:
-            if s.generation > self.generation:
-                raise Replaced(f"generation {s.generation} is newer than mine")
-            s.communication.last_master_contact = self.master_contact
-            for each in fns:
-                s = each(s)
-            return s
-
-        try:
-            self.state.update(guarded)
-        except WriteFailed as exc:  # a full disk: the changes wait for the next write
-            self.lazy, self.lazy_due = [*fns, *self.lazy], time.monotonic() + LAZY_STATE_S
-            self.show(f"! could not write {self.state.path.name}, tried again: {exc}")
-        except (StateError, LockTimeout) as exc:
-            self.show(f"! could not write {self.state.path.name}: {exc}")
-
-    def _update(self, f: StateFile, fn: Callable) -> None:  # type: ignore[type-arg]
-        try:
-            f.update(fn)
-        except (StateError, LockTimeout) as exc:
-            # A broken hand edit is the person's to fix; the loop goes on.
-            self.show(f"! could not write {f.path.name}: {exc}")
 
     def show(self, line: str) -> None:
         """Print a line to the pane and the worker's log."""

@@ -1,0 +1,15 @@
+"""The worker process, in parts.
+
+| module | what it owns |
+| --- | --- |
+| `loop.py` (`Worker`) | the loop: heartbeat, inbox, the agent, a task from start to report |
+| `branches.py` (`Branches`) | a task's branch: quick in the loop, or careful in a thread |
+| `pause.py` (`PauseWatch`) | the person's pause and the run's, read off the loop that beats |
+| `outbox.py` (`Outbox`) | messages sent in order, each once it can be made durable |
+| `report.py` | pure: the end-of-task report, and what the worker remembers |
+"""
+
+from multibot.worker.loop import TASK_OUTPUT_SHOWN, Worker
+from multibot.worker.writes import LAZY_STATE_S
+
+__all__ = ["LAZY_STATE_S", "TASK_OUTPUT_SHOWN", "Worker"]
