@@ -14,12 +14,11 @@ import pytest
 
 from multibot import mailbox, procs, protocol
 from multibot import worker as worker_module
-from multibot.worker import branches
 from multibot.heartbeat import read_heartbeat
 from multibot.layout import MASTER_ID
 from multibot.state import WorkerState
 from multibot.store import StateFile
-from multibot.worker import Worker
+from multibot.worker import Worker, branches
 from multibot.worktrees import GitRepo, TaskStart
 from tests.helpers import wait_until
 from tests.rig import Rig, git_rev, git_show
