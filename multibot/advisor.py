@@ -1,7 +1,8 @@
 """The master's advisor: who answers questions and reviews diffs beyond the plan's FAQ.
 
-The base class answers nothing (questions then go to the person); ``multibot.opus.OpusAdvisor``
-asks Claude Opus. Work runs in the background: the master starts requests and polls results.
+The base class answers nothing (questions then go to the person);
+``multibot.opus_advisor.OpusAdvisor`` asks Claude Opus. Work runs in the background: the
+master starts requests and polls results.
 """
 
 from __future__ import annotations

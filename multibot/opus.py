@@ -1,4 +1,5 @@
-"""Opus, the master's brain: plans the goal, answers workers' questions, reviews diffs.
+"""Opus, the master's brain: one call, a session, and planning (opus_advisor.py answers
+workers' questions and reviews diffs; opus_prompts.py holds what Opus is asked).
 
 Every call is the real ``claude`` binary in print mode with structured output::
 
@@ -28,11 +29,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -40,22 +39,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
-from multibot.advisor import Advice, Advisor
 from multibot.agents.claude import child_env, resolve_bin
 from multibot.agents.stream import result_tokens
 from multibot.atomic import open_log
-from multibot.config import MasterConfig, WorkerTemplate
+from multibot.config import MasterConfig
 from multibot.errors import AgentError, MultibotError, PlanError
 from multibot.layout import Home
+from multibot.opus_prompts import correction_prompt, plan_prompt, plan_schema
 from multibot.plan import validate_plan
-from multibot.state import Plan, PlanTask, SystemState
-from multibot.store import StateFile
+from multibot.state import Plan
 
 READ_ONLY_TOOLS = ("Read", "Glob", "Grep")
 PERMISSION_MODE = "dontAsk"  # in -p nobody answers prompts: anything not allowed is denied
 PLAN_TIMEOUT_S = 900.0  # planning may read much of the repository first
 CALL_TIMEOUT_S = 300.0
-MAX_DIFF_CHARS = 60_000  # a cut diff says so in the prompt (review_prompt)
 LOG_ID = "opus"  # state/logs/opus.log: every call and its outcome, for a person to read
 # Input, output, cache-read and cache-write token prices relative to input: the same ratios
 # for every current Claude model, so a session's cost can be shared out by weighted tokens.
@@ -72,181 +69,6 @@ _MODEL_USAGE_KEYS = {
     "cache_creation_input_tokens": "cacheCreationInputTokens",
 }
 NOT_FOUND = "No conversation found"
-
-# -- schemas --------------------------------------------------------------------------------
-
-# The PlanTask fields Opus fills; the rest (commands, capabilities) belong to other backends.
-PLAN_TASK_FIELDS = (
-    "id",
-    "title",
-    "description",
-    "dependencies",
-    "priority",
-    "owns",
-    "model",
-    "verify",
-    "estimate_minutes",
-)
-_REQUIRED_TASK_FIELDS = ("id", "title", "description", "dependencies", "owns", "model")
-_TASK_HINTS = {
-    "id": "Unique id: lowercase letters, digits, '-' or '_', starting with a letter or digit.",
-    "title": "A short title.",
-    "description": "Everything the worker needs: what to do, where, and what done means.",
-    "dependencies": "Ids of tasks of this plan that must be merged before this one starts.",
-    "owns": "Files or globs, relative to the repository root, this task may create or change.",
-    "verify": "Shell command run in the task's worktree when done (exit 0 = good), or null.",
-    "estimate_minutes": "How long a capable engineer would take, in minutes.",
-    "priority": "Among ready tasks, higher runs first.",
-}
-ID_PATTERN = "^[a-z0-9][a-z0-9_-]{0,62}$"
-
-ANSWER_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {"answer": {"type": "string", "description": "The answer for the worker."}},
-    "required": ["answer"],
-    "additionalProperties": False,
-}
-REVIEW_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "properties": {
-        "approved": {"type": "boolean", "description": "True when the change may be merged."},
-        "feedback": {"type": "string", "description": "What is good, or what must change."},
-    },
-    "required": ["approved", "feedback"],
-    "additionalProperties": False,
-}
-
-
-def _clean(prop: Mapping[str, Any]) -> dict[str, Any]:
-    """Return a pydantic property schema without titles/defaults, `X | None` as a type list."""
-    out = {k: v for k, v in prop.items() if k not in ("title", "default")}
-    options = out.pop("anyOf", None)
-    if options is not None:
-        types = [o.get("type") for o in options]
-        if len(options) != 2 or "null" not in types or not all(isinstance(t, str) for t in types):
-            raise TypeError(f"cannot simplify schema {prop!r}")  # a model change to look at
-        out["type"] = [t for t in types if t != "null"] + ["null"]
-    return out
-
-
-def plan_schema() -> dict[str, Any]:
-    """Return the JSON Schema Opus fills with a plan: PlanTask's own fields, nothing internal."""
-    props = PlanTask.model_json_schema()["properties"]
-    task: dict[str, Any] = {}
-    for name in PLAN_TASK_FIELDS:
-        task[name] = _clean(props[name])
-        if name in _TASK_HINTS:
-            task[name]["description"] = _TASK_HINTS[name]
-    task["id"]["pattern"] = ID_PATTERN
-    task["dependencies"]["items"]["pattern"] = ID_PATTERN
-    return {
-        "type": "object",
-        "properties": {
-            "goal": {"type": "string", "description": "The goal, restated in one sentence."},
-            "tasks": {
-                "type": "array",
-                "minItems": 1,
-                "items": {
-                    "type": "object",
-                    "properties": task,
-                    "required": list(_REQUIRED_TASK_FIELDS),
-                    "additionalProperties": False,
-                },
-            },
-            "verify": {
-                "type": ["string", "null"],
-                "description": "Command that checks the whole project after every merge, or null.",
-            },
-        },
-        "required": ["goal", "tasks"],
-        "additionalProperties": False,
-    }
-
-
-# -- prompts --------------------------------------------------------------------------------
-
-ROLE = (
-    "You are the master of multibot: you run a team of Claude Code workers that work in "
-    "parallel, each in its own git worktree of one repository, and you merge their branches. "
-    "Your working directory is that repository: read it with Read, Glob and Grep when it "
-    "helps; you cannot change anything."
-)
-
-
-def plan_prompt(goal: str, repo: Path) -> str:
-    """Return the first planning prompt: the goal, the repository and the rules of a plan."""
-    return f"""{ROLE}
-
-Goal: {goal}
-Repository: {repo}
-
-Split the goal into tasks that workers can do independently and in parallel, and return the
-plan by calling the StructuredOutput tool. Rules:
-- id: unique, lowercase letters, digits, '-' and '_' (1-63 characters, starting with a letter
-  or digit).
-- dependencies: ids of tasks that must be finished and merged before this task starts. Every
-  dependency must be a task of this plan, and there must be no cycle.
-- owns: the files or globs (relative to the repository root, e.g. "src/parser.py",
-  "tests/test_parser.py", "docs/*.md") the task may create or change. Tasks whose files overlap
-  cannot run in parallel: tasks that touch the same files must depend on each other (better,
-  give each file to one task).
-- model: "haiku" for simple mechanical tasks, "sonnet" for normal work, "opus" for hard
-  design or debugging.
-- verify: a shell command run in the task's worktree when it is done, exit status 0 when the
-  work is right (e.g. "python -m pytest -q tests/test_parser.py"). Give one wherever possible,
-  else null.
-- estimate_minutes: how long a capable engineer would take.
-- priority: among ready tasks, higher runs first (default 0).
-- description: everything the worker needs to know; it sees only its own task.
-- verify at the top level: a command that checks the whole project after every merge, or null.
-Prefer a few well-sized tasks (10 to 60 minutes each) over many tiny ones."""
-
-
-def correction_prompt(problems: list[str]) -> str:
-    """Return the follow-up that sends a rejected plan's problems back to Opus."""
-    listed = "\n".join(f"- {p}" for p in problems)
-    return (
-        f"The plan you returned is invalid:\n{listed}\n\nFix these problems and return the "
-        "complete corrected plan (every task, not only the changed ones) by calling the "
-        "StructuredOutput tool again."
-    )
-
-
-def question_prompt(key: str, question: str, context: str) -> str:
-    """Return the prompt asking Opus to answer a worker's question."""
-    return f"""[multibot question {key}]
-{ROLE}
-
-A worker asks you a question. Answer so that it can go on: concretely and briefly, saying what
-to do.
-
-Question: {question}
-
-Context:
-{context or "(none)"}
-
-Reply by calling the StructuredOutput tool with {{"answer": "..."}}."""
-
-
-def review_prompt(key: str, task: str, diff: str) -> str:
-    """Return the prompt asking Opus to review a task's diff before it is merged."""
-    if len(diff) > MAX_DIFF_CHARS:
-        cut = len(diff) - MAX_DIFF_CHARS
-        diff = diff[:MAX_DIFF_CHARS] + f"\n[... {cut} more characters of diff not shown]"
-    return f"""[multibot review {key}]
-{ROLE}
-
-Review the change a worker made for this task before it is merged. Approve it when it does
-what the task asks, is correct and breaks nothing else; otherwise say exactly what must change.
-
-Task:
-{task}
-
-Diff:
-{diff or "(empty diff)"}
-
-Reply by calling the StructuredOutput tool with {{"approved": true or false, "feedback": "..."}}."""
-
 
 # -- one call -------------------------------------------------------------------------------
 
@@ -388,7 +210,7 @@ def parse_reply(stdout: str, stderr: str, code: int | None, before: float | None
 Register = Callable[["subprocess.Popen[str] | None"], bool]
 
 
-def _kill_group(proc: subprocess.Popen[str]) -> None:
+def kill_group(proc: subprocess.Popen[str]) -> None:
     # Only while the child is unreaped: its pid, and so the group id, cannot be reused yet.
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -422,14 +244,14 @@ def run_call(
         raise AgentError(f"cannot start {argv[0]} in {cwd}: {exc}") from exc
     try:
         if register is not None and not register(proc):
-            _kill_group(proc)
+            kill_group(proc)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.communicate(timeout=10)
             return OpusReply(ok=False, text="stopped: the advisor is closing")
         try:
             out, err = proc.communicate(prompt, timeout=timeout_s)
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.communicate(timeout=10)
             return OpusReply(ok=False, text=f"opus gave no answer within {timeout_s:g}s")
@@ -437,7 +259,7 @@ def run_call(
             return OpusReply(ok=False, text=f"claude was stopped by signal {-proc.returncode}")
         return parse_reply(out, err, proc.returncode, before)
     finally:
-        _kill_group(proc)
+        kill_group(proc)
         if proc.poll() is None:
             proc.kill()
             proc.wait()
@@ -514,7 +336,7 @@ def find_claude(name: str) -> str:
         ) from exc
 
 
-def _log(home: Home, line: str) -> None:
+def log(home: Home, line: str) -> None:
     try:
         home.logs_dir.mkdir(parents=True, exist_ok=True)
         with open_log(home.log(LOG_ID)) as f:
@@ -563,7 +385,7 @@ def plan_with_opus(
         fresh = first if attempt == 1 else first + "\n\n" + correction_prompt(problems)
         reply = session.send(prompt, schema, timeout_s=timeout_s, fresh_prompt=fresh)
         cost += reply.cost_usd
-        _log(
+        log(
             home,
             f"plan attempt {attempt} (session {session.session_id}): "
             f"{'ok' if reply.ok else 'failed'}: {reply.text[:2000]}",
@@ -589,189 +411,3 @@ def plan_with_opus(
             prompt = correction_prompt(problems)
     say(f"opus gave no valid plan in {config.planner_attempts} attempts")
     raise PlanError(problems)
-
-
-# -- the advisor ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Job:
-    kind: str  # "answer" | "review"
-    key: str
-    prompt: str
-
-
-class OpusAdvisor(Advisor):
-    """Answers questions and reviews diffs with Opus, one call at a time on one thread.
-
-    ask/review only queue a job: the master never waits for Opus. Every job ends as exactly
-    one Advice from poll(), failures included (ok=False, text says why). All calls continue
-    one Opus session (``session_id``, the planner's unless given), so Opus keeps the run's
-    history; when no session is known yet it is read from system-state.json (opus_session),
-    and the working directory from there too (git.repo).
-    """
-
-    available = True
-
-    def __init__(
-        self,
-        home: Home,
-        config: MasterConfig,
-        template: WorkerTemplate | None = None,
-        *,
-        session_id: str | None = None,
-        repo: Path | None = None,
-        timeout_s: float = CALL_TIMEOUT_S,
-    ) -> None:
-        self.home, self.config, self.timeout_s = home, config, timeout_s
-        # A claude_bin set only in the worker template is meant for Opus too.
-        default_bin = MasterConfig.model_fields["claude_bin"].default
-        self.claude_bin = config.claude_bin
-        if template is not None and config.claude_bin == default_bin:
-            self.claude_bin = template.claude_bin
-        self.session_id = session_id
-        self.repo = repo
-        self._session: OpusSession | None = None
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
-        self._done: queue.Queue[Advice] = queue.Queue()
-        self._lock = threading.Lock()
-        self._proc: subprocess.Popen[str] | None = None
-        self._closing = False
-        self._thread: threading.Thread | None = None
-
-    # -- the master's side ------------------------------------------------------------------
-    def ask(self, key: str, question: str, context: str) -> None:
-        """Queue a question; its Advice (kind "answer") comes from poll()."""
-        self._submit(_Job("answer", key, question_prompt(key, question, context)))
-
-    def review(self, key: str, task: str, diff: str) -> None:
-        """Queue a review of a task's diff; its Advice (kind "review") comes from poll()."""
-        self._submit(_Job("review", key, review_prompt(key, task, diff)))
-
-    def poll(self) -> list[Advice]:
-        """Return the Advice finished since the last poll, without blocking."""
-        out: list[Advice] = []
-        while True:
-            try:
-                out.append(self._done.get_nowait())
-            except queue.Empty:
-                return out
-
-    def close(self) -> None:
-        """Stop: kill a running call, drop queued jobs, join the thread."""
-        with self._lock:
-            self._closing = True
-            if self._proc is not None:
-                _kill_group(self._proc)
-        self._jobs.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def pending(self) -> int:
-        """Return how many jobs are queued (not counting one being run)."""
-        return self._jobs.qsize()
-
-    def _submit(self, job: _Job) -> None:
-        with self._lock:
-            if self._closing:
-                self._done.put(
-                    Advice(
-                        job.kind, job.key, ok=False, text="the advisor is closed", approved=False
-                    )
-                )
-                return
-            if self._thread is None:
-                # Not a daemon: close() joins it, so no claude call is cut off at exit unseen.
-                self._thread = threading.Thread(target=self._loop, name="opus-advisor")
-                self._thread.start()
-        self._jobs.put(job)
-
-    # -- the thread's side ------------------------------------------------------------------
-    def _register(self, proc: subprocess.Popen[str] | None) -> bool:
-        with self._lock:
-            self._proc = proc
-            return not self._closing
-
-    def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None or self._closing:
-                return
-            try:
-                advice = self._run(job)
-            except Exception as exc:  # the master must get an Advice whatever happens here
-                advice = Advice(
-                    job.kind, job.key, ok=False, text=f"advisor failed: {exc!r}", approved=False
-                )
-            _log(
-                self.home,
-                f"{job.kind} {job.key}: ok={advice.ok} approved={advice.approved} "
-                f"${advice.cost_usd:.4f}: {advice.text[:1000]}",
-            )
-            if not self._closing:
-                self._done.put(advice)
-
-    def _adopt(self) -> None:
-        """Fill the session and repository from system-state.json when not known yet."""
-        if self.session_id is not None and self.repo is not None:
-            return
-        try:
-            state = StateFile(self.home.system_state, SystemState, default=SystemState).read()
-        except MultibotError:
-            return
-        if self.session_id is None and state.opus_session:
-            self.session_id = state.opus_session
-        if self.repo is None and state.git.repo:
-            self.repo = Path(state.git.repo)
-
-    def _opus(self) -> OpusSession:
-        if self._session is None:
-            self._adopt()
-            binary = find_claude(self.claude_bin)
-            cwd = (self.repo or Path.cwd()).resolve()
-            self._session = OpusSession(
-                binary,
-                self.config.planner_model,
-                cwd,
-                self.session_id,
-                spent=None,  # a session from elsewhere: its spend so far is not known
-                register=self._register,
-            )
-        return self._session
-
-    def _run(self, job: _Job) -> Advice:
-        try:
-            opus = self._opus()
-            reply = opus.send(job.prompt, self._schema(job.kind), timeout_s=self.timeout_s)
-        except AgentError as exc:
-            return Advice(job.kind, job.key, ok=False, text=str(exc), approved=False)
-        self.session_id = opus.session_id
-        fail = Advice(job.kind, job.key, False, reply.text, False, reply.cost_usd, reply.tokens)
-        if not reply.ok:
-            return fail
-        data = reply.data or {}
-        if job.kind == "answer":
-            answer = data.get("answer")
-            if not isinstance(answer, str) or not answer.strip():
-                fail.text = f"opus gave no answer: {reply.text[:500]}"
-                return fail
-            return Advice(
-                "answer", job.key, True, answer.strip(), True, reply.cost_usd, reply.tokens
-            )
-        approved, feedback = data.get("approved"), data.get("feedback")
-        if not isinstance(approved, bool) or not isinstance(feedback, str):
-            fail.text = f"opus gave no review: {reply.text[:500]}"
-            return fail
-        return Advice(
-            "review",
-            job.key,
-            ok=True,
-            text=feedback.strip(),
-            approved=approved,
-            cost_usd=reply.cost_usd,
-            tokens=reply.tokens,
-        )
-
-    @staticmethod
-    def _schema(kind: str) -> dict[str, Any]:
-        return ANSWER_SCHEMA if kind == "answer" else REVIEW_SCHEMA

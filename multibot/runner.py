@@ -60,7 +60,7 @@ def make_launcher(home: Home, use_tmux: bool, per_window: int) -> Launcher:
 def make_advisor(home: Home, backend: str) -> Advisor:
     if backend != "claude":
         return Advisor()
-    from multibot.opus import OpusAdvisor
+    from multibot.opus_advisor import OpusAdvisor
 
     return OpusAdvisor(home, load_master(home), load_worker(home))
 

@@ -19,15 +19,9 @@ from multibot.advisor import Advice
 from multibot.config import MasterConfig
 from multibot.errors import AgentError, PlanError
 from multibot.layout import Home
-from multibot.opus import (
-    PLAN_TASK_FIELDS,
-    OpusAdvisor,
-    call_cost,
-    opus_argv,
-    parse_reply,
-    plan_schema,
-    plan_with_opus,
-)
+from multibot.opus import call_cost, opus_argv, parse_reply, plan_with_opus
+from multibot.opus_advisor import OpusAdvisor
+from multibot.opus_prompts import PLAN_TASK_FIELDS, plan_schema
 from multibot.plan import validate_plan
 from multibot.state import GitState, PlanTask, SystemState
 from multibot.store import StateFile
