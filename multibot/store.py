@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import filelock
-import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from multibot.atomic import (
@@ -50,6 +49,25 @@ from multibot.atomic import (
 )
 from multibot.errors import LockTimeout, MultibotError, StateError, WriteFailed
 from multibot.layout import backup_of, lock_of
+from multibot.stateformat import (
+    MAX_STATE_BYTES,
+    dumps,
+    merge3,
+    parse,
+    too_large,
+    validate_bytes,
+    validate_file,
+    where,
+)
+
+__all__ = [
+    "MAX_STATE_BYTES",
+    "StateFile",
+    "dumps",
+    "parse",
+    "validate_bytes",
+    "validate_file",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -58,61 +76,6 @@ _CYCLES = 20  # write attempts before giving up on a file that keeps changing un
 _SETTLE = (0.005, 0.01, 0.02, 0.05)  # waits for an in-place save to finish before refusing it
 _RACY_NS = 50_000_000  # file clocks tick coarsely: a same-size rewrite this soon can hide
 _WATCH_S, _WATCH_MAX = 5.0, 16  # how long, and how many, moved-away inodes stay watched
-_GONE = object()  # a key absent from one side of a merge
-# A state file bigger than this is refused unread, as the bus refuses a big message: every
-# worker reads system-state.json in the loop that beats (a 50 MB edit cost every worker its
-# heartbeat). 10,000 tasks make a system-state.json of about 3 MB.
-MAX_STATE_BYTES = 8_000_000
-
-
-def dumps(data: Any) -> bytes:
-    """Render JSON data the way people edit it: field order kept, indent 2, trailing newline."""
-    # pydantic's Rust encoder: with indent, json.dumps runs its pure-Python encoder, which was
-    # most of the cost of writing a big state file. Same text, but for the spelling of some
-    # floats (1e-07 there, 1e-7 here); non-finite floats stay Infinity and NaN, as there.
-    try:
-        return pydantic_core.to_json(data, indent=2, inf_nan_mode="constants") + b"\n"
-    except pydantic_core.PydanticSerializationError:  # a lone surrogate cannot be UTF-8:
-        return (json.dumps(data, indent=2) + "\n").encode()  # escape everything instead
-
-
-def parse(path: Path, raw: bytes, model: type[M]) -> M:
-    """Return raw validated as model, or raise StateError naming the line, column and field."""
-    if len(raw) > MAX_STATE_BYTES:
-        raise StateError(path, _too_large(len(raw)))
-    try:
-        text = raw.decode("utf-8-sig")  # some editors add a BOM
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise StateError(path, f"not UTF-8 text ({e.reason})", line) from e
-    try:
-        json.loads(text)  # for the line and column of a syntax error, which pydantic lacks
-    except json.JSONDecodeError as e:
-        raise StateError(path, e.msg, e.lineno, e.colno) from e
-    except (ValueError, RecursionError) as e:  # an absurdly long number or deep nesting
-        raise StateError(path, f"unreadable JSON: {e}") from e
-    try:
-        return model.model_validate_json(text)
-    except ValidationError as e:
-        errors = e.errors()
-        loc = errors[0]["loc"]
-        more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-        field = ".".join(str(p) for p in loc) if loc else None
-        at = _line_of(text, loc) if loc else 1  # no location: the document as a whole
-        raise StateError(path, errors[0]["msg"] + more, at, None, field) from e
-
-
-def validate_file(path: Path, model: type[BaseModel]) -> StateError | None:
-    """Return what is wrong with the state file at path, or None if it is valid."""
-    try:
-        parse(path, path.read_bytes(), model)
-    except FileNotFoundError:
-        return StateError(path, "missing")
-    except OSError as e:
-        return StateError(path, f"unreadable: {e.strerror}")
-    except StateError as e:
-        return e
-    return None
 
 
 @dataclass
@@ -270,7 +233,7 @@ class StateFile(Generic[M]):
             self._keep(good, None)  # (an older version than we saw: read() merges onto it)
             self._problem = None
             return (
-                f"{self.path} was corrupt ({_where(bad)}{bad.problem}); restored version "
+                f"{self.path} was corrupt ({where(bad)}{bad.problem}); restored version "
                 f"{_version(good)} from {bak.name}; the bad content is kept in {aside.name}"
             )
 
@@ -462,7 +425,7 @@ class StateFile(Generic[M]):
                     try:
                         st = os.fstat(fd)  # before reading: a later write then shows
                         if st.st_size > MAX_STATE_BYTES:
-                            raise StateError(self.path, _too_large(st.st_size))
+                            raise StateError(self.path, too_large(st.st_size))
                         return _read_fd(fd), st
                     finally:
                         os.close(fd)
@@ -530,7 +493,7 @@ class StateFile(Generic[M]):
         base = self._seen.get(_version(edit))
         if base is None:
             return edit
-        merged = _merge3(json.loads(base), _dump(edit), ours)
+        merged = merge3(json.loads(base), _dump(edit), ours)
         try:
             return self.model.model_validate_json(json.dumps(merged))
         except ValidationError:
@@ -625,52 +588,6 @@ def _note_holder(holder: Path) -> None:
             os.close(fd)
     except OSError:  # another user's note, or not a plain file: replace it, as the folder lets us
         atomic_write(holder, note, fsync=False)
-
-
-def _too_large(size: int) -> str:
-    return f"file too large: {size} bytes (max {MAX_STATE_BYTES})"
-
-
-def validate_bytes(path: Path, raw: bytes, model: type[BaseModel]) -> StateError | None:
-    """Return what is wrong with raw as the content of the state file at path, or None."""
-    try:
-        parse(path, raw, model)
-    except StateError as e:
-        return e
-    return None
-
-
-def _merge3(base: Any, theirs: Any, ours: Any) -> Any:
-    """Three-way merge of JSON values: the side that changed wins, theirs on a conflict."""
-    if theirs == base:
-        return ours
-    if ours == base or not all(isinstance(v, dict) for v in (base, theirs, ours)):
-        return theirs
-    out: dict[str, Any] = {}
-    for key in [*ours, *(k for k in theirs if k not in ours)]:
-        value = _merge3(base.get(key, _GONE), theirs.get(key, _GONE), ours.get(key, _GONE))
-        if value is not _GONE:
-            out[key] = value
-    return out
-
-
-def _line_of(text: str, loc: tuple[int | str, ...]) -> int | None:
-    """Return the line of the key at loc, found by searching for each key in turn."""
-    pos, found = 0, False
-    for part in loc:
-        if isinstance(part, str):
-            at = text.find(json.dumps(part, ensure_ascii=False), pos)
-            if at < 0:
-                break
-            pos, found = at, True
-    return text.count("\n", 0, pos) + 1 if found else None
-
-
-def _where(err: StateError) -> str:
-    where = f"line {err.line}" if err.line else ""
-    where += f" column {err.column}" if err.line and err.column else ""
-    where += f"{', ' if where else ''}field {err.field}" if err.field else ""
-    return f"{where}: " if where else ""
 
 
 def _read_fd(fd: int) -> bytes:
