@@ -6,6 +6,9 @@
 | `branches.py` (`Branches`) | a task's branch: quick in the loop, or careful in a thread |
 | `pause.py` (`PauseWatch`) | the person's pause and the run's, read off the loop that beats |
 | `outbox.py` (`Outbox`) | messages sent in order, each once it can be made durable |
+| `relay.py` (`Relay`) | the agent's `report` and `ask` passed on; the answers passed back |
+| `writes.py` (`StateWrites`) | the state file's lazy writes and the memory's; `Replaced` |
+| `launch.py` | the worker's key, its agent's environment, spec and context file |
 | `report.py` | pure: the end-of-task report, and what the worker remembers |
 """
 

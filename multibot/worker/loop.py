@@ -36,7 +36,8 @@ from multibot.worker.branches import Branches, Tidy
 from multibot.worker.launch import agent_env, agent_spec, reset_file, worker_key
 from multibot.worker.outbox import Outbox
 from multibot.worker.pause import PauseWatch
-from multibot.worker.report import end_report, remember_file, remember_note, remember_report
+from multibot.worker.relay import Relay
+from multibot.worker.report import end_report, remember_file, remember_note
 from multibot.worker.writes import Replaced, StateWrites
 
 if TYPE_CHECKING:  # imported when used: GitPython is slow to import, and workers start often
@@ -79,8 +80,6 @@ class Worker:
         self.home, self.id = home, check_id(worker_id, "worker id")
         self.generation, self.backend = generation, backend
         self.key = key or worker_key(home, self.id, generation)
-        # our agent's questions: id -> (the inbox its `multibot ask` waits in, the question)
-        self.asked: dict[str, tuple[str | None, str]] = {}
         self.config = config or load_worker(home)
         self.clock = clock
         self.out = out or sys.stdout
@@ -103,6 +102,7 @@ class Worker:
         self.inbox = mailbox.Receiver(home, self.id, verify=self._verify)
         self.branches = Branches(home, self.id, generation, setup_hook, self.inbox.ring)
         self.outbox = Outbox(home, self.show)
+        self.relay = Relay(home, self.key, self.memory, self.writes, self.outbox, self.show)
         self.task: protocol.Envelope | None = None
         self.task_started = 0.0
         self.deferred: list[protocol.Envelope] = []
@@ -251,13 +251,14 @@ class Worker:
     def handle(self, m: protocol.Envelope) -> None:
         """Act on one message from the master, or from our agent's commands."""
         if m.sender == self.id:
-            self._from_agent(m)
+            self.relay.from_agent(m)
             return
         if m.sender == MASTER_ID:
             self.writes.master_contact = self.clock()  # written with the next state change
         p = m.payload
-        if isinstance(p, protocol.Answer) and m.correlation_id in self.asked:
-            self._answer_agent(m, p)
+        if isinstance(p, protocol.Answer) and self.relay.answers(m):
+            if not self.relay.answer(m, p, self.current_task_id()):
+                self._on_context("answer", p.answer, p.answered_by)
         elif isinstance(p, protocol.TaskAssignment):
             self._on_assignment(m, p)
         elif isinstance(p, protocol.StatusRequest):
@@ -272,34 +273,6 @@ class Worker:
             self._on_context("answer", p.answer, p.answered_by)
         else:
             self.show(f"! ignoring {m.type} (not for workers)")
-
-    def _from_agent(self, m: protocol.Envelope) -> None:
-        """Our agent's `multibot report` or `ask` (checked by _verify): remember what it says
-        and pass it on to the master, signed as ours."""
-        p, task = m.payload, m.task_id
-        if isinstance(p, protocol.Question):
-            self.asked[m.id] = (m.reply_to, p.question)
-            self.show(f"?  {p.question}")
-        elif isinstance(p, protocol.StatusUpdate):
-            self.show(f"✎  {p.kind}: {p.progress}")
-            remember = remember_report(p.kind, p.progress, task)
-            if remember is not None:
-                self.writes.other(self.memory, remember)
-        onward = m.model_copy(update={"recipient": MASTER_ID, "mac": None})
-        self.outbox.put(self.key.sign(onward))
-
-    def _answer_agent(self, m: protocol.Envelope, p: protocol.Answer) -> None:
-        """The master's answer to our agent's question: to the `multibot ask` waiting for it,
-        or, when that gave up, into the agent's context like any message."""
-        waiting_in, question = self.asked.pop(m.correlation_id or "")
-        self.writes.other(self.memory, remember_note(f"Q: {question} A: {p.answer}"))
-        task = m.task_id or self.current_task_id()
-        if task is not None and waiting_in and self.home.inbox(waiting_in).root.is_dir():
-            onward = m.model_copy(update={"recipient": waiting_in, "mac": None})
-            with contextlib.suppress(MultibotError):
-                mailbox.send(self.home, self.key.sign_for_agent(onward, task))
-                return
-        self._on_context("answer", p.answer, p.answered_by)
 
     def _on_assignment(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
         task_id = m.task_id or ""
