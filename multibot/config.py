@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from multibot.errors import ConfigError
 from multibot.layout import Home
@@ -43,7 +43,14 @@ class MasterConfig(_Config):
         "window in which the person may answer first.",
     )
     override_window: float = Field(30.0, ge=0, description="Seconds for auto_with_window.")
-    verify_attempts: int = Field(3, ge=1, description="Tries of a task whose verify fails.")
+    max_attempts: int = Field(
+        3,
+        ge=1,
+        validation_alias=AliasChoices("max_attempts", "verify_attempts"),
+        description="Attempts a task gets in all: a failed verify, check or review, a merge "
+        "conflict, a worker that died on it each spend one (`verify_attempts`, its old name, "
+        "is read too).",
+    )
     verify_concurrency: int | None = Field(
         None,
         ge=1,

@@ -75,3 +75,10 @@ def test_shipped_config_files_are_valid() -> None:
     home = Home(DOCS.parent)
     assert load_master(home) == MasterConfig()
     assert load_worker(home) == WorkerTemplate()
+
+
+def test_the_old_name_of_max_attempts_is_still_read() -> None:
+    from multibot.config import MasterConfig
+
+    assert MasterConfig.model_validate({"verify_attempts": 5}).max_attempts == 5
+    assert MasterConfig.model_validate({"max_attempts": 2}).max_attempts == 2

@@ -322,7 +322,7 @@ def test_a_dead_pane_counts_as_a_death_before_any_heartbeat_is_missed(
 def test_a_failing_verify_sends_the_task_back_then_fails_the_run(
     world: Callable[..., World],
 ) -> None:
-    w = world(tasks("a", verify="echo nope; false"), max_workers=1, verify_attempts=2)
+    w = world(tasks("a", verify="echo nope; false"), max_workers=1, max_attempts=2)
     for attempt in (1, 2):
         w.until(lambda: w.master.tasks["a"].status == "assigned", f"attempt {attempt}")
         (m,) = w.assignments("w1")
@@ -349,7 +349,7 @@ def test_a_completion_from_another_worker_is_ignored(world: Callable[..., World]
 
 
 def test_a_cancelled_failed_task_ends_the_run(world: Callable[..., World]) -> None:
-    w = world(tasks("a", verify="false"), max_workers=1, verify_attempts=1)
+    w = world(tasks("a", verify="false"), max_workers=1, max_attempts=1)
     w.tick()
     (m,) = w.assignments("w1")
     w.finish("w1", m)
@@ -454,7 +454,7 @@ def test_a_task_behind_a_failed_dependency_is_blocked_and_the_run_ends(
     from multibot.status import render, snapshot
 
     plan = [*tasks("a", verify="false"), *tasks("b", "c", after={"b": ["a"], "c": ["b"]})]
-    w = world(plan, max_workers=1, verify_attempts=1)
+    w = world(plan, max_workers=1, max_attempts=1)
     w.tick()
     (m,) = w.assignments("w1")
     w.finish("w1", m)

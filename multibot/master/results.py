@@ -170,7 +170,7 @@ class Results:
     def retry(self, rec: TaskRecord, feedback: str) -> None:
         """Send a task back with feedback (a new attempt), or fail it when attempts run out."""
         ctx = self.ctx
-        if ctx.book.retry(rec, feedback, ctx.config.verify_attempts) == "failed":
+        if ctx.book.retry(rec, feedback, ctx.config.max_attempts) == "failed":
             ctx.event(
                 "task-failed",
                 f"{rec.id} failed after {rec.attempts} attempts: {feedback[:300]}",
@@ -202,7 +202,7 @@ class Results:
             rec.worker = None
             ctx.move(rec, "pending")
             return
-        if p.recoverable and rec.attempts < ctx.config.verify_attempts:
+        if p.recoverable and rec.attempts < ctx.config.max_attempts:
             self.retry(rec, f"{p.kind}: {p.message}")
         else:
             rec.last_error = f"{p.kind}: {p.message}"
