@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +35,25 @@ from multibot.commands import run_shell
 from multibot.errors import GitError, InvalidId, MergeBlocked
 from multibot.gitcmd import git_out, run_git
 from multibot.ids import check_branch, check_id
-from multibot.repository import DEFAULT_INTEGRATION, TASK_PREFIX, Conflict, Repository
+from multibot.repository import (
+    DEFAULT_INTEGRATION,
+    TASK_PREFIX,
+    Conflict,
+    Landing,
+    Refusal,
+    Repository,
+    some_paths,
+)
 
-__all__ = ["DEFAULT_INTEGRATION", "TASK_PREFIX", "Conflict", "GitRepo", "task_id_of"]
+__all__ = [
+    "DEFAULT_INTEGRATION",
+    "TASK_PREFIX",
+    "Conflict",
+    "GitRepo",
+    "Landing",
+    "Refusal",
+    "task_id_of",
+]
 
 
 @dataclass(frozen=True)
@@ -75,29 +91,6 @@ class Recovery:
 
     def __str__(self) -> str:
         return "; ".join(self.actions) or "nothing to recover"
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """A worktree cleanup kept, and why."""
-
-    path: Path
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
-
-
-@dataclass(frozen=True)
-class Landing:
-    """How merge_into moved the user's branch, and where it points now."""
-
-    target: str
-    how: Literal["up-to-date", "fast-forward", "merge"]
-    commit: str
-
-    def __str__(self) -> str:
-        return f"{self.target}: {self.how} at {self.commit[:12]}"
 
 
 @dataclass(frozen=True)
@@ -182,7 +175,7 @@ class GitRepo(Repository):
         dirty = uncommitted(path)
         if dirty:
             raise GitError(
-                f"{path} has uncommitted changes ({_some(dirty)}); commit or remove them "
+                f"{path} has uncommitted changes ({some_paths(dirty)}); commit or remove them "
                 f"before starting task {task_id}"
             )
         if current is not None and current.branch is None and self._unmerged(path, "HEAD"):
@@ -481,108 +474,7 @@ class GitRepo(Repository):
             self._reset_integration(tip)
         return Recovery(tuple(actions), tuple(dict.fromkeys(interrupted)))
 
-    # -- cleanup ---------------------------------------------------------------------------
-    def cleanup(self, worktree_paths: Iterable[Path], force: bool = False) -> list[Refusal]:
-        """Remove worktrees that are clean and fully merged (any with force); return the kept."""
-        refused: list[Refusal] = []
-        with self._locked():  # never pull the integration worktree from under a merge
-            for path in map(self._abs, worktree_paths):
-                reason = self._why_keep(path, force)
-                if reason:
-                    refused.append(Refusal(path, reason))
-                elif self._find(path) is not None:
-                    flags = ["--force"] if force else []
-                    self._admin_git(self.root, "worktree", "remove", *flags, str(path))
-        return refused
-
-    def _why_keep(self, path: Path, force: bool) -> str | None:
-        """Return why the worktree at path must not be removed, or None."""
-        wt = self._find(path)
-        if wt is None:
-            return f"not a worktree of {self.root}" if path.exists() else None
-        if force:
-            return None
-        reasons = []
-        dirty = uncommitted(path)
-        if dirty:
-            reasons.append(f"uncommitted changes: {_some(dirty)}")
-        ahead = self._unmerged(path, "HEAD")
-        if ahead:
-            on = wt.branch or "a detached HEAD"
-            reasons.append(f"{ahead} commit(s) on {on} not merged into {self.integration}")
-        return "; ".join(reasons) or None
-
-    def delete_branch(self, branch: str, force: bool = False) -> None:
-        """Delete a branch whose work is merged into integration (any branch with force)."""
-        branch = check_branch(branch)
-        if branch == self.integration and not force:
-            raise GitError(f"refusing to delete the integration branch {branch} without force")
-        self._require_branch(branch)
-        ahead = self._unmerged(self.root, f"refs/heads/{branch}")
-        if ahead and not force:
-            raise GitError(f"{branch} has {ahead} commit(s) not merged into {self.integration}")
-        holder = self._holder(branch)
-        if holder is not None:
-            raise GitError(f"{branch} is checked out in {holder}; remove that worktree first")
-        self._admin_git(self.root, "branch", "--quiet", "-D", branch)
-
-    # -- landing in the user's branch -------------------------------------------------------
-    def merge_into(self, target: str) -> Landing:
-        """Bring the integration branch into the user's branch (fast-forward, else a merge)."""
-        target = check_branch(target)
-        if target == self.integration:
-            raise GitError(f"{target} is the integration branch itself")
-        self._require_branch(target)
-        message = f"multibot: merge {self.integration} into {target}"
-        ref = f"refs/heads/{target}"
-        with self._locked():
-            tip, old = self._integration_tip(), self._rev(ref)
-            if not self._unmerged(self.root, tip, ref):
-                return Landing(target, "up-to-date", old)
-            holder = self._holder(target)
-            if holder is not None:
-                # Checked out: update it there, but only if no tracked file is modified.
-                dirty = run_git(holder, "status", "--porcelain", "--untracked-files=no")[1]
-                if dirty.strip():
-                    raise GitError(
-                        f"{target} is checked out in {holder} with uncommitted changes; "
-                        "commit or stash them, then ask again"
-                    )
-                integration = f"refs/heads/{self.integration}"
-                _, conflicts = self._try_merge(holder, integration, message, "--ff")
-                if conflicts:
-                    raise GitError(_landing_failed(target, conflicts))
-                new = self._rev(ref)
-                return Landing(target, "fast-forward" if new == tip else "merge", new)
-            if not self._unmerged(self.root, old, tip):
-                run_git(self.root, "update-ref", "-m", message, ref, tip, old)
-                return Landing(target, "fast-forward", tip)
-            # Diverged and not checked out: merge on the detached integration worktree, then
-            # move the target by compare-and-swap, so no checkout of the user's is involved.
-            wt = self.integration_worktree
-            self._ensure_integration_worktree()
-            self._reset_integration(old)
-            try:
-                _, conflicts = self._try_merge(wt, f"refs/heads/{self.integration}", message)
-                if conflicts:
-                    raise GitError(_landing_failed(target, conflicts))
-                new = git_out(wt, "rev-parse", "HEAD")
-                run_git(self.root, "update-ref", "-m", message, ref, new, old)
-            finally:
-                self._reset_integration(tip)
-            return Landing(target, "merge", new)
-
 
 def _message(task_id: str, title: str) -> str:
     title = " ".join(title.split())
     return f"multibot: merge task {task_id}" + (f" ({title})" if title else "")
-
-
-def _some(paths: list[str], limit: int = 5) -> str:
-    more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
-    return ", ".join(paths[:limit]) + more
-
-
-def _landing_failed(target: str, conflicts: tuple[Conflict, ...]) -> str:
-    files = ", ".join(c.path for c in conflicts)
-    return f"could not merge into {target} (conflicts in {files}); {target} was left as it was"
