@@ -28,27 +28,22 @@ import codecs
 import contextlib
 import json
 import os
-import socket
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-import filelock
 from pydantic import BaseModel, ValidationError
 
 from multibot.atomic import (
-    atomic_write,
     close_later,
     fsync_dir,
-    no_links,
     unique_name,
     write_durable,
 )
-from multibot.errors import LockTimeout, MultibotError, StateError, WriteFailed
-from multibot.layout import backup_of, lock_of
+from multibot.errors import MultibotError, StateError, WriteFailed
+from multibot.layout import backup_of
 from multibot.stateformat import (
     MAX_STATE_BYTES,
     dumps,
@@ -59,6 +54,7 @@ from multibot.stateformat import (
     validate_file,
     where,
 )
+from multibot.statelock import StateLock
 
 __all__ = [
     "MAX_STATE_BYTES",
@@ -111,7 +107,7 @@ class StateFile(Generic[M]):
             raise TypeError(f"{model.__name__} needs a 'version: int' field to be a state file")
         self.path, self.model, self.default = path, model, default
         self.lock_timeout, self.settle, self._clock = lock_timeout, settle, clock
-        self._lock = filelock.FileLock(str(lock_of(path)))
+        self._lock = StateLock(path, lock_timeout)
         self._good: str | bytes | None = None  # last good state as JSON, kept if the file breaks
         self._raw: bytes | None = None  # file content known to be valid and to give that state
         self._problem: StateError | None = None
@@ -200,7 +196,7 @@ class StateFile(Generic[M]):
         metadata changes in the order they were made.
         """
         try:
-            with self._locked():
+            with self._lock.held():
                 new = self._cycle(fn, shown)
                 if any(m.late() is not None for m in self._moved):  # a save hit the old inode
                     with contextlib.suppress(StateError):  # fn is written; the next retries
@@ -211,7 +207,7 @@ class StateFile(Generic[M]):
 
     def recover(self) -> str | None:
         """At start-up, restore a corrupt or truncated file from its backup; say what was done."""
-        with self._locked():
+        with self._lock.held():
             said = self._heal()
             for tmp in self.path.parent.glob(f".{self.path.name}.*.tmp"):
                 tmp.unlink(missing_ok=True)  # made only under the lock, which we hold
@@ -548,47 +544,6 @@ class StateFile(Generic[M]):
             aside, n = self.path.with_name(f"{self.path.name}.corrupt-{stamp}-{n}"), n + 1
         return aside
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        """Hold the lock around one read-modify-write; name the holder if it takes too long."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        holder = _holder_of(self.path)
-        try:
-            # Held for one read-modify-write (a few ms): look often, not every 50 ms.
-            with no_links(lock_of(self.path)):  # filelock opens it without following links
-                self._lock.acquire(timeout=self.lock_timeout, poll_interval=0.002)
-        except filelock.Timeout as e:
-            try:
-                who: str | None = holder.read_text(errors="replace").strip() or None
-            except OSError:
-                who = None
-            raise LockTimeout(lock_of(self.path), who, self.lock_timeout) from e
-        try:
-            _note_holder(holder)
-            yield
-        finally:
-            self._lock.release()
-
-
-def _note_holder(holder: Path) -> None:
-    """Write who holds the lock (this process) into holder, for those who time out waiting."""
-    # The kernel drops a flock when its holder dies, so this note names a live holder (or, for
-    # an instant after a release, the previous one): never a stale lock. Only read to name a
-    # holder, so it is rewritten in place, and only when it names someone else: no new file,
-    # rename and freed inode on every update.
-    line = f"pid {os.getpid()} on {socket.gethostname()}: {' '.join(sys.argv)[:200]}"
-    note = line.encode(errors="replace") + b"\n"
-    try:
-        fd = os.open(holder, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        try:
-            if os.pread(fd, len(note) + 1, 0) != note:
-                os.pwrite(fd, note, 0)
-                os.ftruncate(fd, len(note))
-        finally:
-            os.close(fd)
-    except OSError:  # another user's note, or not a plain file: replace it, as the folder lets us
-        atomic_write(holder, note, fsync=False)
-
 
 def _read_fd(fd: int) -> bytes:
     chunks: list[bytes] = []
@@ -611,8 +566,3 @@ def _identity(state: M) -> M:
 
 def _prev_of(path: Path) -> Path:
     return path.with_name(path.name + ".prev")
-
-
-def _holder_of(path: Path) -> Path:
-    lock = lock_of(path)
-    return lock.with_name(lock.name + ".holder")

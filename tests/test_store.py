@@ -22,7 +22,7 @@ from store_child import Counter, inc
 
 from multibot import store
 from multibot.errors import LockTimeout, StateError, UnsafePath
-from multibot.layout import backup_of
+from multibot.layout import backup_of, lock_of
 from multibot.store import StateFile, dumps, validate_file
 
 CHILD = Path(store_child.__file__)
@@ -650,7 +650,7 @@ def test_an_oversized_file_is_refused_unread_and_the_last_good_state_stays(
 def test_a_symlinked_lock_file_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
     path, precious = tmp_path / "s.json", tmp_path / "precious.txt"
     precious.write_text("the user's file\n")
-    store.lock_of(path).symlink_to(precious)
+    lock_of(path).symlink_to(precious)
     with pytest.raises(UnsafePath, match=r"s\.json\.lock is a symbolic link"):
         counter_file(path).update(inc)
     assert precious.read_text() == "the user's file\n"
