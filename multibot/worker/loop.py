@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, TextIO
 
 from multibot import auth, mailbox, protocol, sandbox
 from multibot.agents import Agent, AgentEvent, AgentOutcome, make_agent
-from multibot.agents.stream import render
 from multibot.atomic import open_log
 from multibot.auth import WorkerKey
 from multibot.config import WorkerTemplate, load_worker
@@ -36,6 +35,7 @@ from multibot.worker.branches import Branches, Tidy
 from multibot.worker.launch import agent_env, agent_spec, reset_file, worker_key
 from multibot.worker.outbox import Outbox
 from multibot.worker.pause import PauseWatch
+from multibot.worker.progress import Progress
 from multibot.worker.relay import Relay
 from multibot.worker.report import end_report, remember_file, remember_note
 from multibot.worker.writes import Replaced, StateWrites
@@ -47,7 +47,6 @@ EXIT_OK = 0
 EXIT_STARTUP = 2
 EXIT_REPLACED = 3
 
-TASK_OUTPUT_SHOWN = 5_000_000  # bytes of a task's output shown in the pane and log
 
 ORDERS = (protocol.TaskAssignment, protocol.Terminate)  # taken from the master alone
 
@@ -110,10 +109,7 @@ class Worker:
         self.paused = False
         self.stopping = False
         self.status = "idle"
-        self.turns = 0
-        self.cost = 0.0
-        self.current_tool: str | None = None
-        self.output_bytes, self.output_hidden = 0, 0  # a task's output shown, lines not
+        self.progress = Progress(self.show)
         self.discoveries_at_start = 0
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -385,8 +381,7 @@ class Worker:
         )
         reset_file(self.home.worker_context(self.id), "".join(f"{line}\n" for line in a.context))
         self.task, self.task_started = m, self.clock()
-        self.turns, self.cost, self.current_tool = 0, 0.0, None
-        self.output_bytes, self.output_hidden = 0, 0
+        self.progress.reset()
         title = f"{task_id}: {a.title}" if a.title else task_id
         resumed = " (resuming session)" if spec.resume_session else ""
         self.show(f"▶  {title} [{a.model}] attempt {a.attempt}{resumed}")
@@ -472,34 +467,15 @@ class Worker:
             if sid and self.state.read().session_id != sid:
                 self.writes.update(keep)
             return
-        if event.kind == "tool":
-            self.current_tool = str(event.data.get("name") or event.text)
-            self.turns += 1
-        elif event.kind == "cost":
-            self.cost = float(event.data.get("cost_usd", self.cost))
-        elif event.kind == "file":
+        if event.kind == "file":
             self.writes.other(self.memory, remember_file(event.text))
-        line = render(event)
-        if line:
-            self.show_output(line)
-
-    def show_output(self, line: str) -> None:
-        """Show an agent's line, up to TASK_OUTPUT_SHOWN bytes a task; past that the lines
-        are counted, not logged (a task printing 100 MB made two logs of 211 MB each)."""
-        self.output_bytes += len(line) + 10  # as logged: "HH:MM:SS " before, "\n" after
-        if self.output_bytes <= TASK_OUTPUT_SHOWN:
-            self.show(line)
-            return
-        if not self.output_hidden:
-            self.show(f"[output past {TASK_OUTPUT_SHOWN // 1_000_000} MB is not logged]")
-        self.output_hidden += 1
+        self.progress.take(event)
 
     def finish(self, outcome: AgentOutcome) -> None:
         """Commit what is left and report the task's end to the master."""
         assert self.task is not None
         m, self.task = self.task, None
-        if self.output_hidden:
-            self.show(f"[{self.output_hidden} lines of output were not logged]")
+        self.progress.ended()
         task_id = m.task_id or ""
         a = m.payload
         assert isinstance(a, protocol.TaskAssignment)
@@ -567,15 +543,8 @@ class Worker:
 
     # -- output -----------------------------------------------------------------------------
     def _status_update(self, kind: str, progress: str = "") -> protocol.StatusUpdate:
-        return protocol.StatusUpdate(
-            status=self.status,
-            kind=kind,
-            progress=progress,
-            current_tool=self.current_tool,
-            turns=self.turns,
-            cost_usd=self.cost,
-            elapsed_s=self.clock() - self.task_started if self.task else 0.0,
-        )
+        elapsed = self.clock() - self.task_started if self.task else 0.0
+        return self.progress.update(self.status, kind, progress, elapsed)
 
     def send(
         self,
