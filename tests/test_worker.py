@@ -571,3 +571,28 @@ def test_a_symlinked_context_file_or_log_is_never_written_through(rig: Rig, tmp_
     assert git_show(rig, done.payload.commit or "", "seen.txt") == "use tabs\n"
     assert precious.read_text() == "the user's file\n"
     assert not context.is_symlink() and not log.is_symlink()
+
+
+def test_an_assignment_is_judged_by_what_the_worker_is_doing(tmp_path: Path) -> None:
+    from multibot.worker.orders import judge_assignment
+
+    tree = tmp_path / "w1"
+    tree.mkdir()
+    a = protocol.TaskAssignment(
+        description="d", branch="multibot/t1", working_directory=str(tree), attempt=2
+    )
+
+    def judge(**kw: object) -> str:
+        args: dict = {"current": None, "finished": set(), "paused": False, **kw}
+        return judge_assignment("w1", tree, "t1", a, **args).action
+
+    assert judge() == "start"
+    assert judge(paused=True) == "defer"
+    assert judge(current="t1") == "ignore"
+    assert judge(finished={("t1", 2)}) == "ignore"
+    assert judge(finished={("t1", 1)}) == "start"
+    busy = judge_assignment("w1", tree, "t1", a, current="t0", finished=set(), paused=False)
+    assert busy.action == "refuse" and busy.error and busy.error.kind == "busy"
+    away = a.model_copy(update={"working_directory": str(tmp_path)})
+    far = judge_assignment("w1", tree, "t1", away, current="t0", finished=set(), paused=False)
+    assert far.error and far.error.kind == "protocol" and not far.error.recoverable

@@ -11,13 +11,15 @@ import os
 import sys
 from pathlib import Path
 
-from multibot import auth, privacy, protocol
+from multibot import auth, privacy, protocol, sandbox
 from multibot.agents import AgentSpec
 from multibot.atomic import open_file
 from multibot.auth import WorkerKey
 from multibot.config import WorkerTemplate
 from multibot.errors import UnsafePath
 from multibot.layout import Home
+from multibot.prompts import task_prompt
+from multibot.state import ContextMemory
 
 
 def reset_file(path: Path, text: str) -> None:
@@ -92,4 +94,39 @@ def agent_spec(
         disallowed_tools=cfg.disallowed_tools,
         claude_bin=cfg.claude_bin,
         extra_args=extra_args,
+    )
+
+
+def task_spec(
+    home: Home,
+    key: WorkerKey,
+    cfg: WorkerTemplate,
+    backend: str,
+    m: protocol.Envelope,
+    a: protocol.TaskAssignment,
+    *,
+    memory: ContextMemory,
+    resume: str | None,
+    identities: dict[str, dict[str, str]],
+) -> AgentSpec:
+    """The spec for an assignment whose branch is checked out: its prompt, its environment
+    (the git identity of its worktree, cached in identities) and its confinement.
+    Raises AgentError if the sandbox cannot be set up."""
+    from multibot import checkout  # GitPython is slow to import, and workers start often
+
+    task_id = m.task_id or "task"
+    identity = identities.get(a.working_directory)
+    if identity is None:  # two git calls: once per worktree for this process's life
+        identity = checkout.identity_env(Path(a.working_directory))
+        identities[a.working_directory] = identity
+    confined = sandbox.confinement(cfg, backend, home, key.worker_id, a)
+    prompt = a.description if backend == "shell" else task_prompt(key.worker_id, task_id, a, memory)
+    return agent_spec(
+        task_id,
+        a,
+        cfg,
+        prompt=prompt,
+        env={**identity, **agent_env(home, key, task_id)},
+        resume_session=resume,
+        confined=confined,
     )

@@ -28,11 +28,12 @@ from multibot.errors import (
 from multibot.heartbeat import HeartbeatWriter
 from multibot.ids import check_id
 from multibot.layout import MASTER_ID, Home
-from multibot.prompts import task_prompt
 from multibot.state import ContextMemory, CurrentTask, WorkerState
 from multibot.store import StateFile
 from multibot.worker.branches import Branches, Tidy
-from multibot.worker.launch import agent_env, agent_spec, reset_file, worker_key
+from multibot.worker.ending import changed_files, clear_lock, commit_left, settle
+from multibot.worker.launch import reset_file, task_spec, worker_key
+from multibot.worker.orders import judge_assignment
 from multibot.worker.outbox import Outbox
 from multibot.worker.pause import PauseWatch
 from multibot.worker.progress import Progress
@@ -272,38 +273,23 @@ class Worker:
 
     def _on_assignment(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
         task_id = m.task_id or ""
-        mine = self.home.worktree(self.id)
-        if a.working_directory and Path(a.working_directory).resolve() != mine.resolve():
-            self.show(f"! refused {task_id}: {a.working_directory} is not my worktree ({mine})")
-            self.send(
-                protocol.ErrorReport(
-                    kind="protocol",
-                    message=f"{a.working_directory} is not {self.id}'s worktree ({mine})",
-                    recoverable=False,
-                ),
-                task_id=task_id,
-            )
-            return
-        current = self.task or (self.branches.preparing[0] if self.branches.preparing else None)
-        if current is not None:
-            if current.task_id == task_id:
-                return  # the same assignment again (master restarted): already on it
-            self.send(
-                protocol.ErrorReport(
-                    kind="busy", message=f"busy with {current.task_id}", recoverable=True
-                ),
-                task_id=task_id,
-            )
-            return
-        if (task_id, a.attempt) in self.finished:
-            # Re-sent by a master that restarted before it read our report: that is on its way.
-            self.show(f"… {task_id} attempt {a.attempt} is done already; not running it again")
-            return
-        if self.paused:
+        verdict = judge_assignment(
+            self.id,
+            self.home.worktree(self.id),
+            task_id,
+            a,
+            current=self.current_task_id(),
+            finished=self.finished,
+            paused=self.paused,
+        )
+        if verdict.note:
+            self.show(verdict.note)
+        if verdict.error is not None:
+            self.send(verdict.error, task_id=task_id)
+        elif verdict.action == "defer":
             self.deferred.append(m)
-            self.show(f"… {task_id} waits until resumed")
-            return
-        self.start_task(m, a)
+        elif verdict.action == "start":
+            self.start_task(m, a)
 
     def start_task(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
         """Check out the task's branch (see branches.py), then start the agent on it."""
@@ -313,7 +299,7 @@ class Worker:
         if not a.repo:
             self.run_agent(m, a)
             return
-        self._clear_lock(Path(a.working_directory))
+        clear_lock(Path(a.working_directory), self.show)
         started = self.branches.quick(task_id, a, tidy)
         if started is not None:
             self.branch_ready(m, a, started)
@@ -351,34 +337,23 @@ class Worker:
     def run_agent(self, m: protocol.Envelope, a: protocol.TaskAssignment) -> None:
         """Start the agent on an assignment whose branch is checked out."""
         task_id = m.task_id or "task"
-        state = self.state.read()
         memory = self.memory.read()
         self.discoveries_at_start = len(memory.discoveries)
-        from multibot import checkout
-
-        identity = self.identities.get(a.working_directory)
-        if identity is None:  # two git calls: once per worktree for this process's life
-            identity = checkout.identity_env(Path(a.working_directory))
-            self.identities[a.working_directory] = identity
-        env = {**identity, **agent_env(self.home, self.key, task_id)}
         try:
-            confined = sandbox.confinement(self.config, self.backend, self.home, self.id, a)
+            spec = task_spec(
+                self.home,
+                self.key,
+                self.config,
+                self.backend,
+                m,
+                a,
+                memory=memory,
+                resume=self.state.read().sessions.get(task_id),
+                identities=self.identities,
+            )
         except AgentError as exc:
             self._cannot_start(exc, task_id)
             return
-        prompt = (
-            a.description if self.backend == "shell" else task_prompt(self.id, task_id, a, memory)
-        )
-        resume = state.sessions.get(task_id)
-        spec = agent_spec(
-            task_id,
-            a,
-            self.config,
-            prompt=prompt,
-            env=env,
-            resume_session=resume,
-            confined=confined,
-        )
         reset_file(self.home.worker_context(self.id), "".join(f"{line}\n" for line in a.context))
         self.task, self.task_started = m, self.clock()
         self.progress.reset()
@@ -434,7 +409,7 @@ class Worker:
         task_id = self.task.task_id or ""
         assignment = self.task.payload
         assert isinstance(assignment, protocol.TaskAssignment)
-        commit = self._commit(assignment, f"multibot: work in progress on {task_id} (terminated)")
+        commit = commit_left(assignment, f"multibot: work in progress on {task_id} (terminated)")
         note = f"terminated; work in progress committed as {commit}" if commit else "terminated"
         self.send(
             protocol.ErrorReport(kind="terminated", message=note, recoverable=True),
@@ -479,21 +454,10 @@ class Worker:
         task_id = m.task_id or ""
         a = m.payload
         assert isinstance(a, protocol.TaskAssignment)
-        from multibot import checkout
-
-        cwd = Path(a.working_directory)
-        commit: str | None = None
-        head: str | None = None  # HEAD, when the agent left nothing to commit
-        self._clear_lock(cwd)  # the agent's git may have been killed mid-command
-        try:
-            head = checkout.settled(cwd)  # one git call tells that, the usual case
-            if head is None:
-                commit = self._commit(a, f"multibot: {task_id} {a.title}".rstrip())
-            if a.repo:  # prepared by this process (start_task), and now all committed
-                self.branches.tidy = Tidy(a.working_directory, commit or head, time.monotonic())
-        except MultibotError as exc:
-            self.show(f"✗ commit failed: {exc}")
-            outcome = AgentOutcome(False, f"commit failed: {exc}", "git")
+        settled = settle(task_id, a, outcome, self.show)
+        commit, head, outcome = settled.commit, settled.head, settled.outcome
+        if a.repo and (commit or head):  # prepared by this process (start_task), committed
+            self.branches.tidy = Tidy(a.working_directory, commit or head, time.monotonic())
         elapsed = self.clock() - self.task_started
         if outcome.session_id:
             self.on_event(AgentEvent("session", outcome.session_id))
@@ -501,13 +465,12 @@ class Worker:
         discoveries: list[str] = []
         if outcome.ok:
             discoveries = self.memory.read().discoveries[self.discoveries_at_start :]
-            if head is None or head != self.start_commit:  # else nothing changed
-                files = checkout.changed_files(cwd, a.base_branch)
+            files = changed_files(a, settled, self.start_commit)
         report, line = end_report(
             task_id,
             a,
             outcome,
-            commit=commit or head or (checkout.head_commit(cwd) if outcome.ok else ""),
+            commit=commit or head or "",
             files=files,
             discoveries=discoveries,
             elapsed=elapsed,
@@ -527,19 +490,6 @@ class Worker:
         self.finished.add((task_id, a.attempt))
         self.send(report, task_id=task_id)
         self.show(line)
-
-    def _clear_lock(self, worktree: Path) -> None:
-        """Remove a stale index.lock from this worker's worktree (only it works there)."""
-        from multibot import checkout
-
-        note = checkout.clear_stale_lock(worktree)
-        if note is not None:
-            self.show(f"! {note}")
-
-    def _commit(self, a: protocol.TaskAssignment, message: str) -> str | None:
-        from multibot import checkout
-
-        return checkout.commit_all(Path(a.working_directory), message)
 
     # -- output -----------------------------------------------------------------------------
     def _status_update(self, kind: str, progress: str = "") -> protocol.StatusUpdate:
