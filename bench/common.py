@@ -312,6 +312,7 @@ class BenchRun:
         self.leftovers: list[int] = []
         self.read_messages: set[str] = set()  # names of the master's cur/ files read
         self.starts: dict[tuple[str, str], float] = {}  # see started_at
+        self.backend = "shell"
 
     # -- set-up ------------------------------------------------------------------------------
     def configure(self, master: dict[str, Any], worker: dict[str, Any] | None = None) -> None:
@@ -330,7 +331,7 @@ class BenchRun:
         prefix = [PY, "-m", "cProfile", "-o", str(profile)] if profile else [PY]
         args = [*prefix, "-m", "multibot", "--home", str(self.home.root), "master"]
         if plan is not None:
-            args += ["--repo", str(self.repo), "--plan", str(plan), "--backend", "shell"]
+            args += ["--repo", str(self.repo), "--plan", str(plan), "--backend", self.backend]
         return args
 
     def env(self) -> dict[str, str]:

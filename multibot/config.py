@@ -89,6 +89,21 @@ class MasterConfig(_Config):
     task_timeout_minutes: float = Field(60.0, gt=0, description="A task running longer stops.")
     planner_model: str = Field("opus", description="Model that plans, answers and reviews.")
     planner_attempts: int = Field(3, ge=1, description="Tries to get a valid plan from Opus.")
+    limit_backoff: float = Field(
+        5.0, gt=0, description="First wait after an API limit (429, 529, 5xx); doubles each time."
+    )
+    limit_backoff_max: float = Field(120.0, gt=0, description="Longest wait after an API limit.")
+    adaptive_concurrency: bool = Field(
+        True,
+        description="After an API limit, halve the agents allowed at once, and grow them back "
+        "one per task finished (false: always max_workers).",
+    )
+    limit_wait_max: float = Field(
+        3600.0,
+        gt=0,
+        description="Seconds of API limits in all after which the run pauses itself "
+        "(`multibot resume all` goes on).",
+    )
     idle_worker_timeout: float = Field(30.0, ge=0, description="Stop a worker idle this long.")
     max_panes_per_window: int = Field(6, ge=1, le=20, description="Worker panes per window.")
     tick: float = Field(0.05, gt=0, le=5, description="Master loop period, seconds.")

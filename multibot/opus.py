@@ -45,6 +45,7 @@ from multibot.atomic import open_log
 from multibot.config import MasterConfig
 from multibot.errors import AgentError, MultibotError, PlanError
 from multibot.layout import Home
+from multibot.limits import AUTH_FIX, Trouble, classify, wait_for
 from multibot.opus_prompts import correction_prompt, plan_prompt, plan_schema
 from multibot.plan import validate_plan
 from multibot.state import Plan
@@ -85,6 +86,7 @@ class OpusReply:
     total_cost_usd: float | None = None  # the session's cumulative spend, if reported
     session_missing: bool = False
     tokens: tuple[int, int] = (0, 0)  # input (with cache), output: this call only
+    trouble: Trouble | None = None  # the API refused or failed the call (see limits.py)
 
 
 def opus_argv(
@@ -196,6 +198,7 @@ def parse_reply(stdout: str, stderr: str, code: int | None, before: float | None
             ok=False,
             text=f"claude reported an error ({result.get('subtype')}): {why}",
             session_missing=NOT_FOUND in detail,
+            trouble=classify(result),
             **common,
         )
     data = result.get("structured_output")
@@ -364,6 +367,7 @@ def plan_with_opus(
     out: TextIO | None = None,
     *,
     timeout_s: float = PLAN_TIMEOUT_S,
+    sleep: Callable[[float], None] = time.sleep,
 ) -> Planned:
     """Ask Opus for a plan of goal in repo; send problems back (same session) until valid."""
     out = out or sys.stdout
@@ -378,13 +382,30 @@ def plan_with_opus(
     first = plan_prompt(goal, repo)
     session = OpusSession(binary, config.planner_model, repo)
     schema = plan_schema()
-    prompt, cost = first, 0.0
+    prompt, cost, waited = first, 0.0, 0.0
     problems: list[str] = []
     say(f"asking opus ({config.planner_model}) for a plan…")
     for attempt in range(1, config.planner_attempts + 1):
         fresh = first if attempt == 1 else first + "\n\n" + correction_prompt(problems)
         reply = session.send(prompt, schema, timeout_s=timeout_s, fresh_prompt=fresh)
         cost += reply.cost_usd
+        streak = 0
+        while reply.trouble is not None and reply.trouble.waits and waited < config.limit_wait_max:
+            streak += 1
+            delay = wait_for(reply.trouble, streak, config, time.time())
+            say(
+                f"opus: API {reply.trouble.label()} ({reply.trouble.kind}); planning waits "
+                f"{delay:.0f}s and asks again (no planning attempt spent)"
+            )
+            sleep(delay)
+            waited += delay
+            reply = session.send(prompt, schema, timeout_s=timeout_s, fresh_prompt=fresh)
+            cost += reply.cost_usd
+        if reply.trouble is not None and reply.trouble.kind == "auth":
+            raise AgentError(
+                f"opus could not plan: the API refused the credentials "
+                f"({reply.trouble.status}): {reply.text}. {AUTH_FIX}"
+            )
         log(
             home,
             f"plan attempt {attempt} (session {session.session_id}): "

@@ -139,7 +139,18 @@ class TaskComplete(Frozen):
 
 
 ErrorKind = Literal[
-    "agent", "timeout", "budget", "git", "protocol", "startup", "terminated", "internal", "busy"
+    "agent",
+    "timeout",
+    "budget",
+    "git",
+    "protocol",
+    "startup",
+    "terminated",
+    "internal",
+    "busy",
+    "limit",  # the API limited or failed the call: no fault of the task (detail: the kind)
+    "auth",  # the API refused the credentials: every call would fail so
+    "context",  # the conversation grew too long for the model: a fresh session is needed
 ]
 
 
@@ -149,6 +160,8 @@ class ErrorReport(Frozen):
     message: str
     recoverable: bool = True
     detail: str = ""
+    api_status: int | None = None  # the HTTP status of a limit, auth or context error
+    reset_at: float | None = None  # when a usage limit lifts (epoch seconds), if the API said
 
 
 # -- replies and broadcasts -----------------------------------------------------------------

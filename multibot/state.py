@@ -116,6 +116,7 @@ class TaskRecord(StateFileModel):
     cancel: bool = Field(False, strict=True, description="(editable) Set true to cancel the task.")
     worker: str | None = None
     attempts: int = 0
+    limits: int = Field(0, description="Times the API limited it (no attempt spent).")
     runs: int = Field(
         0, description="Times a worker began it: attempts, and again after its worker died."
     )
@@ -278,6 +279,19 @@ class Metrics(Record):
     totals: Totals = Totals()
 
 
+class LimitsView(Record):
+    """How the run rides out the API's limits (see limits.py); written by the master."""
+
+    throttled: bool = False  # no agent starts until next_try
+    next_try: float | None = None
+    allowed: int = 0  # agents allowed to run at once (adaptive: halved after a limit)
+    ceiling: int = 0  # max_workers
+    hits: int = 0  # limits met in this run
+    waited_s: float = 0.0  # time spent throttled; past limit_wait_max the run pauses itself
+    last: str = ""  # the last limit, and from whom: "429 from w3"
+    line: str = ""  # what the status view shows
+
+
 class TaskIndex(Record):
     active: list[str] = []
     pending: list[str] = []
@@ -305,6 +319,7 @@ class SystemState(StateFileModel):
     tasks: TaskIndex = TaskIndex()
     git: GitState = GitState()
     metrics: Metrics = Metrics()
+    limits: LimitsView = LimitsView()
     message: str = Field("", description="Last notable event, for the status view.")
 
 

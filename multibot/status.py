@@ -82,6 +82,7 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
                 "model": t.task.model,
                 "attempts": t.attempts,
                 "runs": t.runs,
+                "limits": t.limits,
                 "cost_usd": round(t.cost_usd, 6),
                 "tokens": t.tokens.model_dump(),
                 "error": (
@@ -106,6 +107,7 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
         "paused": system.paused,
         "goal": system.goal,
         "message": system.message,
+        "limits": system.limits.model_dump(),
         "workers": workers,
         "tasks": tasks,
         "questions": questions,
@@ -187,8 +189,13 @@ def _task_status(t: TaskRecord, stuck: bool) -> str:
 
 def _tries(t: dict[str, Any]) -> str:
     """A task's attempts, and the runs beyond them (its worker died and it began again)."""
-    again = t["runs"] - t["attempts"]
-    return f"{t['attempts']}" + (f" (+{again} rerun{'s' * (again > 1)})" if again > 0 else "")
+    limited = t.get("limits", 0)
+    again = t["runs"] - t["attempts"] - limited
+    return (
+        f"{t['attempts']}"
+        + (f" (+{again} rerun{'s' * (again > 1)})" if again > 0 else "")
+        + (f" ({limited} limited)" if limited else "")
+    )
 
 
 def render(s: dict[str, Any]) -> str:
@@ -198,6 +205,11 @@ def render(s: dict[str, Any]) -> str:
         + ("  [PAUSED]" if s["paused"] else "")
         + (f"  — {s['message']}" if s["message"] else "")
     ]
+    if s["limits"]["line"]:
+        lines.append(
+            f"API LIMITS  {s['limits']['line']}  ({s['limits']['hits']} met, "
+            f"{s['limits']['waited_s']:.0f}s waited)"
+        )
     if s["workers"]:
         rows = [
             [

@@ -46,6 +46,7 @@ class Reply:
     delay_s: float = 0.0
     input_tokens: int = 100
     output_tokens: int = 20
+    headers: Mapping[str, str] = field(default_factory=dict)  # sent with the reply (errors)
 
     @property
     def stop_reason(self) -> str:
@@ -386,8 +387,12 @@ class FakeAPI:
             def log_message(self, format: str, *args: Any) -> None:
                 pass  # keep test output clean; unknown endpoints are kept in fake.unknown
 
-            def _send(self, status: int, body: bytes, ctype: str) -> None:
+            def _send(
+                self, status: int, body: bytes, ctype: str, headers: Mapping[str, str] = {}
+            ) -> None:
                 self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 # One request per connection: no keep-alive handler thread outlives a test.
@@ -445,7 +450,8 @@ class FakeAPI:
                         "type": "error",
                         "error": {"type": reply.error_type, "message": reply.text},
                     }
-                    self._send(reply.status, json.dumps(err).encode(), "application/json")
+                    body_ = json.dumps(err).encode()
+                    self._send(reply.status, body_, "application/json", reply.headers)
                     return
                 model = str(body.get("model", "claude-fake"))
                 if body.get("stream"):

@@ -163,6 +163,17 @@ def test_outcome_of() -> None:
     assert halted.error_kind == "timeout" and not halted.ok
 
 
+def test_a_refused_call_is_classified_and_a_usage_limit_keeps_its_reset_time() -> None:
+    t = Tally()
+    t.feed({"type": "rate_limit_event",
+            "rate_limit_info": {"status": "rejected", "resetsAt": 1_800_000_000}})  # fmt: skip
+    t.feed(result("API Error: Request rejected (429)", is_error=True, api_error_status=429,
+                  api_error_type="rate_limit_error", terminal_reason="api_error"))  # fmt: skip
+    out = outcome_of(t, duration_s=1, exit_code=1, tail=[])
+    assert out.trouble is not None and out.trouble.kind == "usage_limit"
+    assert out.trouble.reset_at == 1_800_000_000 and out.error_kind == "usage_limit"
+
+
 def spec(prompt: str, cwd: Path, **kw: Any) -> AgentSpec:
     return AgentSpec(task_id="t1", prompt=prompt, cwd=cwd, **kw)
 
@@ -445,6 +456,31 @@ def test_api_error_gives_is_error_outcome(
     out = drive(run("MARK-FAIL: this breaks"))
     assert not out.ok and out.error_kind == "is_error", out
     assert "400" in out.summary and out.session_id
+
+
+@pytest.mark.parametrize(
+    ("status", "etype", "kind"),
+    [(429, "rate_limit_error", "rate_limit"), (401, "authentication_error", "auth")],
+)
+def test_a_refused_call_ends_with_the_kind_of_refusal(
+    run: Callable[..., ClaudeAgent],
+    fake_api: FakeAPI,
+    monkeypatch: pytest.MonkeyPatch,
+    status: int,
+    etype: str,
+    kind: str,
+) -> None:
+    """Issue 16: a 429 was taken as any failed attempt; the binary's result says which it is
+    in api_error_status and api_error_type, and its retries show as api_retry lines."""
+    monkeypatch.setenv("CLAUDE_CODE_MAX_RETRIES", "1")  # gives up after 2 requests, not 11
+    fake_api.respond = Script([Rule("MARK-LIMIT", [error(status, etype, "scripted refusal")])])
+    events: list[AgentEvent] = []
+    out = drive(run("MARK-LIMIT: the API refuses this"), events=events)
+    assert not out.ok and out.trouble is not None, out
+    assert out.trouble.kind == kind and out.trouble.status == status
+    assert out.session_id  # the session to resume once the limit lifts
+    if kind == "rate_limit":
+        assert any(e.kind == "info" and f"API {status}" in e.text for e in events), events
 
 
 @pytest.mark.timeout(120)

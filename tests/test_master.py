@@ -26,7 +26,7 @@ from multibot.config import MasterConfig
 from multibot.layout import MASTER_ID, Home
 from multibot.master import EXIT_DONE, EXIT_FAILED, Master
 from multibot.master.intake import Intake
-from multibot.state import Plan, PlanTask, TaskRecord, WorkerState
+from multibot.state import Plan, PlanTask, SystemState, TaskRecord, WorkerState
 from multibot.status import render, snapshot
 from multibot.store import StateFile
 from multibot.timeline import read_timeline
@@ -787,3 +787,168 @@ def test_an_impossible_worker_generation_is_reported_and_set_back(
     launch = json.loads(w.home.launch_file("w1").read_text())
     assert launch["generation"] == 2
     assert launch["key"] == auth.load_keys(w.home).worker("w1", 2).hex()
+
+
+# -- the API's limits (issue 16) ----------------------------------------------------------------
+def limit(status: int = 429, detail: str = "rate_limit") -> protocol.ErrorReport:
+    return protocol.ErrorReport(
+        kind="limit", message=f"API Error: Request rejected ({status})", detail=detail,
+        api_status=status,
+    )  # fmt: skip
+
+
+def test_a_limit_spends_no_attempt_throttles_the_run_and_halves_concurrency(
+    world: Callable[..., World],
+) -> None:
+    """Issue 16: three workers met 25 s of 429s and the run ended "0 merged, 3 failed"; a
+    limit was taken as a failed attempt, and max_attempts of them failed the task."""
+    w = world(
+        tasks("a", "b", "c", "d"), max_workers=4, max_attempts=1, limit_backoff=10,
+        limit_backoff_max=10,
+    )  # fmt: skip
+    w.tick()
+    sent = {wid: w.assignments(wid) for wid in ("w1", "w2", "w3", "w4")}
+    assert all(len(got) == 1 for got in sent.values())
+    for wid in ("w1", "w2", "w3"):
+        w.report(wid, sent[wid][0], limit())
+    w.until(lambda: w.master.ctx.throttle.hits == 3, "every limit taken in")
+    tasks_ = w.master.tasks
+    limited = [sent[wid][0].task_id for wid in ("w1", "w2", "w3")]
+    for tid in limited:  # back, attempt given back, and nothing failed with max_attempts 1
+        assert tasks_[tid].status == "pending" and tasks_[tid].attempts == 0, tid
+        assert tasks_[tid].limits == 1
+    assert not w.events("task-failed") and not w.events("task-retry")
+    assert w.master.ctx.throttle.allowed == 1  # 4 running -> 2 -> 1 -> 1
+    view = w.master.sys.limits
+    assert view.throttled and view.hits == 3 and "429 from w3" in view.line
+    assert "1 of 4 workers allowed" in view.line
+    assert len(w.events("throttled")) == 3
+    # While throttled no agent starts, though three workers are idle and three tasks ready.
+    for _ in range(20):
+        w.tick()
+    assert all(not w.assignments(wid) for wid in ("w1", "w2", "w3"))
+    # The worker still running finishes: its task goes on, and one more agent may run.
+    w.finish("w4", sent["w4"][0])
+    w.until(lambda: tasks_[sent["w4"][0].task_id].status == "merged", "merged meanwhile")
+    assert w.master.ctx.throttle.allowed == 2
+    # After the backoff the limited tasks go back to their own workers, the same attempt,
+    # two at a time (allowed 2), and then one more for each that succeeds.
+    w.clock.advance(11)
+    w.until(lambda: w.events("throttle-ended"), "the throttle ends")
+    again: dict[str, protocol.Envelope] = {}
+
+    def collect() -> bool:
+        for wid in ("w1", "w2", "w3"):
+            for m in w.assignments(wid):
+                again[wid] = m
+        return len(again) >= 2
+
+    w.until(collect, "two assigned again")
+    assert len(again) == 2  # concurrency: 2 allowed
+    for wid, m in again.items():
+        assert m.task_id == sent[wid][0].task_id, "to the worker whose session holds it"
+        assert isinstance(m.payload, protocol.TaskAssignment) and m.payload.attempt == 1
+    for wid, m in list(again.items()):
+        w.finish(wid, m)
+    w.until(collect, "the third assigned after the successes")
+    assert len(again) == 3
+    w.finish(*next((wid, m) for wid, m in again.items() if wid not in ("w1", "w2")))
+    w.until(lambda: w.master.finished, "the run ends")
+    assert w.master.exit_code == EXIT_DONE
+    assert sorted(w.merged()) == ["a", "b", "c", "d"]
+    assert all(w.task(t).attempts == 1 for t in "abcd")
+    assert w.master.ctx.throttle.allowed == 4  # grown back one at a time
+
+
+def test_the_run_pauses_itself_once_it_has_waited_too_long_for_the_api(
+    world: Callable[..., World],
+) -> None:
+    w = world(tasks("a"), max_workers=1, limit_backoff=30, limit_backoff_max=30,
+              limit_wait_max=60)  # fmt: skip
+    w.master.limits.draw = lambda: 1.0  # the longest wait each time: 30 s
+    w.tick()
+    (m,) = w.assignments("w1")
+    for spell in range(1, 4):
+        w.report("w1", m, limit(529, "overloaded"))
+        w.until(lambda: w.master.ctx.throttle.hits == spell, "taken in")  # noqa: B023
+        if spell == 3:
+            break
+        assert not w.master.sys.paused
+        w.clock.advance(30)
+        got: list[protocol.Envelope] = []
+        w.until(lambda: got.extend(w.assignments("w1")) or got, "resumed after the wait")  # noqa: B023
+        (m,) = got
+    w.until(lambda: w.master.sys.paused, "paused itself")
+    [paused] = w.events("paused")
+    assert "paused itself" in paused["text"] and "multibot resume all" in paused["text"]
+    assert w.master.tasks["a"].status == "pending" and w.master.tasks["a"].attempts == 0
+    assert not w.events("task-failed")
+    on_disk = json.loads(w.home.system_state.read_text())
+    assert on_disk["paused"] is True  # in the file, where a person (or the CLI) resumes it
+    # The person resumes: the wait counts afresh, and the task goes to its worker again.
+    StateFile(w.home.system_state, SystemState, default=None).update(
+        lambda st: st.model_copy(update={"paused": False})
+    )
+    w.clock.advance(31)
+    got = []
+    w.until(lambda: got.extend(w.assignments("w1")) or got, "assigned after the resume")
+    assert w.master.ctx.throttle.total_wait(w.clock()) == 0
+    w.finish("w1", got[0])
+    w.until(lambda: w.master.finished, "the run ends")
+    assert w.master.exit_code == EXIT_DONE and w.task("a").attempts == 1
+
+
+def test_a_refused_key_stops_the_run_at_once_and_a_restart_continues_it(
+    world: Callable[..., World], tmp_path: Path
+) -> None:
+    """Issue 16: a bad key (401) cost every task its three attempts before the run gave up."""
+    w = world(tasks("a", "b", "c"), max_workers=2, home=tmp_path / "h")
+    w.tick()
+    (ma,), (mb,) = w.assignments("w1"), w.assignments("w2")
+    refused = protocol.ErrorReport(
+        kind="auth", message="Invalid API key · Fix external API key", detail="auth",
+        api_status=401,
+    )  # fmt: skip
+    w.report("w1", ma, refused)
+    w.until(lambda: w.master.finished, "stopped within the one call")
+    assert w.master.exit_code == 3
+    [stopped] = w.events("run-stopped")
+    assert "401 from w1" in stopped["text"] and "ANTHROPIC_API_KEY" in stopped["text"]
+    for tid in ("a", "b", "c"):  # nothing failed, no attempt spent, b's too
+        rec = w.master.tasks[tid]
+        assert rec.status == "pending" and rec.attempts == 0, tid
+    assert w.master.sys.phase == "running"  # unfinished: a restart resumes it
+    assert w.take("w2", protocol.Terminate)  # its agent would be refused the same way
+    # The key fixed, the master started again: the run continues to its end.
+    w.restart()
+    w.take("w1", protocol.Terminate)
+    w.report("w2", mb, protocol.ErrorReport(kind="terminated", message="terminated"))
+    done: set[str] = set()
+
+    def step() -> bool:
+        for wid in list(w.master.sys.workers):
+            for m in w.assignments(wid):
+                w.finish(wid, m)
+                done.add(m.task_id or "")
+        return w.master.finished
+
+    w.until(step, "the run ends after the restart")
+    assert w.master.exit_code == EXIT_DONE and sorted(w.merged()) == ["a", "b", "c"]
+    assert all(w.task(t).attempts == 1 for t in "abc")
+
+
+def test_a_context_too_long_starts_a_fresh_session_told_of_its_progress(
+    world: Callable[..., World],
+) -> None:
+    w = world(tasks("a"), max_workers=1)
+    w.tick()
+    (m,) = w.assignments("w1")
+    full = protocol.ErrorReport(
+        kind="context", message="Prompt is too long", detail="too_long", api_status=400
+    )
+    w.report("w1", m, full)
+    got: list[protocol.Envelope] = []
+    w.until(lambda: got.extend(w.assignments("w1")) or got, "sent again")
+    p = got[0].payload
+    assert isinstance(p, protocol.TaskAssignment) and p.attempt == 2  # the task's own problem
+    assert any("context was too long" in line and "multibot/a" in line for line in p.context)

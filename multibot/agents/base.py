@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from multibot.limits import Trouble
+
 EventKind = Literal["session", "text", "tool", "tool_result", "output", "cost", "file", "info"]
 
 LINES_BUFFERED = 10_000  # a child's lines read but not yet taken (then the child waits)
@@ -72,6 +74,7 @@ class AgentOutcome:
     turns: int = 0
     duration_s: float = 0.0
     session_id: str | None = None
+    trouble: Trouble | None = None  # the API refused or failed the call (see limits.py)
 
 
 class Agent(ABC):

@@ -48,6 +48,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from multibot import limits
 from multibot.agents import stream
 from multibot.agents.base import Agent, AgentEvent, AgentOutcome, AgentSpec, ChildProcess
 from multibot.errors import AgentError
@@ -89,6 +90,7 @@ class Tally:
         self.turns = 0
         self.session_id: str | None = None
         self.last_text = ""
+        self.reset_at: float | None = None  # when a usage limit met lifts (rate_limit_event)
 
     def wrote(self, line_id: str) -> None:
         """Record a user line written to stdin."""
@@ -111,6 +113,8 @@ class Tally:
                     self.last_text = ev.text
         elif kind == "result":
             self._result(parsed)
+        elif kind == "rate_limit_event":
+            self.reset_at = limits.reset_time(parsed) or self.reset_at
 
     def _result(self, r: Mapping[str, Any]) -> None:
         self.results.append(dict(r))
@@ -193,9 +197,10 @@ def outcome_of(
         why = f"claude exited with {exit_text(exit_code)} before any result\n{lines}"
         return replace(base, summary=why.rstrip(), error_kind="exit")
     if final.get("is_error"):
+        trouble = limits.classify(final, tally.reset_at)
         subtype = str(final.get("subtype") or "")
-        kind = subtype if subtype.startswith("error") else "is_error"
-        return replace(base, summary=stream.result_error(final), error_kind=kind)
+        kind = trouble.kind if trouble else subtype if subtype.startswith("error") else "is_error"
+        return replace(base, summary=stream.result_error(final), error_kind=kind, trouble=trouble)
     texts = [str(r.get("result") or "").strip() for r in tally.results]
     summary = next((t for t in reversed(texts) if t), tally.last_text)
     return replace(base, ok=True, summary=summary)

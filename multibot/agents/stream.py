@@ -235,7 +235,22 @@ def events_from(parsed: Mapping[str, Any], cwd: Path | None = None) -> list[Agen
             return []
         if sub == "compact_boundary":
             return [AgentEvent("info", "context compacted")]
+        if sub == "api_retry":  # the binary retries a refused call on its own, then gives up
+            status, tries = parsed.get("error_status"), parsed.get("attempt")
+            wait = float(parsed.get("retry_delay_ms") or 0) / 1000
+            why = f"API {status} ({parsed.get('error')}): retry {tries}/"
+            return [AgentEvent("info", f"{why}{parsed.get('max_retries')} in {wait:.1f}s")]
         return [AgentEvent("info", f"system {sub}")]
+    if kind == "rate_limit_event":
+        info = parsed.get("rate_limit_info")
+        if isinstance(info, dict) and info.get("status") in ("rejected", "allowed_warning"):
+            kind_ = info.get("rateLimitType") or "usage"
+            return [
+                AgentEvent(
+                    "info", f"{kind_} limit {info.get('status')}: resets {info.get('resetsAt')}"
+                )
+            ]
+        return []
     if kind in _QUIET_TYPES:
         return []
     return [AgentEvent("info", f"{kind}: {cut(json.dumps(parsed, ensure_ascii=False), LINE_CUT)}")]

@@ -104,6 +104,13 @@ class TaskBook:
         self.move(rec, "failed" if rec.attempts >= max_attempts else "pending")
         return rec.status
 
+    def limited(self, rec: TaskRecord) -> None:
+        """Send a task back after the API limited its agent: no fault of the task, so the
+        attempt is given back, and it keeps its worker (whose session for it is resumed)."""
+        rec.attempts = max(0, rec.attempts - 1)
+        rec.limits += 1
+        self.move(rec, "pending")
+
     def follow_up(self, parent: TaskRecord, text: str, now: float) -> TaskRecord | str | None:
         """Return a new task after parent doing text, or why it cannot be one, or None if
         parent asked for it already (a request may come twice)."""

@@ -19,6 +19,7 @@ from multibot.atomic import open_log
 from multibot.config import MasterConfig
 from multibot.errors import LockTimeout, MultibotError, SendError, StateError, WriteFailed
 from multibot.layout import MASTER_ID, Home
+from multibot.limits import Throttle
 from multibot.master.book import TaskBook
 from multibot.master.discoveries import Discoveries
 from multibot.master.jobs import Jobs
@@ -65,6 +66,8 @@ class RunContext:
         self.branches: dict[str, BranchInfo] = {}  # each task's entry in system-state.json
         self.write_failing: str | None = None  # why state files cannot be written, if so
         self.finished, self.exit_code = False, 0
+        # The API's limits (see limits.py).
+        self.throttle = Throttle(config.max_workers, adaptive=config.adaptive_concurrency)
         self.listen = Listeners()
         self.sys_file = StateFile(home.system_state, SystemState, default=SystemState)
         self.plan_file = StateFile(home.plan, Plan, default=Plan)

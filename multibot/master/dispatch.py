@@ -10,6 +10,7 @@ from __future__ import annotations
 from multibot.errors import GitError, StateError
 from multibot.master import feedback
 from multibot.master.context import RunContext
+from multibot.master.limiting import Limits
 from multibot.master.pool import WorkerPool
 from multibot.master.results import Results
 from multibot.scheduler import WorkerSlot, schedule
@@ -20,8 +21,8 @@ from multibot.store import StateFile
 class Dispatch:
     """Assigns ready tasks, supervises the workers, and sends again what may be lost."""
 
-    def __init__(self, ctx: RunContext, pool: WorkerPool, results: Results) -> None:
-        self.ctx, self.pool, self.results = ctx, pool, results
+    def __init__(self, ctx: RunContext, pool: WorkerPool, results: Results, limits: Limits) -> None:
+        self.ctx, self.pool, self.results, self.limits = ctx, pool, results, limits
 
     def supervise(self) -> None:
         """Restart the workers whose restart is due, and take in those that died."""
@@ -105,6 +106,9 @@ class Dispatch:
 
     def assign_ready(self) -> None:
         ctx = self.ctx
+        room = self.limits.room()  # none while throttled, fewer after a limit (AIMD)
+        if room <= 0:
+            return
         free = self.pool.free()
         last = ctx.book.last_tasks() if free else {}  # it looks at every ready task
         idle = [WorkerSlot(w, frozenset(i.capabilities), last.get(w)) for w, i in free.items()]
@@ -117,7 +121,7 @@ class Dispatch:
             ctx.book.order,
             ctx.book.index,
         )
-        for a in plan:
+        for a in plan[:room]:
             wid = a.worker_id or self.pool.spawn()
             try:
                 self.send_assignment(ctx.tasks[a.task_id], wid, new=True)

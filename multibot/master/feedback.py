@@ -80,3 +80,14 @@ def assignment(
         base_branch=base_branch,
         repo=repo,
     )
+
+
+def context_full(rec: TaskRecord, message: str) -> str:
+    """The feedback for a task whose session grew too long for the model: a fresh one
+    continues from the work committed so far."""
+    return (
+        f"Your previous session on this task ended because its context was too long "
+        f"({message[:200]}). This is a fresh session. The work done so far is committed on "
+        f"your branch {rec.branch}: read its `git log` and its diff against the integration "
+        "branch to see it, then finish the task without starting over."
+    )

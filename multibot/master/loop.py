@@ -32,6 +32,7 @@ from multibot.master.context import RunContext
 from multibot.master.dispatch import Dispatch
 from multibot.master.edits import Edits, Seen
 from multibot.master.intake import Intake
+from multibot.master.limiting import Limits
 from multibot.master.pool import WorkerPool
 from multibot.master.questions import Questions, Voice, run_context
 from multibot.master.results import EXIT_DONE, EXIT_FAILED, Results
@@ -84,9 +85,10 @@ class Master:
         )
         voice = Voice(ctx.journal.send, self.answer, ctx.event, ctx.show, self.opus_context)
         self.questions = Questions(home, config, self.advisor, voice)
-        self.results = Results(ctx, self.pool, self.advisor, self.questions)
+        self.limits = Limits(ctx, self.pool)
+        self.results = Results(ctx, self.pool, self.advisor, self.questions, self.limits)
         self.intake = Intake(ctx, self.questions, self.results)
-        self.dispatch = Dispatch(ctx, self.pool, self.results)
+        self.dispatch = Dispatch(ctx, self.pool, self.results, self.limits)
         edits = Edits(home, ctx.chores, Seen(self.take_edit, self.paused, ctx.event))
         self.steering = Steering(ctx, self.pool, edits, self.questions)
         ctx.listen.edited = lambda tid, written: self.take_edit(ctx.tasks[tid], written)
@@ -116,6 +118,8 @@ class Master:
 
     def paused(self, paused: bool) -> None:
         self.steering.paused(paused)
+        if not paused:
+            self.limits.resumed()
 
     # == start-up =============================================================================
     def git_of_repo(self) -> GitRepo:
@@ -242,6 +246,10 @@ class Master:
         """One turn: messages, edits, supervision, assignments, merges, completion."""
         ctx, results = self.ctx, self.results
         self.intake.handle_inbox()
+        if ctx.finished:  # stopped by what came in (the API refused the credentials)
+            ctx.journal.commit()
+            self.flush(force=True)
+            return
         self.intake.prune_inbox()
         self.steering.read_edits()
         if ctx.sys.phase == "awaiting_approval":
@@ -250,6 +258,7 @@ class Master:
         results.handle_advice()
         results.handle_checks()
         if ctx.sys.phase == "running":
+            self.limits.check_wait()
             if not ctx.sys.paused and not results.over_budget():
                 self.dispatch.assign_ready()
                 ctx.journal.commit()  # assignments out now: the rest of the turn can wait

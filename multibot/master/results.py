@@ -13,6 +13,7 @@ from multibot.errors import GitError
 from multibot.master import feedback, ledger
 from multibot.master.book import drift
 from multibot.master.context import RunContext
+from multibot.master.limiting import Limits
 from multibot.master.pipeline import BrokeCheck, Conflicted, Merged, Outcome, Verified
 from multibot.master.pool import WorkerPool
 from multibot.master.questions import Questions
@@ -26,9 +27,15 @@ class Results:
     """Takes in completions, errors, check outcomes and reviews; decides retry, merge, end."""
 
     def __init__(
-        self, ctx: RunContext, pool: WorkerPool, advisor: Advisor, questions: Questions
+        self,
+        ctx: RunContext,
+        pool: WorkerPool,
+        advisor: Advisor,
+        questions: Questions,
+        limits: Limits,
     ) -> None:
         self.ctx, self.pool, self.advisor, self.questions = ctx, pool, advisor, questions
+        self.limits = limits
         self.budget_said = False  # the budget-reached event is said once
 
     def on_complete(self, m: protocol.Envelope, p: protocol.TaskComplete) -> None:
@@ -64,6 +71,7 @@ class Results:
             info.status, info.current_task, info.idle_since = "idle", None, ctx.clock()
             info.tasks_done += 1
         ctx.move(rec, "verifying")
+        self.limits.succeeded()
         ctx.show(f"✓ {tid} finished by {m.sender}: {p.summary[:160]}")
         for text in p.follow_ups:
             self.add_follow_up(rec, text)
@@ -201,6 +209,15 @@ class Results:
         if p.kind == "busy":  # it runs another task: this one waits for a free worker
             rec.worker = None
             ctx.move(rec, "pending")
+            return
+        if p.kind == "limit":
+            self.limits.on_limit(rec, m.sender, p)
+            return
+        if p.kind == "auth":
+            self.limits.on_auth(m.sender, p)
+            return
+        if p.kind == "context":
+            self.retry(rec, feedback.context_full(rec, p.message))
             return
         if p.recoverable and rec.attempts < ctx.config.max_attempts:
             self.retry(rec, f"{p.kind}: {p.message}")

@@ -476,7 +476,12 @@ class Worker:
             elapsed=elapsed,
         )
 
+        trouble = outcome.trouble
+        fresh = trouble is not None and trouble.kind == "too_long"
+
         def idle(s: WorkerState) -> WorkerState:
+            if fresh:  # its context is full: the next try starts a new session
+                s.sessions = {k: v for k, v in s.sessions.items() if k != task_id}
             s.current_task, s.current_tool, s.status = None, None, "idle"
             s.turns += outcome.turns
             s.cost_usd += outcome.cost_usd
@@ -487,7 +492,8 @@ class Worker:
         # The state says idle before the master hears of the end, so it never sees it busy.
         self.writes.update(idle)
         self.status = "paused" if self.paused else "idle"
-        self.finished.add((task_id, a.attempt))
+        if trouble is None or trouble.kind == "too_long":
+            self.finished.add((task_id, a.attempt))  # a limit's is sent again, attempt and all
         self.send(report, task_id=task_id)
         self.show(line)
 

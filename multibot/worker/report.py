@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from multibot import protocol
 from multibot.agents import AgentOutcome
+from multibot.limits import Trouble
 from multibot.state import ContextMemory, Decision
 
 MAX_NOTES = 200
@@ -40,6 +41,8 @@ def end_report(
             session_id=outcome.session_id,
         )
         return done, f"✓ {task_id} done in {elapsed:.1f}s: {outcome.summary[:200]}"
+    if outcome.trouble is not None:
+        return _trouble_report(task_id, outcome, outcome.trouble)
     kind = _ERROR_KINDS.get(outcome.error_kind or "", "agent")
     error = protocol.ErrorReport(
         kind=kind,
@@ -48,6 +51,29 @@ def end_report(
         detail=outcome.error_kind or "",
     )
     return error, f"✗ {task_id} failed ({outcome.error_kind}): {outcome.summary[-300:]}"
+
+
+def _trouble_report(
+    task_id: str, outcome: AgentOutcome, trouble: Trouble
+) -> tuple[protocol.Payload, str]:
+    """The ERROR for a call the API refused: a limit (the master resumes the session later),
+    a bad credential (the run stops), or a context too long (a fresh session follows)."""
+    kind: protocol.ErrorKind = (
+        "limit" if trouble.waits else "auth" if trouble.kind == "auth" else "context"
+    )
+    error = protocol.ErrorReport(
+        kind=kind,
+        message=outcome.summary[-2000:],
+        detail=trouble.kind,
+        api_status=trouble.status,
+        reset_at=trouble.reset_at,
+    )
+    then = {
+        "limit": "the master resumes this session later",
+        "auth": "the run stops until the credentials are fixed",
+        "context": "a fresh session takes it on",
+    }[kind]
+    return error, f"⏳ {task_id}: API {trouble.label()} ({trouble.kind}); {then}"
 
 
 Remember = Callable[[ContextMemory], ContextMemory]
