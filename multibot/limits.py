@@ -17,9 +17,12 @@ own problem: it starts again in a fresh session, told of its progress.
 
 **The throttle.** After a limit the run is throttled: no new agent starts until the backoff
 (exponential, with jitter) or the reset time has passed, and the number of agents allowed to
-run at once is halved; each task that then finishes without a limit lets one more run, up to
-``max_workers`` (additive increase, multiplicative decrease, as TCP does). The time spent
-throttled adds up; past ``limit_wait_max`` the run pauses itself and says why.
+run at once is halved, of those still running (the limited agent has stopped); each task that
+then finishes without a limit lets one more run, up to ``max_workers`` (additive increase,
+multiplicative decrease, as TCP does). Measured in bench/limits.py, halving at each limit did
+better than once per spell of throttling: the running agents keep meeting the limit while the
+spell lasts, and once a spell left too many of them running. The time spent throttled adds
+up; past ``limit_wait_max`` the run pauses itself, saying why.
 """
 
 from __future__ import annotations
@@ -150,7 +153,7 @@ class Throttle:
         seconds (see wait_for); return the next try's time."""
         self.hits += 1
         self.streak += 1
-        if self.adaptive:
+        if self.adaptive:  # of those running: each limited agent has stopped already
             self.allowed = max(1, min(self.allowed, max(running, 1)) // 2)
         self.until = max(self.until, now + wait)
         if self.since is None:

@@ -83,15 +83,15 @@ def test_the_throttle_halves_concurrency_and_grows_it_back_one_at_a_time() -> No
     assert t.throttled(110.0) and t.room(on_agents=3) == 2
     assert "throttled: 429 from w3" in t.line(110.0) and "5 of 10 workers allowed" in t.line(110.0)
     t.limited(111.0, "w1", Trouble("overloaded", 529), running=4, wait=5.0)
-    assert t.allowed == 2 and t.until == 122.0  # the later of the two waits
+    assert t.allowed == 2 and t.until == 122.0  # half of the 4 running; the later wait
     assert not t.throttled(122.0)
     assert t.total_wait(500.0) == 22.0  # the spell from 100 to 122
     for _ in range(3):
         t.succeeded()
-    assert t.allowed == 5 and t.line(130.0).startswith("recovering from 529 from w1")
+    assert t.allowed == 5 and t.line(140.0).startswith("recovering from 529 from w1")
     for _ in range(20):
         t.succeeded()
-    assert t.allowed == 10 and t.line(130.0) == ""
+    assert t.allowed == 10 and t.line(140.0) == ""
 
 
 def test_the_wait_counts_every_spell_until_the_person_resumes() -> None:

@@ -13,10 +13,6 @@ call after two requests instead of about ten over three minutes.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import signal
 import subprocess
 import threading
 import time
@@ -27,10 +23,17 @@ from typing import Any
 import pytest
 from fakeapi import ApiRequest, FakeAPI, Reply, Rule, Script, structured, text, tool
 
-from multibot.layout import Home
 from multibot.timeline import read_timeline
 from tests.helpers import wait_until
-from tests.test_run_claude import RUN_TIMEOUT, Run, kill_in, master_env, processes_in, workdir
+from tests.test_run_claude import (
+    RUN_TIMEOUT,
+    Run,
+    end_run,
+    make_run,
+    master_env,
+    processes_in,
+    workdir,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -103,45 +106,18 @@ class Weather:
 
 @pytest.fixture
 def run(fake_api: FakeAPI, claude_bin: Path, tmp_path: Path) -> Iterator[Run]:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    subprocess.run([*git, "init", "-q", "-b", "main"], cwd=repo, check=True)
-    (repo / "README.md").write_text("three files will live here\n")
-    subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
-    home = Home(tmp_path / "home")
-    home.config_dir.mkdir(parents=True)
     config = {
-        "claude_bin": str(claude_bin),
         "max_workers": 3,
-        "heartbeat_interval": 0.5,
-        "heartbeat_misses": 10,  # generous: claude processes load a 2-core machine
         "idle_worker_timeout": 30,
-        "rescan_interval": 0.5,
         "limit_backoff": 1.0,
         "limit_backoff_max": 2.0,
         "max_attempts": 1,  # a limit that spent an attempt would fail its task
     }
-    home.master_config.write_text(json.dumps(config, indent=2))
-    template = {
-        "backend": "claude",
-        "claude_bin": str(claude_bin),
-        "allowed_tools": ["Bash", "Write", "Read"],
-        "permission_mode": "acceptEdits",
-    }
-    home.worker_template.write_text(json.dumps(template, indent=2))
-    r = Run(tmp_path, home, repo, fake_api)
+    r = make_run(fake_api, claude_bin, tmp_path, config)
     try:
         yield r
     finally:
-        if r.master is not None:
-            if r.master.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(r.master.pid, signal.SIGKILL)
-            r.master.wait()
-        kill_in(tmp_path)
-        wait_until(lambda: not processes_in(tmp_path), timeout=10)
+        end_run(r)
 
 
 def env_of(run: Run) -> dict[str, str]:

@@ -818,7 +818,7 @@ def test_a_limit_spends_no_attempt_throttles_the_run_and_halves_concurrency(
         assert tasks_[tid].status == "pending" and tasks_[tid].attempts == 0, tid
         assert tasks_[tid].limits == 1
     assert not w.events("task-failed") and not w.events("task-retry")
-    assert w.master.ctx.throttle.allowed == 1  # 4 running -> 2 -> 1 -> 1
+    assert w.master.ctx.throttle.allowed == 1  # halved of those running: 4 -> 2, 3 -> 1, 2 -> 1
     view = w.master.sys.limits
     assert view.throttled and view.hits == 3 and "429 from w3" in view.line
     assert "1 of 4 workers allowed" in view.line

@@ -221,17 +221,18 @@ class Run:
         return "\n".join(parts)
 
 
-@pytest.fixture
-def run(fake_api: FakeAPI, claude_bin: Path, tmp_path: Path) -> Iterator[Run]:
-    """A repository and a home configured for the claude backend; nothing outlives the test."""
-    repo = tmp_path / "repo"
+def make_run(
+    fake: FakeAPI, claude_bin: Path, tmp: Path, config: dict[str, Any] | None = None
+) -> Run:
+    """A repository and a home configured for the claude backend (config: more settings)."""
+    repo = tmp / "repo"
     repo.mkdir()
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q", "-b", "main"], cwd=repo, check=True)
-    (repo / "README.md").write_text("two files will live here\n")
+    (repo / "README.md").write_text("files will live here\n")
     subprocess.run([*git, "add", "-A"], cwd=repo, check=True)
     subprocess.run([*git, "commit", "-qm", "init"], cwd=repo, check=True)
-    home = Home(tmp_path / "home")
+    home = Home(tmp / "home")
     home.config_dir.mkdir(parents=True)
     master_config = {
         "claude_bin": str(claude_bin),
@@ -240,6 +241,7 @@ def run(fake_api: FakeAPI, claude_bin: Path, tmp_path: Path) -> Iterator[Run]:
         "idle_worker_timeout": 1,
         "rescan_interval": 0.5,
         "question_policy": "auto",
+        **(config or {}),
     }
     home.master_config.write_text(json.dumps(master_config, indent=2))
     template = {
@@ -249,18 +251,28 @@ def run(fake_api: FakeAPI, claude_bin: Path, tmp_path: Path) -> Iterator[Run]:
         "permission_mode": "acceptEdits",
     }
     home.worker_template.write_text(json.dumps(template, indent=2))
+    return Run(tmp, home, repo, fake)
+
+
+def end_run(r: Run) -> None:
+    """Kill the master, its workers and their agents: nothing outlives the test."""
+    if r.master is not None:
+        if r.master.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(r.master.pid, signal.SIGKILL)
+        r.master.wait()
+    kill_in(r.tmp)  # workers and agents run in process groups of their own
+    wait_until(lambda: not processes_in(r.tmp), timeout=10)
+
+
+@pytest.fixture
+def run(fake_api: FakeAPI, claude_bin: Path, tmp_path: Path) -> Iterator[Run]:
     fake_api.respond = model
-    r = Run(tmp_path, home, repo, fake_api)
+    r = make_run(fake_api, claude_bin, tmp_path)
     try:
         yield r
     finally:
-        if r.master is not None:
-            if r.master.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(r.master.pid, signal.SIGKILL)
-            r.master.wait()
-        kill_in(tmp_path)  # workers and agents run in process groups of their own
-        wait_until(lambda: not processes_in(tmp_path), timeout=10)
+        end_run(r)
 
 
 def master_env(run: Run) -> dict[str, str]:
