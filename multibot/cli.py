@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 from multibot import auth, mailbox, protocol
 from multibot.cli_args import parser
@@ -303,93 +303,36 @@ def _signed(home: Home, message: protocol.Envelope, generation: int | None) -> p
 
 
 # == agent-facing =============================================================================
-class AgentVoice(NamedTuple):
-    """What an agent's commands speak with: its worker, task, generation and task key."""
-
-    worker: str
-    task: str
-    generation: int
-    key: bytes
-
-    def say(self, payload: Any) -> protocol.Envelope:
-        """A message from this agent to its own worker, which checks it and passes it on."""
-        message = protocol.make(
-            payload,
-            sender=self.worker,
-            recipient=self.worker,
-            generation=self.generation,
-            task_id=self.task,
-        )
-        return self.sign(message)
-
-    def sign(self, message: protocol.Envelope) -> protocol.Envelope:
-        return auth.sign(message, self.key, self.generation, auth.AGENT)
-
-    def heard(self, message: protocol.Envelope) -> auth.Refusal | None:
-        """(ask inbox) None if the reply was signed by our worker for this task."""
-        claim = auth.mac_of(message)
-        if claim is not None and claim.kind == auth.AGENT and auth.verifies(message, self.key):
-            return None
-        return auth.Refusal(f"{message.type} from {message.sender!r} is not from our worker")
-
-
-def _agent_voice() -> AgentVoice:
-    env = os.environ
-    missing = [
-        k
-        for k in ("MULTIBOT_WORKER_ID", "MULTIBOT_TASK_ID", "MULTIBOT_AGENT_KEY")
-        if not env.get(k)
-    ]
-    if missing:
-        raise MultibotError(
-            f"{', '.join(missing)} not set: `multibot report` and `multibot ask` are run by a "
-            "worker's agent, which has them in its environment"
-        )
-    key = auth.key_from_hex(env["MULTIBOT_AGENT_KEY"], "MULTIBOT_AGENT_KEY")
-    return AgentVoice(
-        env["MULTIBOT_WORKER_ID"],
-        env["MULTIBOT_TASK_ID"],
-        int(env.get("MULTIBOT_GENERATION", "0")),
-        key,
-    )
-
-
 @command("report")
 def cmd_report(a: argparse.Namespace, home: Home) -> int:
-    voice = _agent_voice()
-    text = " ".join(a.text)
-    status = {"blocked": "blocked"}.get(a.kind, "working")
-    payload = protocol.StatusUpdate(status=status, kind=a.kind, progress=text)
-    mailbox.send(home, voice.say(payload))  # the worker remembers it and tells the master
+    from multibot import voice
+
+    voice.report(home, voice.agent_voice(), a.kind, " ".join(a.text))
     print(f"reported {a.kind} to the master")
     return 0
 
 
 @command("ask")
 def cmd_ask(a: argparse.Namespace, home: Home) -> int:
-    from multibot import sandbox
-    from multibot.errors import AskTimeout
+    from multibot import voice
 
-    voice = _agent_voice()
-    question = " ".join(a.text)
+    question = protocol.Question(question=" ".join(a.text))
     try:
-        reply = mailbox.request(
-            home,
-            voice.say(protocol.Question(question=question)),
-            timeout=a.timeout,
-            sign=voice.sign,
-            verify=voice.heard,
-            reply_inbox=sandbox.reply_inbox(voice.worker),
-        )
-    except AskTimeout:
+        print(voice.ask(home, voice.agent_voice(), question, a.timeout))
+    except voice.AskTimeout:
         return fail(
             f"no answer to your question within {a.timeout:g}s; go on with your best judgement "
             "or ask again later",
             3,
         )
-    payload = reply.payload
-    print(payload.answer if isinstance(payload, protocol.Answer) else str(payload))
     return 0
+
+
+@command("mcp")
+def cmd_mcp(a: argparse.Namespace, home: Home) -> int:
+    from multibot.mcp.tools import serve
+
+    return serve(home)
 
 
 # == git ======================================================================================

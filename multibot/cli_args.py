@@ -86,6 +86,10 @@ def parser() -> argparse.ArgumentParser:
     ak.add_argument("text", nargs="+")
     ak.add_argument("--timeout", type=float, default=600.0)
 
+    sub.add_parser(
+        "mcp", help="(for agents) the MCP server of multibot's tools, on stdin and stdout"
+    )
+
     mg = sub.add_parser("merge", help="bring the integration branch into one of your branches")
     mg.add_argument("--into", required=True)
     cl = sub.add_parser("cleanup", help="remove merged worktrees, prune stale ones")

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from multibot.errors import ConfigError
 from multibot.layout import Home
@@ -104,6 +104,19 @@ class MasterConfig(_Config):
         description="Seconds of API limits in all after which the run pauses itself "
         "(`multibot resume all` goes on).",
     )
+    permission_allow: tuple[str, ...] = Field(
+        (),
+        description="Tool uses outside the workers' allow-list that are always allowed, as "
+        "Tool or Tool(glob), e.g. Bash(npm test*) (docs/permissions.md).",
+    )
+    permission_deny: tuple[str, ...] = Field(
+        (), description="Tool uses always denied, e.g. Bash(rm -rf *); read before the allow."
+    )
+    permission_policy: Literal["auto", "human", "deny"] = Field(
+        "auto",
+        description="Who decides a tool use no rule names: Opus (the person when Opus is not "
+        "available), the person (a question), or nobody (denied).",
+    )
     idle_worker_timeout: float = Field(30.0, ge=0, description="Stop a worker idle this long.")
     max_panes_per_window: int = Field(6, ge=1, le=20, description="Worker panes per window.")
     tick: float = Field(0.05, gt=0, le=5, description="Master loop period, seconds.")
@@ -112,6 +125,16 @@ class MasterConfig(_Config):
     tmux_socket: str = Field("multibot", description="tmux -L socket of the session.")
     tmux_session: str = Field("multibot", description="tmux session name.")
     claude_bin: str = Field("claude", description="The claude binary the planner runs.")
+
+    @field_validator("permission_allow", "permission_deny")
+    @classmethod
+    def _rules(cls, rules: tuple[str, ...]) -> tuple[str, ...]:
+        from multibot.permissions import check_rule
+
+        wrong = [w for w in map(check_rule, rules) if w]
+        if wrong:
+            raise ValueError("; ".join(wrong))
+        return rules
 
 
 class WorkerTemplate(_Config):
@@ -147,6 +170,17 @@ class WorkerTemplate(_Config):
     )
     sandbox_write: tuple[str, ...] = Field(
         (), description="More paths the agents' commands may write (e.g. ~/.cache/pip)."
+    )
+    mcp: bool = Field(
+        True,
+        description="Give claude agents multibot's MCP tools (report, ask...) and send their "
+        "permission requests to the master (docs/mcp.md).",
+    )
+    permission_timeout: float = Field(
+        900.0,
+        gt=0,
+        le=3600,
+        description="Seconds a permission request waits for a decision: then denied.",
     )
     tick: float = Field(0.05, gt=0, le=5, description="Worker loop period, seconds.")
 

@@ -112,6 +112,10 @@ class Home:
     def worker_template(self) -> Path:
         return self.config_dir / "worker-template.json"
 
+    @property
+    def mcp_configs_dir(self) -> Path:
+        return self.config_dir / "mcp-configs"
+
     # -- state -------------------------------------------------------------------------
     @property
     def system_state(self) -> Path:

@@ -17,9 +17,27 @@ commands (run them with your Bash tool; they already know which worker you are):
 Messages from the master (answers, feedback, discoveries of other workers) may arrive while you
 work, as new user messages: read them and take them into account."""
 
+AGENT_TOOLS = """\
+You are one worker in a team run by a master process. Talk to the master with the tools of the
+multibot MCP server (they already know which worker you are):
+  mcp__multibot__report_progress     short progress note, whenever you finish a step
+  mcp__multibot__report_discovery    something other workers should know (an API, a gotcha)
+  mcp__multibot__report_blocked      you cannot go on without help
+  mcp__multibot__report_decision     a choice you made that later work should respect
+  mcp__multibot__propose_follow_up   a task that should be done after yours (the master adds it)
+  mcp__multibot__ask                 ask the master; waits for the answer and returns it
+  mcp__multibot__status_of_task      the status of your task, or of another task of the run
+A tool use outside your allow-list is put to the master, which allows or denies it.
+Messages from the master or from the person at your pane (answers, feedback, discoveries of
+other workers) may arrive while you work, as new user messages: read them and take them into
+account."""
 
-def task_prompt(worker_id: str, task_id: str, a: TaskAssignment, memory: ContextMemory) -> str:
-    """Return the prompt that starts (or resumes) a task for a Claude worker."""
+
+def task_prompt(
+    worker_id: str, task_id: str, a: TaskAssignment, memory: ContextMemory, *, mcp: bool = False
+) -> str:
+    """Return the prompt that starts (or resumes) a task for a Claude worker (mcp: whether it
+    has multibot's MCP tools, else it is told of the shell commands)."""
     parts = [
         f"# Task {task_id}: {a.title}".rstrip(": "),
         a.description.strip(),
@@ -41,7 +59,7 @@ def task_prompt(worker_id: str, task_id: str, a: TaskAssignment, memory: Context
         parts += ["", f"This is attempt {a.attempt}: your earlier work on this branch is kept."]
     parts += [
         "",
-        AGENT_COMMANDS,
+        AGENT_TOOLS if mcp else AGENT_COMMANDS,
         "",
         f"You are worker {worker_id}. Commit your work with git when it is complete; uncommitted "
         "changes are committed for you at the end. End with a one-paragraph summary.",

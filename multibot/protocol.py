@@ -59,6 +59,7 @@ class TaskAssignment(Frozen):
     attempt: int = 1
     base_branch: str = "multibot/integration"
     repo: str = ""
+    capabilities: list[str] = []  # what the task needs: picks its MCP servers (mcp/servers.py)
 
     @field_validator("owns")
     @classmethod
@@ -96,7 +97,7 @@ class StatusUpdate(Frozen):
     status: WorkerStatus
     progress: str = ""
     kind: Literal[
-        "progress", "discovery", "blocked", "decision", "follow_up", "status", "started"
+        "progress", "discovery", "blocked", "decision", "follow_up", "status", "started", "person"
     ] = "progress"
     current_tool: str | None = None
     turns: int = 0
@@ -105,10 +106,18 @@ class StatusUpdate(Frozen):
     session_id: str | None = None
 
 
+class ToolUse(Frozen):
+    """A tool an agent wants to use outside its allow-list (from its permission tool)."""
+
+    tool: str
+    input: dict[str, Any] = {}
+
+
 class Question(Frozen):
     type: Literal["QUESTION"] = "QUESTION"
     question: str
     context: str = ""
+    permission: ToolUse | None = None  # a permission request: answered allow or deny
 
 
 class Tokens(Frozen):

@@ -15,7 +15,9 @@ behind a proxy (socat). What multibot gives it (``--settings``, above every sett
   Claude Code's own, outside the sandbox.
 * **File tools**: Write and Edit are not confined by the sandbox; in ``acceptEdits`` mode they
   may write only inside the working directory unless an allow rule names them, so the bare
-  file tools are taken out of ``--allowedTools`` and ``bypassPermissions`` is refused.
+  file tools are taken out of ``--allowedTools`` and ``bypassPermissions`` is refused. A write
+  elsewhere goes to the permission tool (mcp/tools.py), and the master denies it
+  (``permissions.outside``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from multibot.ids import check_branch, check_id, check_relpath
-from multibot.protocol import Model, Tokens
+from multibot.protocol import Model, Tokens, ToolUse
 
 STATE_SCHEMA_VERSION = 1
 
@@ -428,6 +428,9 @@ class QuestionRecord(StateFileModel):
     answered_by: str | None = None
     answered_at: float | None = None
     escalated: bool = False
+    permission: ToolUse | None = Field(
+        None, description="Set for a permission request: answer allow, or deny with a reason."
+    )
 
 
 def state_models() -> dict[str, type[BaseModel]]:

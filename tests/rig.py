@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from multibot import auth, mailbox, protocol
 from multibot.layout import MASTER_ID, Home
@@ -168,3 +170,54 @@ def git_show(rig: Rig, rev: str, path: str) -> str:
         capture_output=True,
         check=True,
     ).stdout
+
+
+def processes_under(root: Path) -> list[int]:
+    """Live processes whose working directory lies inside root (zombies have none)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if cwd == str(root) or cwd.startswith(str(root) + os.sep):
+            found.append(int(entry))
+    return found
+
+
+def kill_under(root: Path) -> None:
+    """SIGKILL every process working inside root, with its process group if that is not ours."""
+    ours = os.getpgrp()
+    for pid in processes_under(root):
+        try:
+            pgid = os.getpgid(pid)
+            if pgid != ours:
+                os.killpg(pgid, signal.SIGKILL)
+            else:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def write_template(rig: Rig, claude_bin: str, **settings: Any) -> None:
+    """The claude worker template the rig's tests use (settings: more, or other, values)."""
+    rig.home.worker_template.parent.mkdir(parents=True, exist_ok=True)
+    template = {
+        "backend": "claude",
+        "claude_bin": claude_bin,
+        "allowed_tools": ["Bash", "Write", "Read"],
+        "permission_mode": "acceptEdits",
+        **settings,
+    }
+    rig.home.worker_template.write_text(json.dumps(template, indent=2))
+
+
+def expect(rig: Rig, of: type, timeout: float = 90.0, **match: object) -> protocol.Envelope:
+    """rig.expect, with what the worker printed in the failure message."""
+    try:
+        return rig.expect(of, timeout, **match)
+    except AssertionError as exc:
+        got = [(m.type, getattr(m.payload, "message", "")) for m in rig.got]
+        raise AssertionError(f"{exc}\nmaster got: {got}\nworker output:\n{rig.output()}") from None

@@ -952,3 +952,68 @@ def test_a_context_too_long_starts_a_fresh_session_told_of_its_progress(
     p = got[0].payload
     assert isinstance(p, protocol.TaskAssignment) and p.attempt == 2  # the task's own problem
     assert any("context was too long" in line and "multibot/a" in line for line in p.context)
+
+
+def ask_permission(w: World, command: str) -> protocol.Envelope:
+    asked = protocol.make(
+        protocol.Question(
+            question=f"May w1 use Bash: {command} ?",
+            permission=protocol.ToolUse(tool="Bash", input={"command": command}),
+        ),
+        sender="w1",
+        recipient=MASTER_ID,
+        generation=1,
+        task_id="a",
+    )
+    w.say(asked)
+    return asked
+
+
+def test_a_permission_request_is_decided_by_the_rules_then_the_policy(
+    world: Callable[..., World],
+) -> None:
+    from multibot.state import QuestionRecord
+
+    w = world(
+        tasks("a"), max_workers=1, permission_allow=["Bash(npm test*)"], permission_policy="deny"
+    )
+    w.tick()
+    assert w.assignments("w1")
+    ask_permission(w, "npm test -k x")
+    w.until(lambda: answers(w, "w1") == ["allow: allowed by the rule Bash(npm test*)"], "ruled")
+    later = ask_permission(w, "curl https://example.com")
+    w.until(lambda: w.home.question("q-" + later.id).exists(), "recorded")
+    w.until(
+        lambda: (
+            StateFile(w.home.question("q-" + later.id), QuestionRecord, default=None).read().answer
+            == "deny: no rule allows it (permission_policy is deny)"
+        ),
+        "denied by the policy",
+    )
+    decided = w.events("permission-allowed") + w.events("permission-denied")
+    assert [e["answered_by"] for e in decided] == ["policy", "policy"]
+    assert len(w.events("permission")) == 2 and not w.events("question")
+
+
+def test_a_permission_request_no_rule_names_waits_for_the_person(
+    world: Callable[..., World],
+) -> None:
+    from multibot.state import QuestionRecord
+
+    w = world(tasks("a"), max_workers=1, permission_policy="auto")  # no Opus here: the person
+    w.tick()
+    assert w.assignments("w1")
+    asked = ask_permission(w, "make deploy")
+    qfile = w.home.question("q-" + asked.id)
+    w.until(qfile.exists, "recorded")
+    for _ in range(5):
+        w.tick()
+    q = StateFile(qfile, QuestionRecord, default=None).read()
+    assert q.escalated and q.answer is None and q.permission is not None
+    assert answers(w, "w1") == []
+    StateFile(qfile, QuestionRecord, default=None).update(
+        lambda r: r.model_copy(update={"answer": "deny: not from a worker"})
+    )
+    w.until(lambda: answers(w, "w1") == ["deny: not from a worker"], "the person's answer")
+    (denied,) = w.events("permission-denied")
+    assert denied["answered_by"] == "human"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import wait_until
+from helpers import kill_tmux_server, new_socket, tmux_server_running, wait_until
 
 from multibot.layout import Home
 from multibot.panes import Tmux
@@ -39,24 +39,6 @@ DEMO_TIMEOUT = 180.0  # the demo takes well under a minute; this only bounds a h
 
 
 # -- helpers ----------------------------------------------------------------------------------
-def new_socket() -> str:
-    return f"multibot-test-{uuid.uuid4().hex[:12]}"
-
-
-def socket_file(sock: str) -> Path:
-    return Path(os.environ.get("TMUX_TMPDIR", "/tmp"), f"tmux-{os.getuid()}", sock)
-
-
-def tmux_server_running(sock: str) -> bool:
-    r = subprocess.run(["tmux", "-L", sock, "list-sessions"], capture_output=True, check=False)
-    return r.returncode == 0
-
-
-def kill_tmux_server(sock: str) -> None:
-    subprocess.run(["tmux", "-L", sock, "kill-server"], capture_output=True, check=False)
-    socket_file(sock).unlink(missing_ok=True)  # tmux leaves it behind
-
-
 def processes_of(home: Path) -> dict[int, str]:
     """Every live process (not this one) naming home in its command line or MULTIBOT_HOME."""
     key = str(home).encode()

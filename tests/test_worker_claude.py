@@ -12,103 +12,25 @@ import json
 import os
 import shlex
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fakeapi import ApiRequest, FakeAPI, Reply, Rule, Script, claude_env, error, text, tool
+from fakeapi import ApiRequest, FakeAPI, Reply, Rule, Script, error, text, tool
 
-from multibot import procs, protocol
+from multibot import permissions, procs, protocol
 from tests.helpers import wait_until
-from tests.rig import Rig, git_rev, git_show
+from tests.rig import Rig, expect, git_rev, git_show, processes_under
 
 pytestmark = pytest.mark.timeout(120)
 
 TASK_S = 90.0  # how long a scripted task may take end to end (the binary is slow to start)
 
 
-def processes_under(root: Path) -> list[int]:
-    """Live processes whose working directory lies inside root (zombies have none)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cwd = os.readlink(f"/proc/{entry}/cwd")
-        except OSError:
-            continue
-        if cwd == str(root) or cwd.startswith(str(root) + os.sep):
-            found.append(int(entry))
-    return found
-
-
-def kill_under(root: Path) -> None:
-    """SIGKILL every process working inside root, with its process group if that is not ours."""
-    ours = os.getpgrp()
-    for pid in processes_under(root):
-        try:
-            pgid = os.getpgid(pid)
-            if pgid != ours:
-                os.killpg(pgid, signal.SIGKILL)
-            else:
-                os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-def write_template(rig: Rig, claude_bin: str) -> None:
-    rig.home.worker_template.parent.mkdir(parents=True, exist_ok=True)
-    template = {
-        "backend": "claude",
-        "claude_bin": claude_bin,
-        "allowed_tools": ["Bash", "Write", "Read"],
-        "permission_mode": "acceptEdits",
-    }
-    rig.home.worker_template.write_text(json.dumps(template, indent=2))
-
-
-@pytest.fixture
-def make_rig(tmp_path: Path) -> Iterator[Callable[..., Rig]]:
-    """Build a Rig for the claude backend; at the end no process of the test is left."""
-    made: list[Rig] = []
-
-    def build(claude_bin: str, env: dict[str, str] | None = None) -> Rig:
-        rig = Rig(tmp_path, backend="claude", env=env)
-        write_template(rig, claude_bin)
-        made.append(rig)
-        return rig
-
-    yield build
-    for rig in made:
-        rig.close()
-    kill_under(tmp_path)  # the agents of killed workers, and their tools
-    wait_until(lambda: not processes_under(tmp_path), timeout=10)
-
-
-@pytest.fixture
-def rig(fake_api: FakeAPI, make_rig: Callable[..., Rig], claude_bin: Path, tmp_path: Path) -> Rig:
-    """A rig whose worker runs the real claude against the fake API, offline."""
-    # fake_api comes first so that it is stopped last, after the workers.
-    # Claude Code keeps per-project scratch files under $CLAUDE_CODE_TMPDIR (else /tmp): here.
-    scratch = tmp_path / "claude" / "tmp"
-    scratch.mkdir(parents=True, mode=0o700)
-    env = {**claude_env(fake_api, tmp_path / "claude"), "CLAUDE_CODE_TMPDIR": str(scratch)}
-    return make_rig(str(claude_bin), env)
-
-
 def worker_state(rig: Rig) -> dict[str, Any]:
     data: dict[str, Any] = json.loads(rig.home.worker_state("w1").read_text())
     return data
-
-
-def expect(rig: Rig, of: type, timeout: float = TASK_S, **match: object) -> protocol.Envelope:
-    """rig.expect, with what the worker printed in the failure message."""
-    try:
-        return rig.expect(of, timeout, **match)
-    except AssertionError as exc:
-        got = [(m.type, getattr(m.payload, "message", "")) for m in rig.got]
-        raise AssertionError(f"{exc}\nmaster got: {got}\nworker output:\n{rig.output()}") from None
 
 
 def main_requests(fake: FakeAPI) -> list[ApiRequest]:
@@ -376,6 +298,13 @@ def test_an_agent_is_confined_to_its_worktree_and_can_still_work(
         rig.start_worker()
         rig.assign("t1", description="MARK-JAIL: probe the walls")
         news = expect(rig, protocol.StatusUpdate, kind="discovery")
+        # The Write outside is put to the master (the rig), which answers by its rule.
+        asked = expect(rig, protocol.Question)
+        use = asked.payload.permission  # type: ignore[union-attr]
+        assert use is not None and use.tool == "Write"
+        ruled = permissions.outside(use.tool, use.input, rig.home.worktree("w1"))
+        assert ruled is not None and not ruled.allow
+        rig.send(protocol.Answer(answer=f"deny: {ruled.why}"), "t1", correlation_id=asked.id)
         done = expect(rig, protocol.TaskComplete)
     finally:
         server.shutdown()

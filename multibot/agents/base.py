@@ -45,6 +45,7 @@ class AgentSpec:
     disallowed_tools: tuple[str, ...] = ()
     claude_bin: str = "claude"
     extra_args: tuple[str, ...] = ()
+    mcp_sources: Mapping[str, str] = field(default_factory=dict)  # MCP server -> its file
 
 
 @dataclass(frozen=True)

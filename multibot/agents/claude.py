@@ -206,6 +206,25 @@ def outcome_of(
     return replace(base, ok=True, summary=summary)
 
 
+def failed_servers(parsed: Mapping[str, Any], sources: Mapping[str, str]) -> str | None:
+    """What the session's first line says of MCP servers that did not start, or None."""
+    if parsed.get("type") != "system" or parsed.get("subtype") != "init":
+        return None
+    servers = parsed.get("mcp_servers")
+    failed = [
+        s.get("name")
+        for s in (servers if isinstance(servers, list) else [])
+        if isinstance(s, dict) and s.get("status") == "failed" and s.get("name") in sources
+    ]
+    if not failed:
+        return None
+    named = ", ".join(f"{n!r} ({sources[str(n)]})" for n in failed)
+    return (
+        f"MCP server {named} failed to start: run its command by hand to see why, or take it "
+        "out of config/mcp-configs/"
+    )
+
+
 def resolve_bin(name: str, env: Mapping[str, str]) -> str:
     """Return the path of the claude executable, or raise AgentError saying how to get it."""
     if os.sep in name:
@@ -419,6 +438,9 @@ class ClaudeAgent(Agent):
                 self._tail.append(line)
             return stream.line_events(line)
         self._tally.feed(parsed)
+        failed = failed_servers(parsed, self._spec.mcp_sources if self._spec else {})
+        if failed and self._halted is None:
+            self._halt("startup", failed)
         out: list[AgentEvent] = []
         for ev in stream.events_from(parsed, cwd):
             if ev.kind == "session":

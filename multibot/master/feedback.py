@@ -79,6 +79,7 @@ def assignment(
         attempt=rec.attempts,
         base_branch=base_branch,
         repo=repo,
+        capabilities=t.capabilities,
     )
 
 

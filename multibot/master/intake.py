@@ -125,6 +125,8 @@ class Intake:
             self.share_discovery(wid, tid, p.progress)
         elif p.kind == "follow_up" and rec is not None:
             self.results.add_follow_up(rec, p.progress)
+        elif p.kind == "person":
+            ctx.event("person-message", f"person → {wid}: {p.progress}", worker=wid, task=tid)
         elif p.kind == "blocked":
             ctx.event("worker-blocked", f"{wid} is blocked: {p.progress}", worker=wid, task=tid)
             if info:

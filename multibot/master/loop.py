@@ -84,7 +84,8 @@ class Master:
             agent_env=agent_env or {},
         )
         voice = Voice(ctx.journal.send, self.answer, ctx.event, ctx.show, self.opus_context)
-        self.questions = Questions(home, config, self.advisor, voice)
+        sandboxed = backend == "claude" and self.pool.template.sandbox
+        self.questions = Questions(home, config, self.advisor, voice, sandboxed=sandboxed)
         self.limits = Limits(ctx, self.pool)
         self.results = Results(ctx, self.pool, self.advisor, self.questions, self.limits)
         self.intake = Intake(ctx, self.questions, self.results)

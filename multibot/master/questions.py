@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from multibot import protocol
+from multibot import permissions, protocol
 from multibot.advisor import Advice, Advisor
 from multibot.config import MasterConfig
 from multibot.layout import Home
@@ -58,8 +58,17 @@ class Voice:
 class Questions:
     """The open questions (state/questions/<id>.json not yet delivered) and their answers."""
 
-    def __init__(self, home: Home, config: MasterConfig, advisor: Advisor, voice: Voice) -> None:
+    def __init__(
+        self,
+        home: Home,
+        config: MasterConfig,
+        advisor: Advisor,
+        voice: Voice,
+        *,
+        sandboxed: bool = False,
+    ) -> None:
         self.home, self.config, self.advisor, self.voice = home, config, advisor, voice
+        self.sandboxed = sandboxed  # the workers' agents are confined to their worktrees
         self.open: dict[str, StateFile[QuestionRecord]] = {}
         self.window: dict[str, float] = {}  # question id -> when Opus answers it (see asked)
         self.sending: set[str] = set()  # answers in the outbox, not yet in the inbox
@@ -90,11 +99,15 @@ class Questions:
             question=p.question,
             context=p.context,
             reply_to=m.reply_to,
+            permission=p.permission,
         )
         f = StateFile(self.home.question(qid), QuestionRecord, default=lambda: q)
         self.home.questions_dir.mkdir(parents=True, exist_ok=True)
         f.update(lambda _: q)
         self.open[qid] = f
+        if p.permission is not None:
+            self._permission(qid, f, m.sender, p.permission)
+            return True
         self.voice.event(
             "question", f"{m.sender} asks: {p.question}", question=qid, worker=m.sender
         )
@@ -114,6 +127,31 @@ class Questions:
                 self.window[qid] = now + self.config.override_window
         return True
 
+    def _permission(
+        self, qid: str, f: StateFile[QuestionRecord], worker: str, use: protocol.ToolUse
+    ) -> None:
+        """Decide a tool use outside the worker's allow-list: by the rules, by Opus, or by
+        the person (a question like any other, answered allow or deny)."""
+        cfg, what = self.config, permissions.describe(use.tool, use.input)
+        self.voice.event("permission", f"{worker} asks to use {what}", question=qid, worker=worker)
+        decided = permissions.decide(cfg.permission_allow, cfg.permission_deny, use.tool, use.input)
+        if self.sandboxed:
+            worktree = self.home.worktree(worker)
+            decided = permissions.outside(use.tool, use.input, worktree) or decided
+        if decided is not None:
+            self.answer(qid, ("allow: " if decided.allow else "deny: ") + decided.why, "policy")
+        elif cfg.permission_policy == "deny":
+            self.answer(qid, "deny: no rule allows it (permission_policy is deny)", "policy")
+        elif cfg.permission_policy == "auto" and self.advisor.available:
+            q = f.read()
+            self.advisor.ask(qid, q.question, self.voice.context(worker, ""))
+        else:
+            f.update(lambda r: r.model_copy(update={"escalated": True}))
+            self.voice.show(
+                f"🔐 permission request ({qid}) from {worker}: {what}\n"
+                f'   answer with: multibot answer {qid} allow  (or deny "why"; or edit {f.path})'
+            )
+
     def answer(self, qid: str, text: str, by: str) -> None:
         """Record an answer and send it to the asking worker; it counts as delivered once it
         is in the worker's inbox (see sent), and is sent again until then."""
@@ -129,9 +167,19 @@ class Questions:
                     update={"status": "answered", "answer": text, "answered_by": by}
                 )
             )
-            self.voice.event(
-                "answer", f"{qid} answered by {by}: {text}", question=qid, answered_by=by
-            )
+            if q.permission is None:
+                self.voice.event(
+                    "answer", f"{qid} answered by {by}: {text}", question=qid, answered_by=by
+                )
+            else:
+                allowed = permissions.verdict(text).allow
+                what = permissions.describe(q.permission.tool, q.permission.input)
+                self.voice.event(
+                    "permission-allowed" if allowed else "permission-denied",
+                    f"{q.worker} {'may' if allowed else 'may not'} use {what} ({by}: {text})",
+                    question=qid,
+                    answered_by=by,
+                )
         self.window.pop(qid, None)
         self.resend.discard(qid)
         self.sending.add(qid)

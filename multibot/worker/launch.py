@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from multibot import auth, privacy, protocol, sandbox
@@ -16,8 +17,10 @@ from multibot.agents import AgentSpec
 from multibot.atomic import open_file
 from multibot.auth import WorkerKey
 from multibot.config import WorkerTemplate
-from multibot.errors import UnsafePath
+from multibot.errors import AgentError, ConfigError, UnsafePath
 from multibot.layout import Home
+from multibot.mcp import servers as mcp_servers
+from multibot.mcp.tools import PERMISSION_TOOL
 from multibot.prompts import task_prompt
 from multibot.state import ContextMemory
 
@@ -119,14 +122,54 @@ def task_spec(
     if identity is None:  # two git calls: once per worktree for this process's life
         identity = checkout.identity_env(Path(a.working_directory))
         identities[a.working_directory] = identity
+    env = {**identity, **agent_env(home, key, task_id)}
     confined = sandbox.confinement(cfg, backend, home, key.worker_id, a)
-    prompt = a.description if backend == "shell" else task_prompt(key.worker_id, task_id, a, memory)
-    return agent_spec(
-        task_id,
-        a,
-        cfg,
-        prompt=prompt,
-        env={**identity, **agent_env(home, key, task_id)},
-        resume_session=resume,
-        confined=confined,
+    sources: dict[str, str] = {}
+    if backend == "claude" and cfg.mcp:
+        confined, sources = with_servers(home, key.worker_id, task_id, a, env, confined)
+    tools = backend == "claude" and cfg.mcp
+    prompt = (
+        a.description
+        if backend == "shell"
+        else task_prompt(key.worker_id, task_id, a, memory, mcp=tools)
     )
+    spec = agent_spec(
+        task_id, a, cfg, prompt=prompt, env=env, resume_session=resume, confined=confined
+    )
+    return replace(spec, mcp_sources=sources)
+
+
+def with_servers(
+    home: Home,
+    worker_id: str,
+    task_id: str,
+    a: protocol.TaskAssignment,
+    env: dict[str, str],
+    confined: tuple[tuple[str, ...], tuple[str, ...]],
+) -> tuple[tuple[tuple[str, ...], tuple[str, ...]], dict[str, str]]:
+    """confined with the agent's MCP servers added: multibot's own (its tools, and the
+    permission prompt that asks the master) and the configured ones, whose tools it may use.
+    Raises AgentError naming a server that cannot start."""
+    try:
+        servers = mcp_servers.for_agent(
+            home,
+            worker_id,
+            task_id,
+            worktree=a.working_directory,
+            branch=a.branch,
+            capabilities=a.capabilities,
+            env={**os.environ, **env},
+        )
+    except ConfigError as exc:
+        raise AgentError(str(exc)) from exc
+    allowed, extra = confined
+    allowed = (*allowed, *(f"mcp__{name}" for name in servers.sources))
+    extra = (
+        *extra,
+        "--mcp-config",
+        servers.config,
+        "--strict-mcp-config",
+        "--permission-prompt-tool",
+        PERMISSION_TOOL,
+    )
+    return (allowed, extra), dict(servers.sources)

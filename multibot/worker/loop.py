@@ -13,6 +13,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -39,6 +40,7 @@ from multibot.worker.pause import PauseWatch
 from multibot.worker.progress import Progress
 from multibot.worker.relay import Relay
 from multibot.worker.report import end_report, remember_file, remember_note
+from multibot.worker.typed import PaneInput, for_agent, kept_section
 from multibot.worker.writes import Replaced, StateWrites
 
 if TYPE_CHECKING:  # imported when used: GitPython is slow to import, and workers start often
@@ -103,6 +105,7 @@ class Worker:
         self.branches = Branches(home, self.id, generation, setup_hook, self.inbox.ring)
         self.outbox = Outbox(home, self.show)
         self.relay = Relay(home, self.key, self.memory, self.writes, self.outbox, self.show)
+        self.typed = PaneInput(self.inbox.ring)
         self.task: protocol.Envelope | None = None
         self.task_started = 0.0
         self.deferred: list[protocol.Envelope] = []
@@ -132,6 +135,8 @@ class Worker:
         self.status = "paused" if self.paused else "idle"
         self.heartbeat.beat(self.status)
         self.show(f"worker {self.id} ready (generation {self.generation}, {self.backend} backend)")
+        if self.typed.start():
+            self.show("   type a line and Enter here to tell the agent something")
 
     def run(self) -> int:
         """Run the main loop until terminated; return the exit code."""
@@ -189,6 +194,8 @@ class Worker:
                 self.show(f"message {message.id} ({message.type}) set aside: see rejected/")
                 continue
             self.inbox.done(message)
+        for line in self.typed.take():
+            self.on_typed(line)
         self.take_branch()
         if self.paused and self.task is not None:
             self._hold_paused()
@@ -354,6 +361,10 @@ class Worker:
         except AgentError as exc:
             self._cannot_start(exc, task_id)
             return
+        kept = self.typed.take_kept()
+        if kept:
+            spec = replace(spec, prompt=spec.prompt + "\n" + kept_section(kept))
+            self.show(f"✉  {len(kept)} typed line(s) go to the agent with the task")
         reset_file(self.home.worker_context(self.id), "".join(f"{line}\n" for line in a.context))
         self.task, self.task_started = m, self.clock()
         self.progress.reset()
@@ -381,6 +392,20 @@ class Worker:
         update = self._status_update("started", f"started {title}")
         self.send(update, task_id=task_id, durable=False)
         self.writes.update(started, lazy=True)
+
+    def on_typed(self, text: str) -> None:
+        """A line the person typed into the pane: to the running agent, or kept for the next
+        task (the shell backend cannot be steered: recorded only); the master records it."""
+        task_id = self.current_task_id()
+        running = self.task is not None
+        if self.backend == "shell":
+            self.show("✎  noted: the shell backend runs fixed commands, typing cannot steer them")
+        elif running and self.agent.inject(for_agent(text)):
+            self.show(f"✉  to the agent: {text}")
+        else:
+            self.typed.kept.append(text)
+            self.show(f"✎  kept for the next task (no task is running now): {text}")
+        self.send(self._status_update("person", text), task_id=task_id)
 
     def _cannot_start(self, exc: AgentError, task_id: str) -> None:
         self.show(f"✗ cannot start: {exc}")

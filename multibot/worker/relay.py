@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 
-from multibot import mailbox, protocol
+from multibot import mailbox, permissions, protocol
 from multibot.auth import WorkerKey
 from multibot.errors import MultibotError
 from multibot.layout import MASTER_ID, Home
@@ -38,7 +38,11 @@ class Relay:
         """Our agent's `multibot report` or `ask` (checked by the inbox): remember what it
         says and pass it on to the master, signed as ours."""
         p, task = m.payload, m.task_id
-        if isinstance(p, protocol.Question):
+        if isinstance(p, protocol.Question) and p.permission is not None:
+            self.asked[m.id] = (m.reply_to, "")  # a permission: nothing to remember
+            use = p.permission
+            self.show(f"🔐 asks the master: {permissions.describe(use.tool, use.input, 120)}")
+        elif isinstance(p, protocol.Question):
             self.asked[m.id] = (m.reply_to, p.question)
             self.show(f"?  {p.question}")
         elif isinstance(p, protocol.StatusUpdate):
@@ -57,7 +61,10 @@ class Relay:
         """Pass the master's answer to the `multibot ask` waiting for it; False when that
         gave up (the answer then goes into the agent's context like any message)."""
         waiting_in, question = self.asked.pop(m.correlation_id or "")
-        self.writes.other(self.memory, remember_note(f"Q: {question} A: {p.answer}"))
+        if question:
+            self.writes.other(self.memory, remember_note(f"Q: {question} A: {p.answer}"))
+        else:
+            self.show(f"🔐 the master says: {p.answer[:200]}")
         task = m.task_id or task
         if task is not None and waiting_in and self.home.inbox(waiting_in).root.is_dir():
             onward = m.model_copy(update={"recipient": waiting_in, "mac": None})

@@ -13,7 +13,7 @@ from multibot.limits import Trouble
 from multibot.state import ContextMemory, Decision
 
 MAX_NOTES = 200
-_ERROR_KINDS = {"timeout": "timeout", "budget": "budget", "git": "git"}
+_ERROR_KINDS = {"timeout": "timeout", "budget": "budget", "git": "git", "startup": "startup"}
 
 
 def end_report(
@@ -47,7 +47,7 @@ def end_report(
     error = protocol.ErrorReport(
         kind=kind,
         message=outcome.summary[-2000:],
-        recoverable=kind != "budget",
+        recoverable=kind not in ("budget", "startup"),
         detail=outcome.error_kind or "",
     )
     return error, f"✗ {task_id} failed ({outcome.error_kind}): {outcome.summary[-300:]}"
