@@ -5,6 +5,8 @@ is off), so each agent's Bash call goes to the permission tool of its multibot M
 from there to the master. One is allowed by a rule of master-config.json, one is denied by a
 rule, and one no rule names: it becomes a question for the person, answered by a hand edit of
 its file in state/questions/. Each agent sees the decision; the run merges all three tasks.
+Under permission_policy auto, Opus (scripted, in the planner's session) decides one no rule
+names.
 """
 
 from __future__ import annotations
@@ -143,3 +145,32 @@ def test_permission_requests_are_decided_by_rule_and_by_the_person(run: Run) -> 
     assert sum(e["event"] == "permission" for e in events) == 3
     answered = json.loads(path.read_text())
     assert answered["status"] == "delivered" and answered["answered_by"] == "human"
+
+
+def test_a_permission_request_no_rule_names_is_decided_by_opus(
+    fake_api: FakeAPI, claude_bin: Path, tmp_path: Path
+) -> None:
+    plan = {**PLAN, "tasks": PLAN["tasks"][2:]}  # t3 alone: no rule names its command
+    opus = Script(
+        [
+            Rule("[multibot question", [structured({"answer": "allow: it only writes t3.txt"})]),
+            Rule("GOAL-MARKER", [structured(plan)]),
+        ]
+    )
+    fake_api.respond = lambda r: (
+        opus(r) if not r.is_side and r.has_tool("StructuredOutput") else WORKERS(r)
+    )
+    r = make_run(fake_api, claude_bin, tmp_path, {"permission_policy": "auto"})
+    template = json.loads(r.home.worker_template.read_text())
+    template.update(allowed_tools=["Read", "Write"], sandbox=False)
+    r.home.worker_template.write_text(json.dumps(template))
+    try:
+        r.run_to_success(master_env(r))
+        assert r.git("show", "multibot/integration:t3.txt") == "PERM-T3\n"
+        timeline = list(read_timeline(r.home.timeline))
+        (allowed,) = [e for e in timeline if e.get("event") == "permission-allowed"]
+        assert allowed["answered_by"] == "opus" and "it only writes t3.txt" in allowed["text"]
+        asked = [q for q in fake_api.requests if q.contains("[multibot question")]
+        assert asked and asked[0].contains("sh -c 'echo PERM-T3 > t3.txt'")
+    finally:
+        end_run(r)
