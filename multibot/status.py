@@ -99,7 +99,14 @@ def snapshot(home: Home, now: float | None = None) -> dict[str, Any]:
         for path in sorted(home.questions_dir.glob("*.json")):
             q = _read(StateFile(path, QuestionRecord, default=None), problems)
             if q is not None and q.status == "pending":
-                questions.append({"id": q.id, "worker": q.worker, "question": q.question})
+                questions.append(
+                    {
+                        "id": q.id,
+                        "worker": q.worker,
+                        "question": q.question,
+                        "permission": q.permission is not None,
+                    }
+                )
     m = system.metrics
     return {
         "run_id": system.run_id,
@@ -247,7 +254,10 @@ def render(s: dict[str, Any]) -> str:
     lines += _pipeline(s["pipeline"])
     if s["questions"]:
         lines += ["", "QUESTIONS WAITING FOR YOU (multibot answer ID TEXT)"]
-        lines += [f"  {q['id']}  {q['worker']}: {q['question']}" for q in s["questions"]]
+        lines += [
+            f"  {q['id']}  {'🔐 ' if q.get('permission') else ''}{q['worker']}: {q['question']}"
+            for q in s["questions"]
+        ]
     t = s["totals"]
     lines += [
         "",

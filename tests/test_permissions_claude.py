@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from fakeapi import ApiRequest, FakeAPI, Reply, Rule, Script, structured, text, tool
 
+from multibot.status import render, snapshot
 from multibot.timeline import read_timeline
 from tests.helpers import wait_until
 from tests.test_run_claude import RUN_TIMEOUT, Run, end_run, make_run, master_env, workdir
@@ -123,6 +124,9 @@ def test_permission_requests_are_decided_by_rule_and_by_the_person(run: Run) -> 
     if not isinstance(found, tuple):
         pytest.fail(f"the master ended first\n{run.dump()}")
     path, q = found
+    shown = snapshot(run.home)
+    assert [w["permission"] for w in shown["questions"] if w["id"] == q["id"]] == [True]
+    assert f"{q['id']}  🔐 w" in render(shown)
     assert q["task_id"] == "t3" and q["permission"]["tool"] == "Bash"
     assert q["permission"]["input"]["command"] == COMMANDS["t3"]
     q["answer"] = "allow: fine by me"
