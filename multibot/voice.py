@@ -19,7 +19,7 @@ from multibot.layout import Home
 
 ENV_KEYS = ("MULTIBOT_WORKER_ID", "MULTIBOT_TASK_ID", "MULTIBOT_AGENT_KEY")
 REPORT_KINDS = ("progress", "discovery", "blocked", "decision", "follow_up")
-# One request at a time per process: they all wait in the worker's one reply inbox.
+# One request at a time per process in the worker's one lasting reply inbox.
 _asking = threading.Lock()
 
 
@@ -79,19 +79,36 @@ def report(home: Home, voice: AgentVoice, kind: str, text: str) -> None:
     mailbox.send(home, voice.say(payload))
 
 
-def ask(home: Home, voice: AgentVoice, question: protocol.Question, timeout: float) -> str:
-    """Ask the master and return its answer; AskTimeout if none comes within timeout."""
+def ask(
+    home: Home,
+    voice: AgentVoice,
+    question: protocol.Question,
+    timeout: float,
+    *,
+    sandboxed: bool = True,
+) -> str:
+    """Ask the master and return its answer; AskTimeout if none comes within timeout.
+    sandboxed: the asker runs in the agent's sandbox, which lets it write only the worker's
+    lasting reply inbox (one request at a time there); else (the MCP server, outside the
+    sandbox) each request waits in an inbox of its own, so an `ask` and a permission request
+    may wait at once."""
     from multibot import sandbox
 
-    with _asking:
-        reply = mailbox.request(
+    def request(reply_inbox: str | None) -> protocol.Envelope:
+        return mailbox.request(
             home,
             voice.say(question),
             timeout=timeout,
             sign=voice.sign,
             verify=voice.heard,
-            reply_inbox=sandbox.reply_inbox(voice.worker),
+            reply_inbox=reply_inbox,
         )
+
+    if sandboxed:
+        with _asking:
+            reply = request(sandbox.reply_inbox(voice.worker))
+    else:
+        reply = request(None)
     payload = reply.payload
     return payload.answer if isinstance(payload, protocol.Answer) else str(payload)
 

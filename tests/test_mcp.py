@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,64 @@ def test_a_server_that_failed_to_start_is_named_from_the_first_line() -> None:
     assert said is not None and "'probe' (config/mcp-configs/p.json) failed to start" in said
     assert failed_servers({**init, "mcp_servers": init["mcp_servers"][:1]}, sources) is None
     assert failed_servers({"type": "assistant"}, sources) is None
+
+
+# -- the tools, with the test as the worker -------------------------------------------------------
+def test_an_ask_and_a_permission_request_wait_at_once_and_get_their_own_answers(
+    tmp_path: Path,
+) -> None:
+    import threading
+
+    from multibot import auth, mailbox, protocol, voice
+    from multibot.mcp.tools import AgentTools, Ask, PermissionAsk
+
+    home = Home(tmp_path)
+    key = auth.WorkerKey("w1", 1, auth.create_keys(home).worker("w1", 1))
+    mailbox.create_inbox(home, "w1")
+    agent = voice.AgentVoice("w1", "t1", 1, auth.agent_key(key.key, "t1"))
+    tools = AgentTools(home, agent, permission_timeout=20)
+    got: dict[str, str] = {}
+    asking = [
+        threading.Thread(
+            target=lambda: got.update(ask=tools.ask(Ask(question="port?", timeout_s=20)))
+        ),
+        threading.Thread(
+            target=lambda: got.update(
+                permission=tools.permission(
+                    PermissionAsk(tool_name="Bash", input={"command": "make deploy"})
+                )
+            )
+        ),
+    ]
+    for t in asking:
+        t.daemon = True  # a failing test must not wait for them at exit
+        t.start()
+    seen: list[protocol.Envelope] = []
+    with mailbox.Receiver(home, "w1", verify=lambda m: key.check(m, "t1")) as worker:
+        deadline = time.monotonic() + 20
+        while len(seen) < 2 and time.monotonic() < deadline:  # both wait now, neither answered
+            for m in worker.fetch():
+                worker.done(m)
+                seen.append(m)
+            worker.wait(0.1)
+    assert len(seen) == 2 and len({m.reply_to for m in seen}) == 2
+    for m in seen:  # answered as the worker passes the master's answers on
+        p = m.payload
+        assert isinstance(p, protocol.Question)
+        text = "deny: not today" if p.permission else "8080"
+        answer = protocol.make(
+            protocol.Answer(answer=text),
+            sender="w1",
+            recipient=m.reply_to or "",
+            task_id="t1",
+            correlation_id=m.id,
+        )
+        mailbox.send(home, key.sign_for_agent(answer, "t1"))
+    for t in asking:
+        t.join(timeout=20)
+    assert got["ask"] == "8080"
+    assert json.loads(got["permission"]) == {
+        "behavior": "deny",
+        "message": "the master said no: deny: not today",
+    }
+    assert not [p for p in home.inboxes_dir.iterdir() if p.name.startswith("ask-")]

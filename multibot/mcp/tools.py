@@ -131,7 +131,7 @@ class AgentTools:
     def ask(self, args: Ask) -> str:
         question = protocol.Question(question=args.question, context=args.context)
         try:
-            return voice.ask(self.home, self.voice, question, args.timeout_s)
+            return voice.ask(self.home, self.voice, question, args.timeout_s, sandboxed=False)
         except voice.AskTimeout:
             return (
                 f"no answer within {args.timeout_s:g}s; go on with your best judgement or ask "
@@ -172,7 +172,9 @@ class AgentTools:
         text = permissions.question(self.voice.worker, use.tool, use.input)
         question = protocol.Question(question=text, permission=use)
         try:
-            answer = voice.ask(self.home, self.voice, question, self.permission_timeout)
+            answer = voice.ask(
+                self.home, self.voice, question, self.permission_timeout, sandboxed=False
+            )
             decision = permissions.verdict(answer)
         except voice.AskTimeout:
             decision = permissions.Decision(
