@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from multibot import protocol
+from multibot.voice import REPORT_KINDS
 
 DESCRIPTION = (
     "The `multibot` command: one short function per subcommand, the work done by the modules."
@@ -78,7 +79,7 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="(for agents) tell the master something")
     r.add_argument(
         "kind",
-        choices=["progress", "discovery", "blocked", "decision", "follow_up"],
+        choices=REPORT_KINDS,
         help="follow_up asks the master to add a task after this one",
     )
     r.add_argument("text", nargs="+")

@@ -107,7 +107,7 @@ class MasterConfig(_Config):
     permission_allow: tuple[str, ...] = Field(
         (),
         description="Tool uses outside the workers' allow-list that are always allowed, as "
-        "Tool or Tool(glob), e.g. Bash(npm test*) (docs/permissions.md).",
+        "Tool or Tool(glob), e.g. Bash(npm test*) (docs/mcp.md).",
     )
     permission_deny: tuple[str, ...] = Field(
         (), description="Tool uses always denied, e.g. Bash(rm -rf *); read before the allow."

@@ -3,13 +3,12 @@
 `multibot report`/`ask` (the shell commands) and `multibot mcp` (the agent's MCP server) both
 send through here. They sign with the task key in the agent's environment (see auth.py): the
 worker checks the signature, remembers what was said and passes it on to the master under its
-own key; an answer comes back the same way, into the worker's reply inbox.
+own key; an answer comes back the same way, into the inbox the request waits in.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -19,8 +18,6 @@ from multibot.layout import Home
 
 ENV_KEYS = ("MULTIBOT_WORKER_ID", "MULTIBOT_TASK_ID", "MULTIBOT_AGENT_KEY")
 REPORT_KINDS = ("progress", "discovery", "blocked", "decision", "follow_up")
-# One request at a time per process in the worker's one lasting reply inbox.
-_asking = threading.Lock()
 
 
 class AgentVoice(NamedTuple):
@@ -88,27 +85,20 @@ def ask(
     sandboxed: bool = True,
 ) -> str:
     """Ask the master and return its answer; AskTimeout if none comes within timeout.
-    sandboxed: the asker runs in the agent's sandbox, which lets it write only the worker's
-    lasting reply inbox (one request at a time there); else (the MCP server, outside the
-    sandbox) each request waits in an inbox of its own, so an `ask` and a permission request
-    may wait at once."""
+    sandboxed: the asker runs in the agent's sandbox (`multibot ask`), which lets it write
+    only the worker's lasting reply inbox, so it waits there; else (the MCP server, outside
+    the sandbox) each request waits in an inbox of its own, so that an `ask` and a permission
+    request can wait at once."""
     from multibot import sandbox
 
-    def request(reply_inbox: str | None) -> protocol.Envelope:
-        return mailbox.request(
-            home,
-            voice.say(question),
-            timeout=timeout,
-            sign=voice.sign,
-            verify=voice.heard,
-            reply_inbox=reply_inbox,
-        )
-
-    if sandboxed:
-        with _asking:
-            reply = request(sandbox.reply_inbox(voice.worker))
-    else:
-        reply = request(None)
+    reply = mailbox.request(
+        home,
+        voice.say(question),
+        timeout=timeout,
+        sign=voice.sign,
+        verify=voice.heard,
+        reply_inbox=sandbox.reply_inbox(voice.worker) if sandboxed else None,
+    )
     payload = reply.payload
     return payload.answer if isinstance(payload, protocol.Answer) else str(payload)
 

@@ -162,6 +162,11 @@ class ApiRequest:
                         out.append("\n".join(_block_text(b)))
         return out
 
+    def last_tool_result(self) -> str:
+        """The text of the latest tool_result, stripped ("no tool result" if none)."""
+        results = self.tool_results()
+        return results[-1].strip() if results else "no tool result"
+
     @property
     def is_messages(self) -> bool:
         return self.method == "POST" and self.path.split("?")[0] == "/v1/messages"

@@ -251,9 +251,9 @@ def drive(
     raise AssertionError(f"no outcome within {timeout}s; events: {seen[-20:]}")
 
 
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes in a process group."""
-    found = []
+def group_states(pgid: int) -> dict[int, str]:
+    """The processes of a process group, and the state of each (Z: a zombie)."""
+    found = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -262,9 +262,14 @@ def group_members(pgid: int) -> list[int]:
         except OSError:
             continue
         fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            found.append(int(entry))
+        if int(fields[2]) == pgid:
+            found[int(entry)] = fields[0]
     return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in a process group."""
+    return [pid for pid, state in group_states(pgid).items() if state != "Z"]
 
 
 def proc_state(pid: int) -> str:
@@ -274,26 +279,12 @@ def proc_state(pid: int) -> str:
         return "gone"
 
 
-def group_states(pgid: int) -> list[str]:
-    """The states of the processes of a process group."""
-    states = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid:
-                states.append(fields[0])
-    return states
-
-
 def suspended(pid: int) -> bool:
     """Whether the group led by pid cannot run: the leader stopped, or (seen under load) in
     uninterruptible sleep behind a member that is stopped: a child it forked with vfork,
     stopped by the same SIGSTOP before its exec, holds the leader in D until SIGCONT."""
     state = proc_state(pid)
-    return state == "T" or (state == "D" and "T" in group_states(pid))
+    return state == "T" or (state == "D" and "T" in group_states(pid).values())
 
 
 @pytest.fixture

@@ -278,3 +278,31 @@ def test_an_ask_and_a_permission_request_wait_at_once_and_get_their_own_answers(
         "message": "the master said no: deny: not today",
     }
     assert not [p for p in home.inboxes_dir.iterdir() if p.name.startswith("ask-")]
+
+
+def test_status_of_task_tells_the_task_and_its_dependencies(tmp_path: Path) -> None:
+    from multibot import auth, voice
+    from multibot.mcp.rpc import ToolFailed
+    from multibot.mcp.tools import AgentTools, TaskQuery
+    from multibot.state import PlanTask, TaskRecord
+    from multibot.store import StateFile
+
+    home = Home(tmp_path)
+    home.tasks_dir.mkdir(parents=True)
+    for tid, status, deps in (("a", "merged", []), ("b", "running", ["a"])):
+        rec = TaskRecord(
+            task=PlanTask(id=tid, title=f"do {tid}", description=tid, dependencies=deps),
+            status=status,
+            attempts=1,
+        )
+        StateFile(home.task(tid), TaskRecord, default=lambda r=rec: r).update(lambda r: r)
+    agent = voice.AgentVoice("w1", "b", 1, auth.agent_key(b"k" * 32, "b"))
+    tools = AgentTools(home, agent, permission_timeout=1)
+    mine = json.loads(tools.status_of_task(TaskQuery()))
+    assert mine["id"] == "b" and mine["status"] == "running" and mine["attempts"] == 1
+    assert mine["dependencies"] == [{"id": "a", "status": "merged"}]
+    assert json.loads(tools.status_of_task(TaskQuery(task_id="a")))["status"] == "merged"
+    with pytest.raises(ToolFailed, match="no task 'zz'"):
+        tools.status_of_task(TaskQuery(task_id="zz"))
+    with pytest.raises(ToolFailed, match="task id"):
+        tools.status_of_task(TaskQuery(task_id="../x"))

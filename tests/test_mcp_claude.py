@@ -30,11 +30,6 @@ def main_requests(fake: FakeAPI) -> list[ApiRequest]:
     return fake.messages_requests()
 
 
-def last_result(r: ApiRequest) -> str:
-    results = r.tool_results()
-    return results[-1].strip() if results else "no tool result"
-
-
 def test_the_agent_reports_and_asks_with_mcp_tools_without_bash(
     rig: Rig, fake_api: FakeAPI, claude_bin: Path
 ) -> None:
@@ -46,7 +41,7 @@ def test_the_agent_reports_and_asks_with_mcp_tools_without_bash(
                 [
                     tool("mcp__multibot__report_discovery", {"text": "MCP-DISCOVERY"}),
                     tool("mcp__multibot__ask", {"question": "which port?", "timeout_s": 60}),
-                    lambda r: text(f"port is {last_result(r)}"),
+                    lambda r: text(f"port is {r.last_tool_result()}"),
                 ],
             )
         ]
@@ -89,7 +84,7 @@ def test_a_configured_server_starts_with_the_workers_values(
         json.dumps({"mcpServers": {"probe": server}})
     )
     fake_api.respond = Script(
-        [Rule("MARK-PROBE", [tool("mcp__probe__whoami", {}), lambda r: text(last_result(r))])]
+        [Rule("MARK-PROBE", [tool("mcp__probe__whoami", {}), lambda r: text(r.last_tool_result())])]
     )
     rig.start_worker()
     rig.assign("t1", description="MARK-PROBE: who is there")

@@ -57,11 +57,6 @@ PLAN = {
 }
 
 
-def last_result(r: ApiRequest) -> str:
-    results = r.tool_results()
-    return results[-1].strip() if results else "no tool result"
-
-
 def bash(tid: str) -> Reply:
     return tool("Bash", {"command": COMMANDS[tid], "description": "write the file"})
 
@@ -69,38 +64,44 @@ def bash(tid: str) -> Reply:
 def keep_denial(r: ApiRequest) -> Reply:
     """Denied, the agent writes down what it was told instead."""
     path = workdir(r) / "t2.txt"
-    return tool("Write", {"file_path": str(path), "content": last_result(r) + "\n"})
+    return tool("Write", {"file_path": str(path), "content": r.last_tool_result() + "\n"})
 
 
 WORKERS = Script(
     [
-        Rule("# Task t1", [bash("t1"), lambda r: text(f"t1: {last_result(r)}")]),
+        Rule("# Task t1", [bash("t1"), lambda r: text(f"t1: {r.last_tool_result()}")]),
         Rule("# Task t2", [bash("t2"), keep_denial, text("t2: wrote down the denial")]),
-        Rule("# Task t3", [bash("t3"), lambda r: text(f"t3: {last_result(r)}")]),
+        Rule("# Task t3", [bash("t3"), lambda r: text(f"t3: {r.last_tool_result()}")]),
     ]
 )
 OPUS = Script([Rule("GOAL-MARKER", [structured(PLAN)])])
 
 
-def model(r: ApiRequest) -> Reply:
-    if not r.is_side and r.has_tool("StructuredOutput"):
-        return OPUS(r)
-    return WORKERS(r)
+# No Bash for the workers, and no sandbox, which would allow it: every Bash use is asked.
+UNALLOWED_BASH = {"allowed_tools": ["Read", "Write"], "sandbox": False}
+
+
+def model(opus: Script) -> Any:
+    """Opus when the structured-output tool is offered (planning, answers), else a worker."""
+
+    def respond(r: ApiRequest) -> Reply:
+        if not r.is_side and r.has_tool("StructuredOutput"):
+            return opus(r)
+        return WORKERS(r)
+
+    return respond
 
 
 @pytest.fixture
 def run(fake_api: FakeAPI, claude_bin: Path, tmp_path: Path) -> Iterator[Run]:
-    fake_api.respond = model
+    fake_api.respond = model(OPUS)
     config = {
         "max_workers": 3,
         "permission_allow": ["Bash(sh -c 'echo PERM-T1*)"],
         "permission_deny": ["Bash(sh -c 'echo PERM-T2*)"],
         "permission_policy": "human",
     }
-    r = make_run(fake_api, claude_bin, tmp_path, config)
-    template = json.loads(r.home.worker_template.read_text())
-    template.update(allowed_tools=["Read", "Write"], sandbox=False)
-    r.home.worker_template.write_text(json.dumps(template))
+    r = make_run(fake_api, claude_bin, tmp_path, config, UNALLOWED_BASH)
     try:
         yield r
     finally:
@@ -161,13 +162,8 @@ def test_a_permission_request_no_rule_names_is_decided_by_opus(
             Rule("GOAL-MARKER", [structured(plan)]),
         ]
     )
-    fake_api.respond = lambda r: (
-        opus(r) if not r.is_side and r.has_tool("StructuredOutput") else WORKERS(r)
-    )
-    r = make_run(fake_api, claude_bin, tmp_path, {"permission_policy": "auto"})
-    template = json.loads(r.home.worker_template.read_text())
-    template.update(allowed_tools=["Read", "Write"], sandbox=False)
-    r.home.worker_template.write_text(json.dumps(template))
+    fake_api.respond = model(opus)
+    r = make_run(fake_api, claude_bin, tmp_path, {"permission_policy": "auto"}, UNALLOWED_BASH)
     try:
         r.run_to_success(master_env(r))
         assert r.git("show", "multibot/integration:t3.txt") == "PERM-T3\n"

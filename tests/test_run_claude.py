@@ -222,9 +222,14 @@ class Run:
 
 
 def make_run(
-    fake: FakeAPI, claude_bin: Path, tmp: Path, config: dict[str, Any] | None = None
+    fake: FakeAPI,
+    claude_bin: Path,
+    tmp: Path,
+    config: dict[str, Any] | None = None,
+    template: dict[str, Any] | None = None,
 ) -> Run:
-    """A repository and a home configured for the claude backend (config: more settings)."""
+    """A repository and a home configured for the claude backend (config, template: more
+    settings of the master and of the workers)."""
     repo = tmp / "repo"
     repo.mkdir()
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
@@ -244,13 +249,14 @@ def make_run(
         **(config or {}),
     }
     home.master_config.write_text(json.dumps(master_config, indent=2))
-    template = {
+    worker = {
         "backend": "claude",
         "claude_bin": str(claude_bin),
         "allowed_tools": ["Bash", "Write", "Read"],
         "permission_mode": "acceptEdits",
+        **(template or {}),
     }
-    home.worker_template.write_text(json.dumps(template, indent=2))
+    home.worker_template.write_text(json.dumps(worker, indent=2))
     return Run(tmp, home, repo, fake)
 
 

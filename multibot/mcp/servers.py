@@ -36,7 +36,8 @@ from typing import Any
 from multibot.errors import AgentError, ConfigError
 from multibot.layout import Home
 
-OURS = "multibot"
+OURS = "multibot"  # multibot's own server: its tools reach the model as mcp__multibot__<tool>
+PERMISSION_TOOL = f"mcp__{OURS}__permission"
 _PLACEHOLDER = re.compile(r"\{(worktree|branch|task_id|worker_id|home)\}")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}")
 _KEYS = {"mcpServers", "workers", "capabilities"}
@@ -186,6 +187,22 @@ class AgentServers:
     config: str
     sources: Mapping[str, str]
 
+    @property
+    def allowed_tools(self) -> tuple[str, ...]:
+        """Every tool of these servers (the configured ones were chosen by the person)."""
+        return tuple(f"mcp__{name}" for name in self.sources)
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """claude's arguments: these servers only, and the permission prompt on ours."""
+        return (
+            "--mcp-config",
+            self.config,
+            "--strict-mcp-config",
+            "--permission-prompt-tool",
+            PERMISSION_TOOL,
+        )
+
 
 def for_agent(
     home: Home,
@@ -197,7 +214,8 @@ def for_agent(
     capabilities: Sequence[str],
     env: Mapping[str, str],
 ) -> AgentServers:
-    """The servers of one task on one worker (ConfigError, AgentError naming what is wrong)."""
+    """The servers of one task on one worker; AgentError naming what is wrong (a broken file,
+    a server that cannot start), which stops the task before its agent starts."""
     values = {
         "worktree": worktree,
         "branch": branch,
@@ -207,7 +225,11 @@ def for_agent(
     }
     servers: dict[str, Any] = {OURS: ours(home)}
     sources = {OURS: "multibot's own"}
-    for server in load(home.mcp_configs_dir):
+    try:
+        configured = load(home.mcp_configs_dir)
+    except ConfigError as exc:
+        raise AgentError(str(exc)) from exc
+    for server in configured:
         if not server.wanted(worker_id, capabilities):
             continue
         spec = fill(dict(server.spec), values)

@@ -1,8 +1,8 @@
 """multibot's tools for an agent, served over MCP (``multibot mcp``, started by Claude Code).
 
 Every tool speaks as the agent's own worker about its own task (see voice.py): the server
-holds no other key. ``ask`` and ``permission`` wait for the master's answer in the worker's
-reply inbox. ``permission`` is the agent's ``--permission-prompt-tool``: Claude Code calls it
+holds no other key. ``ask`` and ``permission`` wait for the master's answer, each in a reply
+inbox of its own. ``permission`` is the agent's ``--permission-prompt-tool``: Claude Code calls it
 for a tool use its allow-list does not cover, and it answers in the shape Claude Code reads,
 ``{"behavior": "allow", "updatedInput": ...}`` or ``{"behavior": "deny", "message": ...}``.
 """
@@ -21,11 +21,9 @@ from multibot.errors import MultibotError
 from multibot.ids import check_id
 from multibot.layout import Home
 from multibot.mcp.rpc import Server, Tool, ToolFailed
+from multibot.mcp.servers import OURS
 from multibot.state import TaskRecord
 from multibot.store import StateFile
-
-SERVER = "multibot"  # its tools reach the model as mcp__multibot__<tool>
-PERMISSION_TOOL = f"mcp__{SERVER}__permission"
 
 
 class _Args(BaseModel):
@@ -191,4 +189,4 @@ def serve(home: Home) -> int:
     """Serve the agent's tools on stdin and stdout until Claude Code closes them."""
     agent = voice.agent_voice()
     tools = AgentTools(home, agent, load_worker(home).permission_timeout)
-    return Server(SERVER, __version__, tools.tools()).serve(sys.stdin, sys.stdout)
+    return Server(OURS, __version__, tools.tools()).serve(sys.stdin, sys.stdout)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from multibot import auth, privacy, protocol, sandbox
@@ -17,10 +16,9 @@ from multibot.agents import AgentSpec
 from multibot.atomic import open_file
 from multibot.auth import WorkerKey
 from multibot.config import WorkerTemplate
-from multibot.errors import AgentError, ConfigError, UnsafePath
+from multibot.errors import UnsafePath
 from multibot.layout import Home
 from multibot.mcp import servers as mcp_servers
-from multibot.mcp.tools import PERMISSION_TOOL
 from multibot.prompts import task_prompt
 from multibot.state import ContextMemory
 
@@ -79,8 +77,10 @@ def agent_spec(
     env: dict[str, str],
     resume_session: str | None,
     confined: tuple[tuple[str, ...], tuple[str, ...]],
+    mcp_sources: dict[str, str] | None = None,
 ) -> AgentSpec:
-    """What the backend runs for an assignment (confined: allowed tools, extra arguments)."""
+    """What the backend runs for an assignment (confined: allowed tools, extra arguments;
+    mcp_sources: the agent's MCP servers and the file each is from)."""
     allowed_tools, extra_args = confined
     return AgentSpec(
         task_id=task_id,
@@ -97,6 +97,7 @@ def agent_spec(
         disallowed_tools=cfg.disallowed_tools,
         claude_bin=cfg.claude_bin,
         extra_args=extra_args,
+        mcp_sources=mcp_sources or {},
     )
 
 
@@ -123,53 +124,33 @@ def task_spec(
         identity = checkout.identity_env(Path(a.working_directory))
         identities[a.working_directory] = identity
     env = {**identity, **agent_env(home, key, task_id)}
-    confined = sandbox.confinement(cfg, backend, home, key.worker_id, a)
+    allowed, extra = sandbox.confinement(cfg, backend, home, key.worker_id, a)
+    mcp = backend == "claude" and cfg.mcp
     sources: dict[str, str] = {}
-    if backend == "claude" and cfg.mcp:
-        confined, sources = with_servers(home, key.worker_id, task_id, a, env, confined)
-    tools = backend == "claude" and cfg.mcp
-    prompt = (
-        a.description
-        if backend == "shell"
-        else task_prompt(key.worker_id, task_id, a, memory, mcp=tools)
-    )
-    spec = agent_spec(
-        task_id, a, cfg, prompt=prompt, env=env, resume_session=resume, confined=confined
-    )
-    return replace(spec, mcp_sources=sources)
-
-
-def with_servers(
-    home: Home,
-    worker_id: str,
-    task_id: str,
-    a: protocol.TaskAssignment,
-    env: dict[str, str],
-    confined: tuple[tuple[str, ...], tuple[str, ...]],
-) -> tuple[tuple[tuple[str, ...], tuple[str, ...]], dict[str, str]]:
-    """confined with the agent's MCP servers added: multibot's own (its tools, and the
-    permission prompt that asks the master) and the configured ones, whose tools it may use.
-    Raises AgentError naming a server that cannot start."""
-    try:
+    if mcp:  # multibot's tools and permission prompt, and the configured servers
         servers = mcp_servers.for_agent(
             home,
-            worker_id,
+            key.worker_id,
             task_id,
             worktree=a.working_directory,
             branch=a.branch,
             capabilities=a.capabilities,
             env={**os.environ, **env},
         )
-    except ConfigError as exc:
-        raise AgentError(str(exc)) from exc
-    allowed, extra = confined
-    allowed = (*allowed, *(f"mcp__{name}" for name in servers.sources))
-    extra = (
-        *extra,
-        "--mcp-config",
-        servers.config,
-        "--strict-mcp-config",
-        "--permission-prompt-tool",
-        PERMISSION_TOOL,
+        allowed, extra = (*allowed, *servers.allowed_tools), (*extra, *servers.args)
+        sources = dict(servers.sources)
+    prompt = (
+        a.description
+        if backend == "shell"
+        else task_prompt(key.worker_id, task_id, a, memory, mcp=mcp)
     )
-    return (allowed, extra), dict(servers.sources)
+    return agent_spec(
+        task_id,
+        a,
+        cfg,
+        prompt=prompt,
+        env=env,
+        resume_session=resume,
+        confined=(allowed, extra),
+        mcp_sources=sources,
+    )

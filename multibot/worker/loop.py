@@ -403,7 +403,7 @@ class Worker:
         elif running and self.agent.inject(for_agent(text)):
             self.show(f"✉  to the agent: {text}")
         else:
-            self.typed.kept.append(text)
+            self.typed.keep(text)
             self.show(f"✎  kept for the next task (no task is running now): {text}")
         self.send(self._status_update("person", text), task_id=task_id)
 

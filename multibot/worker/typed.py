@@ -73,6 +73,10 @@ class PaneInput:
             except queue.Empty:
                 return out
 
+    def keep(self, line: str) -> None:
+        """Keep a line for the next task (no agent runs to take it now)."""
+        self.kept.append(line)
+
     def take_kept(self) -> list[str]:
         kept, self.kept = self.kept, []
         return kept
